@@ -1,0 +1,18 @@
+"""speculor: lossless speculative decoding for Hugging Face causal language models."""
+
+from speculor.adaptive import FixedGamma, GammaPolicy
+from speculor.api import SpeculativeDecoder, generate
+from speculor.engine import Delta, GenerationResult, GenerationStats
+from speculor.errors import SpeculorError
+
+__all__ = [
+    "Delta",
+    "FixedGamma",
+    "GammaPolicy",
+    "GenerationResult",
+    "GenerationStats",
+    "SpeculativeDecoder",
+    "SpeculorError",
+    "generate",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,136 @@
+"""Loading Hugging Face checkpoints and checking that a target and a draft speak the same vocabulary."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from speculor.errors import SpeculorError
+
+logger = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
+
+    @property
+    def logits_width(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None picks CUDA when present, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise SpeculorError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise SpeculorError(f"device {device!r} requested but CUDA is not available on this machine")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None means float32 on the CPU (half precision is slow there) and bfloat16 on a GPU."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise SpeculorError(f"unknown dtype {dtype!r}: choose one of float32, bfloat16, float16, float64")
+    return DTYPES[dtype]
+
+
+def load_model(source: str | os.PathLike | PreTrainedModel, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Load a causal LM from a local directory or hub id, or adopt an already loaded model. A directory without a
+    tokenizer is fine: prompts are then token ids and results carry no text."""
+    if isinstance(source, PreTrainedModel):
+        name = getattr(source.config, "name_or_path", None) or type(source).__name__
+        tokenizer = _load_tokenizer(name) if name and os.path.isdir(name) else None
+        return LoadedModel(name, source.to(device=device, dtype=dtype).eval(), tokenizer)
+    name = os.fspath(source)
+    name = os.path.expanduser(name)
+    if not os.path.exists(name) and not HUB_ID.fullmatch(name):
+        raise SpeculorError(f"model path {name!r} does not exist")
+    if os.path.exists(name) and not os.path.isdir(name):
+        raise SpeculorError(f"model path {name!r} is a file; give the directory holding config.json and weights")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError, KeyError) as error:
+        raise SpeculorError(f"could not load model {name!r}: {error}") from error
+    return LoadedModel(name, model.to(device).eval(), _load_tokenizer(name))
+
+
+def _load_tokenizer(name: str) -> PreTrainedTokenizerBase | None:
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, KeyError, TypeError):
+        logger.info("no tokenizer found for %s: prompts must be token ids", name)
+        return None
+
+
+def shared_vocab_size(target: LoadedModel, draft: LoadedModel) -> int:
+    """The number of token ids both models can score, after checking that they mean the same tokens.
+
+    With tokenizers on both sides the vocabularies must be identical; a model whose embedding is padded past its
+    tokenizer (Qwen style) is fine, and logits are compared over the tokenizer's range. Without tokenizers the
+    logits widths must agree.
+    """
+    if target.tokenizer is not None and draft.tokenizer is not None:
+        target_vocab, draft_vocab = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+        if target_vocab != draft_vocab:
+            differing = sorted(set(target_vocab.items()) ^ set(draft_vocab.items()), key=str)[:3]
+            raise SpeculorError(
+                f"target {target.name!r} and draft {draft.name!r} have different tokenizers "
+                f"({len(target_vocab)} vs {len(draft_vocab)} tokens; e.g. {differing}); speculative decoding needs "
+                "one shared vocabulary"
+            )
+        size = len(target.tokenizer)
+        for loaded in (target, draft):
+            if loaded.logits_width < size:
+                raise SpeculorError(
+                    f"model {loaded.name!r} scores {loaded.logits_width} tokens but its tokenizer has {size}"
+                )
+        return size
+    if target.logits_width != draft.logits_width:
+        raise SpeculorError(
+            f"target {target.name!r} scores {target.logits_width} tokens and draft {draft.name!r} scores "
+            f"{draft.logits_width}; without tokenizers to compare, the vocabularies must have the same size"
+        )
+    return target.logits_width
+
+
+def eos_token_ids(model: PreTrainedModel) -> frozenset[int]:
+    """Every end-of-sequence id of the model's generation config (falling back to its config)."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+        if ids:
+            break
+    return frozenset(ids)
