@@ -117,8 +117,9 @@ def _synchronize(device: torch.device) -> None:
 class Decoding:
     """One generation in progress: iterate it for `Delta`s; `result` is complete once iteration ends."""
 
-    def __init__(self, target: Runner, proposer: Proposer | None, vocab_size: int, tracker: TextTracker,
-                 request: DecodeRequest) -> None:
+    def __init__(
+        self, target: Runner, proposer: Proposer | None, vocab_size: int, tracker: TextTracker, request: DecodeRequest
+    ) -> None:
         self.target = target
         self.proposer = proposer
         self.vocab_size = vocab_size
@@ -199,7 +200,7 @@ class Decoding:
         stats.record_step(drafted, count)
         if self.proposer is not None and drafted:
             request.gamma.observe(drafted, count)
-        return values[:count] + [values[-1]]
+        return [*values[:count], values[-1]]
 
     def _accept_tokens(self, emitted: list[int], remaining: int) -> tuple[list[int], str]:
         """Append emitted tokens one by one, stopping at EOS (kept, as Hugging Face does), at a stop string (the

@@ -1,0 +1,165 @@
+"""The `speculor` command line. Each subcommand lives in its own module, which exposes `register(subparsers)`;
+this file only wires them together and turns user mistakes into one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from speculor.errors import SpeculorError
+from speculor.loading import DTYPES
+
+# Modules that add a subcommand through `register(subparsers)`.
+COMMAND_MODULES = ("speculor.cli",)
+
+console = Console(stderr=True, highlight=False)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, target_required: bool = True) -> None:
+    """Options shared by every command that loads a model pair."""
+    parser.add_argument("--target", required=target_required, help="target model: local directory or hub id")
+    drafting = parser.add_mutually_exclusive_group()
+    drafting.add_argument("--draft", help="draft model: local directory or hub id")
+    drafting.add_argument("--ngram", type=int, help="draft by prompt lookup, matching n-grams up to this size")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--runner", default="auto", choices=["auto", "fast", "hf"], help="model runner")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Generation options, named as in the Python API."""
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--gamma", type=int, default=4, help="tokens drafted per step")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true", help="always generate exactly max-new-tokens")
+
+
+def parse_token_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise SpeculorError(f"--prompt-ids must be comma-separated integers, got {text!r}") from error
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="generate a completion, speculatively")
+    add_model_arguments(parser)
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    add_sampling_arguments(parser)
+    parser.add_argument("--config", help="best_config.json written by `speculor bench` (draft and gamma)")
+    parser.add_argument("--compare", action="store_true", help="also run the target alone and compare")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    parser.set_defaults(handler=run_generate)
+
+
+def generation_options(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "gamma": args.gamma,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": args.stop,
+        "ignore_eos": args.ignore_eos,
+    }
+
+
+def apply_config_file(args: argparse.Namespace) -> None:
+    """Fill draft/ngram/gamma from a best_config.json unless given on the command line."""
+    if not getattr(args, "config", None):
+        return
+    try:
+        with open(args.config) as handle:
+            config = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise SpeculorError(f"cannot read config {args.config!r}: {error}") from error
+    if not isinstance(config, dict):
+        raise SpeculorError(f"config {args.config!r} must hold a JSON object")
+    if args.draft is None and args.ngram is None:
+        args.draft = config.get("draft")
+        args.ngram = config.get("ngram")
+    if "gamma" in config and args.gamma == 4:
+        args.gamma = config["gamma"]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from speculor.api import SpeculativeDecoder
+
+    apply_config_file(args)
+    prompt = parse_token_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
+    decoder = SpeculativeDecoder(
+        args.target, args.draft, ngram=args.ngram, device=args.device, dtype=args.dtype, runner=args.runner
+    )
+    options = generation_options(args)
+    decoding = decoder.decoding(prompt, **options)
+    out = Console(highlight=False)
+    for delta in decoding:
+        if not args.json:
+            out.print(delta.text, end="", markup=False, soft_wrap=True)
+    result = decoding.result
+    assert result is not None
+    stats = result.stats
+    report: dict = {"text": result.text, "token_ids": result.token_ids, "stats": stats.to_dict()}
+    if args.compare:
+        baseline = decoder.generate(prompt, speculative=False, **options)
+        report["baseline"] = {
+            "text": baseline.text,
+            "token_ids": baseline.token_ids,
+            "tokens_per_second": baseline.stats.tokens_per_second,
+        }
+        report["speedup"] = stats.tokens_per_second / max(baseline.stats.tokens_per_second, 1e-9)
+        if args.temperature == 0:
+            report["identical"] = baseline.token_ids == result.token_ids
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    if result.text is None:
+        out.print(" ".join(map(str, result.token_ids)))
+    else:
+        out.print()
+    line = (
+        f"{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, TAR {stats.acceptance_rate:.3f}, "
+        f"mean accepted length {stats.mean_accepted_length:.2f}, target forwards {stats.target_forwards}"
+    )
+    if args.compare:
+        line += f", speedup {report['speedup']:.2f}x vs target alone"
+        if "identical" in report:
+            line += f", identical={report['identical']}"
+    console.print(f"[dim]{line}[/dim]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="speculor", description="Lossless speculative decoding.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except SpeculorError as error:
+        console.print(f"[bold red]error:[/bold red] {error}", markup=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
