@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import logging
+
 from transformers import PreTrainedModel
 
 from speculor.errors import SpeculorError
 from speculor.runners.base import Runner
-from speculor.runners.hf import HFRunner
+from speculor.runners.fast import DEFAULT_MAX_CACHE_LENGTH, FastRunner
+from speculor.runners.hf import HFRunner, _context_length
+from speculor.runners.llama import unsupported_reason
 
 RUNNER_KINDS = ("auto", "fast", "hf")
 
+logger = logging.getLogger(__name__)
 
-def make_runner(model: PreTrainedModel, kind: str = "auto") -> Runner:
-    """Pick the runner for a model: "hf" (generic), "fast" (static cache; Llama family only) or "auto"."""
+
+def make_runner(model: PreTrainedModel, kind: str = "auto", *, max_cache_length: int | None = None) -> Runner:
+    """Pick the runner for a model: "hf" (generic), "fast" (static cache and CUDA graphs; Llama family only) or
+    "auto" (fast where the architecture allows, else hf with a one-line notice). `max_cache_length` caps the fast
+    runner's preallocated cache (default 4096 tokens)."""
     if kind not in RUNNER_KINDS:
         raise SpeculorError(f"unknown runner {kind!r}: choose one of {', '.join(RUNNER_KINDS)}")
-    return HFRunner(model)
+    if kind == "hf":
+        return HFRunner(model)
+    cap = max_cache_length or DEFAULT_MAX_CACHE_LENGTH
+    if kind == "auto":
+        reason = unsupported_reason(model, min(_context_length(model), cap))
+        if reason is not None:
+            logger.warning("using the Hugging Face runner: the fast runner does not support this model (%s)", reason)
+            return HFRunner(model)
+    return FastRunner(model, max_cache_length=cap)
 
 
-__all__ = ["RUNNER_KINDS", "HFRunner", "Runner", "make_runner"]
+__all__ = ["RUNNER_KINDS", "FastRunner", "HFRunner", "Runner", "make_runner"]

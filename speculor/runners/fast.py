@@ -1,0 +1,174 @@
+"""The fast runner: a static KV cache and fixed-shape steps replayed as CUDA graphs, for the Llama family.
+
+Why it is fast: the Hugging Face runner pays hundreds of microseconds of Python and kernel launches per forward,
+which on a GPU is most of a small model's step and a large share of a big one's. Here the cache is preallocated
+(rollback only moves a position pointer, so `truncate` costs nothing), every step of k tokens has the same shapes
+whatever its position, and so each (k, attention span) pair is captured once as a CUDA graph and replayed: one
+launch per step. The attention span is the used part of the cache rounded up to a power of two, so a short
+sequence does not read the whole cache.
+
+Capture mode: manual `torch.cuda.CUDAGraph` capture of the eager step ("graph", the default on CUDA). The
+alternative, `torch.compile(mode="reduce-overhead")` ("compile"), is kept selectable for measurement; on an H100
+it was not faster per step and costs a compilation per shape (see benchmarks/RESULTS.md, GPU section). On the
+CPU the same step runs eagerly ("eager"), which already saves most of transformers' per-call overhead.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from speculor.errors import SpeculorError
+from speculor.runners.hf import _context_length
+from speculor.runners.llama import LlamaWeights, StaticCache, forward_tokens, unsupported_reason
+
+CAPTURE_MODES = ("graph", "compile", "eager")
+DEFAULT_MAX_CACHE_LENGTH = 4096
+SMALLEST_SPAN = 128
+
+
+class FastRunner:
+    """Runs a Llama-family `PreTrainedModel` through `speculor.runners.llama` on its own weights (no copy).
+
+    `max_cache_length` caps the preallocated cache (and so `max_length`) below the model's context length, since
+    e.g. a 128k-token cache of an 8B model would take 16 GB. `capture` picks the step mode: "graph" (CUDA only),
+    "compile" (CUDA only) or "eager"; None means "graph" on CUDA and "eager" elsewhere.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        max_cache_length: int = DEFAULT_MAX_CACHE_LENGTH,
+        capture: str | None = None,
+    ) -> None:
+        if max_cache_length < 1:
+            raise SpeculorError(f"max_cache_length must be ≥ 1, got {max_cache_length}")
+        self._max_length = min(_context_length(model), max_cache_length)
+        reason = unsupported_reason(model, self._max_length)
+        if reason is not None:
+            raise SpeculorError(f"the fast runner cannot run {type(model).__name__}: {reason}")
+        self.model = model.eval()
+        self.weights = LlamaWeights.from_model(model)
+        device = self.weights.embed.device
+        capture = capture or ("graph" if device.type == "cuda" else "eager")
+        if capture not in CAPTURE_MODES:
+            raise SpeculorError(f"unknown capture mode {capture!r}: choose one of {', '.join(CAPTURE_MODES)}")
+        if capture != "eager" and device.type != "cuda":
+            raise SpeculorError(f"capture mode {capture!r} needs a CUDA device; the model is on {device}")
+        self.capture = capture
+        with torch.inference_mode():
+            self.cache = StaticCache.allocate(self.weights, self._max_length)
+            self._token_buffer = torch.zeros(self._max_length, dtype=torch.long, device=device)
+            self._start = torch.zeros((), dtype=torch.long, device=device)
+        self._length = 0
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if capture == "graph" else None
+        self._compiled = self._compile() if capture == "compile" else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.embed.device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weights.vocab_size
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def cache_length(self) -> int:
+        return self._length
+
+    @property
+    def graph_count(self) -> int:
+        """How many step shapes have been captured so far (each costs a capture and a little memory)."""
+        return len(self._graphs)
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: torch.Tensor) -> None:
+        self._length = 0
+        count = token_ids.numel()
+        if count:
+            self._check_room(count)
+            positions = torch.arange(count, device=self.device)
+            forward_tokens(self.weights, self.cache, token_ids.to(self.device), positions, self._span(count), False)
+            self._length = count
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        count = token_ids.numel()
+        if count < 1:
+            raise SpeculorError("forward needs at least one token")
+        self._check_room(count)
+        start, end = self._length, self._length + count
+        span = self._span(end)
+        if self.capture == "eager":
+            positions = torch.arange(start, end, device=self.device)
+            logits = forward_tokens(self.weights, self.cache, token_ids.to(self.device), positions, span, True)
+        else:
+            self._token_buffer[:count].copy_(token_ids, non_blocking=True)
+            self._start.fill_(start)
+            logits = self._replay(count, span).clone()
+        self._length = end
+        return logits
+
+    def truncate(self, length: int) -> None:
+        self._length = min(self._length, max(0, length))
+
+    def _check_room(self, count: int) -> None:
+        if self._length + count > self._max_length:
+            raise SpeculorError(
+                f"the fast runner's cache holds {self._max_length} tokens; {self._length} + {count} do not fit "
+                "(raise max_cache_length or shorten the request)"
+            )
+
+    def _span(self, end: int) -> int:
+        """Cache slots attended over when the sequence ends at `end`: a power of two, so few shapes get captured."""
+        span = SMALLEST_SPAN
+        while span < end:
+            span *= 2
+        return min(span, self._max_length)
+
+    def _static_step(self, count: int, span: int) -> torch.Tensor:
+        """One step over the static buffers: tokens `_token_buffer[:count]` at positions `_start + 0..count-1`."""
+        positions = self._start + self.cache.slots[:count]
+        logits = forward_tokens(self.weights, self.cache, self._token_buffer[:count], positions, span, True)
+        assert logits is not None
+        return logits
+
+    def _compile(self):
+        """`torch.compile` with its own CUDA graphs: the cache must keep its address across replays, and every
+        (k, span) shape is one more specialization, so the recompilation limit is raised to hold them all."""
+        for tensor in (self.cache.keys, self.cache.values):
+            torch._dynamo.mark_static_address(tensor)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        return torch.compile(self._static_step, mode="reduce-overhead")
+
+    def _replay(self, count: int, span: int) -> torch.Tensor:
+        """Run the captured step for this shape, capturing it first if new. Returns the graph's output buffer."""
+        if self._compiled is not None:
+            return self._compiled(count, span)
+        captured = self._graphs.get((count, span))
+        if captured is None:
+            captured = self._capture(count, span)
+            self._graphs[(count, span)] = captured
+        graph, output = captured
+        graph.replay()
+        return output
+
+    def _capture(self, count: int, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream, then capture. The warm-up writes the current step's keys and values into the
+        cache at the current positions, which the replay that follows writes again identically: no harm done."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._static_step(count, span)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            output = self._static_step(count, span)
+        return graph, output
