@@ -15,7 +15,7 @@ from speculor.errors import SpeculorError
 from speculor.loading import DTYPES
 
 # Modules that add a subcommand through `register(subparsers)`.
-COMMAND_MODULES = ("speculor.cli",)
+COMMAND_MODULES = ("speculor.cli", "speculor.train")
 
 console = Console(stderr=True, highlight=False)
 

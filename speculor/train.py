@@ -1,0 +1,690 @@
+"""`speculor train`: a byte-level BPE tokenizer and a family of Llama models trained together on Python source.
+
+A family is one tokenizer plus models of different shapes (a target and its drafts), so every pair in it can be
+used for speculative decoding. The default corpus is the running interpreter's own Python source (standard library
+and site-packages), which every machine has, so the family can be retrained anywhere without a download.
+
+`train_family` is the in-process entry point (the GPU benchmark calls it); `register` adds the CLI subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import site
+import sys
+import sysconfig
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from speculor.errors import SpeculorError
+from speculor.loading import resolve_device
+
+END_OF_TEXT = "<|endoftext|>"
+SHAPE_PATTERN = re.compile(
+    r"(?P<name>[A-Za-z0-9][\w.-]*):(?P<layers>\d+)x(?P<width>\d+)(?:@(?P<seconds>\d+(?:\.\d+)?))?"
+)
+# Files bigger than this are mostly generated tables (unicode data, test vectors), not code worth imitating.
+LARGEST_CORPUS_FILE = 512 * 1024
+HELD_OUT_PERCENT = 1
+HELD_OUT_TOKENS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A Llama model named `name` with `layers` decoder layers of hidden size `width`; `seconds` optionally
+    overrides the family's per-model time budget. Written `name:LAYERSxWIDTH[@SECONDS]` on the command line."""
+
+    name: str
+    layers: int
+    width: int
+    seconds: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelShape:
+        match = SHAPE_PATTERN.fullmatch(text.strip())
+        if match is None:
+            raise SpeculorError(f"model shape {text!r} must look like NAME:LAYERSxWIDTH or NAME:LAYERSxWIDTH@SECONDS")
+        seconds = float(match["seconds"]) if match["seconds"] else None
+        shape = cls(match["name"], int(match["layers"]), int(match["width"]), seconds)
+        if shape.layers < 1 or shape.width < 16 or shape.width % 16:
+            raise SpeculorError(f"model shape {text!r}: need at least 1 layer and a width that is a multiple of 16")
+        return shape
+
+    @property
+    def head_dim(self) -> int:
+        """64 like most Llamas when the width allows it; narrower heads only for toy widths."""
+        return next(size for size in (64, 32, 16) if self.width % size == 0)
+
+    @property
+    def heads(self) -> int:
+        return self.width // self.head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """Grouped-query attention with two query heads per key/value head where the head count allows it: it
+        saves weight bytes (the shipped family has a size budget) and costs next to nothing in quality."""
+        return self.heads // 2 if self.heads % 2 == 0 else self.heads
+
+    @property
+    def intermediate_size(self) -> int:
+        """The SwiGLU width of Llama, 8/3 of the hidden size, rounded up to a multiple of 32."""
+        return -(-8 * self.width // 3 // 32) * 32
+
+    def config(self, vocab_size: int, context_length: int, end_of_text_id: int) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=self.width,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=context_length,
+            tie_word_embeddings=True,
+            bos_token_id=end_of_text_id,
+            eos_token_id=end_of_text_id,
+            pad_token_id=end_of_text_id,
+        )
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.layers}x{self.width}"
+
+
+@dataclass
+class Corpus:
+    """Documents split into training and held-out parts by a hash of each file's path (stable across runs)."""
+
+    train: list[str]
+    held_out: list[str]
+    roots: list[str]
+    files: int
+    bytes: int
+
+
+@dataclass
+class TrainedModel:
+    """What the model card reports about one trained model."""
+
+    name: str
+    shape: str
+    path: str
+    parameters: int
+    steps: int
+    tokens_seen: int
+    seconds: float
+    tokens_per_second: float
+    final_train_loss: float
+    held_out_loss: float
+    distilled_from: str | None = None
+
+
+@dataclass
+class FamilyResult:
+    """Everything `train_family` made: one directory per model (each with the shared tokenizer) and the numbers."""
+
+    output_dir: str
+    models: dict[str, TrainedModel]
+    corpus_files: int
+    corpus_bytes: int
+    train_tokens: int
+    held_out_tokens: int
+    vocab_size: int
+    device: str
+    command: str
+    date: str
+    settings: dict = field(default_factory=dict)
+
+    def path(self, name: str) -> str:
+        return self.models[name].path
+
+
+def default_corpus_roots() -> list[str]:
+    """Where the running interpreter keeps Python source: the standard library and every site-packages."""
+    paths = sysconfig.get_paths()
+    candidates = [paths["stdlib"], paths["purelib"], paths["platlib"], *site.getsitepackages()]
+    user_site = site.getusersitepackages()
+    if isinstance(user_site, str):
+        candidates.append(user_site)
+    roots: list[str] = []
+    for candidate in candidates:
+        resolved = os.path.realpath(candidate)
+        if os.path.isdir(resolved) and resolved not in roots:
+            roots.append(resolved)
+    return roots
+
+
+def _held_out(relative_path: str) -> bool:
+    digest = hashlib.sha256(relative_path.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100 < HELD_OUT_PERCENT
+
+
+def collect_corpus(roots: Sequence[str | os.PathLike] | None = None, max_bytes: int | None = None) -> Corpus:
+    """Read every `.py` file under `roots` (default: the interpreter's own source) in sorted order, dropping
+    duplicates by content hash, files that are not UTF-8 and very large generated files.
+
+    With `max_bytes`, files are kept in the order of a hash of their path until the budget is spent, so a capped
+    corpus is a deterministic sample of every package instead of the alphabetically first ones."""
+    root_list = [os.path.realpath(os.fspath(root)) for root in roots] if roots else default_corpus_roots()
+    for root in root_list:
+        if not os.path.isdir(root):
+            raise SpeculorError(f"corpus directory {root!r} does not exist")
+    found: dict[str, tuple[str, str]] = {}
+    for root in root_list:
+        for directory, subdirectories, filenames in os.walk(root):
+            subdirectories.sort()
+            for filename in sorted(filenames):
+                if filename.endswith(".py"):
+                    path = os.path.join(directory, filename)
+                    found.setdefault(os.path.realpath(path), (root, os.path.relpath(path, root)))
+    entries = sorted(found.items(), key=lambda item: (item[1][1], item[1][0]))
+    if max_bytes is not None:
+        sizes = {path: os.path.getsize(path) for path, _ in entries}
+        budget, chosen = max_bytes, set()
+        for path, _ in sorted(entries, key=lambda item: hashlib.sha256(item[1][1].encode()).digest()):
+            if sizes[path] <= min(budget, LARGEST_CORPUS_FILE):
+                chosen.add(path)
+                budget -= sizes[path]
+        entries = [entry for entry in entries if entry[0] in chosen]
+    seen: set[bytes] = set()
+    train: list[str] = []
+    held_out: list[str] = []
+    total = 0
+    for path, (_, relative) in entries:
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(LARGEST_CORPUS_FILE + 1)
+            text = data.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        digest = hashlib.sha256(data).digest()
+        if len(data) > LARGEST_CORPUS_FILE or not text.strip() or digest in seen:
+            continue
+        seen.add(digest)
+        total += len(data)
+        (held_out if _held_out(relative) else train).append(text)
+    if not train:
+        raise SpeculorError(f"no usable .py files under {', '.join(root_list)}")
+    if not held_out:
+        held_out.append(train.pop())
+    return Corpus(train, held_out, root_list, len(train) + len(held_out), total)
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer whose only special token is the end-of-text separator (also used as BOS).
+
+    Each "\\n" is split off as a token of its own before byte-level BPE sees the text. Plain byte-level BPE would
+    merge a newline with the indentation after it, so a prompt ending in a bare "\\n" (every HumanEval prompt) would
+    end in a token the model never saw there; with the newline isolated, such a prompt tokenizes exactly like
+    training text and the model continues with the indentation. Encoding prepends the end-of-text token, so a prompt
+    starts like every training document does."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    end_of_text_id = tokenizer.token_to_id(END_OF_TEXT)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{END_OF_TEXT} $A",
+        pair=f"{END_OF_TEXT} $A {END_OF_TEXT} $B",
+        special_tokens=[(END_OF_TEXT, end_of_text_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT
+    )
+
+
+def encode_documents(tokenizer: PreTrainedTokenizerFast, documents: Sequence[str]) -> torch.Tensor:
+    """One long 1-D stream: each document preceded by the end-of-text token (the template adds it), so the model
+    learns to end a file with it and to start one after it."""
+    encoded = tokenizer.backend_tokenizer.encode_batch(list(documents))
+    return torch.tensor([token for item in encoded for token in item.ids], dtype=torch.int32)
+
+
+def learning_rate_for(width: int) -> float:
+    """Narrow models take larger steps; 2e-3 at width 256, shrinking with the square root of the width."""
+    return min(3e-3, 2e-3 * math.sqrt(256 / width))
+
+
+def learning_rate_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1) -> float:
+    """Linear warm-up over the first `warmup` of training, then cosine decay to `floor` × peak. `progress` is the
+    fraction of the budget spent (steps or seconds), so a time budget gets a full schedule too."""
+    if progress < warmup:
+        return peak * max(progress, 1e-3) / warmup
+    decay = min(1.0, (progress - warmup) / (1 - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * decay)))
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Forward KL(teacher ‖ student) per token, averaged: the draft learns the target's whole next-token
+    distribution, which is what acceptance rewards, rather than only the corpus's next token."""
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    return F.kl_div(student.flatten(0, -2), teacher.flatten(0, -2), log_target=True, reduction="batchmean")
+
+
+def _windows(stream: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+    return stream[starts.view(-1, 1) + torch.arange(length + 1, device=stream.device)].long()
+
+
+def _autocast(device: torch.device):
+    """bfloat16 autocast on a GPU; full float32 on the CPU, where half precision is slow."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def held_out_loss(model: LlamaForCausalLM, stream: torch.Tensor, sequence_length: int, batch_size: int) -> float:
+    """Mean next-token cross-entropy over consecutive windows of the held-out stream (at most HELD_OUT_TOKENS)."""
+    model.eval()
+    device = next(model.parameters()).device
+    usable = min(stream.numel() - 1, HELD_OUT_TOKENS)
+    length = min(sequence_length, usable)
+    starts = torch.arange(0, usable - length + 1, length, device=device)
+    total, count = 0.0, 0
+    for batch in starts.split(batch_size):
+        tokens = _windows(stream, batch, length)
+        with _autocast(device):
+            logits = model(input_ids=tokens[:, :-1]).logits
+        total += F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum").item()
+        count += tokens[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+@dataclass
+class TrainSettings:
+    """How one model is trained. Exactly one of `seconds` and `steps` bounds it (steps win when both are set)."""
+
+    seconds: float | None = 60.0
+    steps: int | None = None
+    batch_size: int = 32
+    sequence_length: int = 1024
+    learning_rate: float | None = None
+    weight_decay: float = 0.1
+    seed: int = 0
+    progress: bool = True
+
+
+def train_model(
+    shape: ModelShape,
+    train_stream: torch.Tensor,
+    held_out_stream: torch.Tensor,
+    vocab_size: int,
+    end_of_text_id: int,
+    settings: TrainSettings,
+    teacher: LlamaForCausalLM | None = None,
+) -> tuple[LlamaForCausalLM, dict]:
+    """Train one model from scratch on random windows of `train_stream` (already on the training device). With a
+    `teacher`, the loss is the distillation loss against it instead of the corpus's next token."""
+    device = train_stream.device
+    length = settings.sequence_length
+    if train_stream.numel() <= length + 1:
+        raise SpeculorError(
+            f"the training corpus has {train_stream.numel()} tokens, fewer than one window of {length + 1}; "
+            "give a larger corpus or a shorter --sequence-length"
+        )
+    torch.manual_seed(settings.seed)
+    model = LlamaForCausalLM(shape.config(vocab_size, length, end_of_text_id)).to(device)
+    model.generation_config.eos_token_id = end_of_text_id
+    model.generation_config.bos_token_id = end_of_text_id
+    model.generation_config.pad_token_id = end_of_text_id
+    model.train()
+    peak = settings.learning_rate or learning_rate_for(shape.width)
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=peak,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
+    sampler = torch.Generator().manual_seed(settings.seed)
+    budget_seconds = shape.seconds if shape.seconds is not None else settings.seconds
+    use_steps = settings.steps is not None or budget_seconds is None
+    total = settings.steps if use_steps else budget_seconds
+    if not total or total <= 0:
+        raise SpeculorError("give a positive number of steps or seconds to train for")
+    bar = tqdm(
+        total=int(total) if use_steps else round(total),
+        desc=str(shape),
+        unit="step" if use_steps else "s",
+        disable=not settings.progress,
+        dynamic_ncols=True,
+    )
+    started = time.perf_counter()
+    steps = 0
+    loss_value = float("nan")
+    while True:
+        elapsed = time.perf_counter() - started
+        progress = steps / total if use_steps else elapsed / total
+        if progress >= 1:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(progress, peak)
+        starts = torch.randint(0, train_stream.numel() - length - 1, (settings.batch_size,), generator=sampler)
+        tokens = _windows(train_stream, starts.to(device), length)
+        inputs = tokens[:, :-1]
+        with _autocast(device):
+            logits = model(input_ids=inputs).logits
+            if teacher is None:
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+            else:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=inputs).logits
+                loss = distillation_loss(logits, teacher_logits)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        if steps % 10 == 0 or steps == 1:
+            loss_value = loss.item()
+            rate = steps * inputs.numel() / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+        bar.update(1 if use_steps else round(time.perf_counter() - started) - bar.n)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    bar.close()
+    loss_value = loss.item()
+    tokens_seen = steps * settings.batch_size * length
+    report = {
+        "steps": steps,
+        "tokens_seen": tokens_seen,
+        "seconds": seconds,
+        "tokens_per_second": tokens_seen / seconds,
+        "final_train_loss": loss_value,
+        "held_out_loss": held_out_loss(model, held_out_stream, length, settings.batch_size),
+    }
+    return model.eval(), report
+
+
+def hardware_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def model_card(result: FamilyResult, trained: TrainedModel, config: LlamaConfig) -> str:
+    """A README.md in the Hugging Face model-card spirit: what the model is and exactly how it was made."""
+    partner = "the target and drafts" if len(result.models) > 1 else "this model"
+    distilled = (
+        f"Trained by distillation from `{trained.distilled_from}` (forward KL to its next-token distribution)."
+        if trained.distilled_from
+        else "Trained on next-token cross-entropy."
+    )
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [speculor, llama, python, speculative-decoding]
+---
+
+# {trained.name} ({trained.shape})
+
+A small Llama model for Python code, trained from scratch with `speculor train` as part of a family of models that
+share one tokenizer, so that {partner} can be paired for speculative decoding. It writes plausible Python; it is
+a test and demonstration model, not an assistant.
+
+| | |
+|---|---|
+| architecture | Llama, {config.num_hidden_layers} layers, hidden size {config.hidden_size}, \
+{config.num_attention_heads} heads ({config.num_key_value_heads} key/value), MLP {config.intermediate_size}, \
+tied embeddings |
+| parameters | {trained.parameters:,} |
+| vocabulary | {result.vocab_size:,} byte-level BPE tokens, newline isolated; `<|endoftext|>` is BOS and EOS |
+| context | {config.max_position_embeddings} tokens (training windows of the same length) |
+| corpus | {result.corpus_files:,} de-duplicated Python files, {result.corpus_bytes:,} bytes: \
+{result.train_tokens:,} training tokens, {result.held_out_tokens:,} held-out tokens (1% of files, by path hash) |
+| training | {trained.steps:,} steps, {trained.tokens_seen:,} tokens seen, {trained.seconds:.0f} s at \
+{trained.tokens_per_second:,.0f} tokens/s |
+| held-out loss | {trained.held_out_loss:.4f} nats/token (cross-entropy against the corpus) |
+| hardware | {result.device} |
+| date | {result.date} |
+
+{distilled} AdamW (β = 0.9, 0.95, weight decay 0.1), linear warm-up then cosine decay, gradient clipping at 1.0,
+bfloat16 autocast on a GPU. Weights are stored in float16; load them in float32 on a CPU.
+
+Command:
+
+```
+{result.command}
+```
+"""
+
+
+def save_model(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    directory: Path,
+    card: str,
+    max_shard_size: str = "15MB",
+) -> None:
+    """Save a float16 copy of the weights (exact when loaded back in float32; half the bytes), sharded so no file is
+    large. The model itself stays in float32: it may still teach the models after it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    copy.deepcopy(model).to(dtype=torch.float16).save_pretrained(directory, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(directory)
+    (directory / "README.md").write_text(card)
+
+
+def _progress_print(enabled: bool) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        if enabled:
+            tqdm.write(message, file=sys.stderr)
+
+    return say
+
+
+def train_family(
+    output_dir: str | os.PathLike,
+    models: Sequence[str | ModelShape],
+    *,
+    corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    max_corpus_bytes: int | None = None,
+    vocab_size: int = 8192,
+    seconds: float | None = 60.0,
+    steps: int | None = None,
+    batch_size: int = 32,
+    sequence_length: int = 1024,
+    learning_rate: float | None = None,
+    distill_from: str | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    command: str | None = None,
+    progress: bool = True,
+) -> FamilyResult:
+    """Train a tokenizer and then each model in `models` (in order) and save each as a Hugging Face directory
+    `output_dir/<name>` holding config, generation config, float16 safetensors, the tokenizer and a model card.
+
+    `models` are `ModelShape`s or strings like "target:12x768" or "draft:4x256@30" (30 s for that one). Each model
+    trains for `seconds` (or `steps`, which wins). With `distill_from` naming a model listed earlier, every later
+    model learns that model's next-token distribution instead of the corpus's next token. `corpus` is a directory
+    (or several) of .py files; by default the interpreter's own source. Also writes `output_dir/family.json`."""
+    shapes = [ModelShape.parse(item) if isinstance(item, str) else item for item in models]
+    if not shapes:
+        raise SpeculorError("name at least one model to train, e.g. target:8x384")
+    names = [shape.name for shape in shapes]
+    if len(set(names)) != len(names):
+        raise SpeculorError(f"model names must be unique, got {names}")
+    if distill_from is not None and distill_from not in names[:-1]:
+        raise SpeculorError(f"distill_from={distill_from!r} must name a model trained before another one: {names}")
+    if vocab_size < 300:
+        raise SpeculorError(f"vocab_size must be at least 300 (256 bytes plus merges), got {vocab_size}")
+    resolved = resolve_device(device)
+    say = _progress_print(progress)
+    if resolved.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    roots = None if corpus is None else [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
+    began = time.perf_counter()
+    documents = collect_corpus(roots, max_corpus_bytes)
+    say(f"corpus: {documents.files:,} files, {documents.bytes:,} bytes from {', '.join(documents.roots)}")
+    tokenizer = build_tokenizer(documents.train, vocab_size)
+    end_of_text_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    train_stream = encode_documents(tokenizer, documents.train).to(resolved)
+    held_out_stream = encode_documents(tokenizer, documents.held_out).to(resolved)
+    actual_vocab = len(tokenizer)
+    say(
+        f"tokenizer: {actual_vocab:,} tokens; {train_stream.numel():,} training and {held_out_stream.numel():,} "
+        f"held-out tokens ({time.perf_counter() - began:.0f} s)"
+    )
+    settings = TrainSettings(
+        seconds=seconds,
+        steps=steps,
+        batch_size=batch_size,
+        sequence_length=sequence_length,
+        learning_rate=learning_rate,
+        seed=seed,
+        progress=progress,
+    )
+    result = FamilyResult(
+        output_dir=os.fspath(output_dir),
+        models={},
+        corpus_files=documents.files,
+        corpus_bytes=documents.bytes,
+        train_tokens=train_stream.numel(),
+        held_out_tokens=held_out_stream.numel(),
+        vocab_size=actual_vocab,
+        device=hardware_name(resolved),
+        command=command or f"train_family({os.fspath(output_dir)!r}, {[str(shape) for shape in shapes]!r}, ...)",
+        date=datetime.date.today().isoformat(),
+        settings=asdict(settings) | {"vocab_size": vocab_size, "distill_from": distill_from},
+    )
+    teacher = None
+    for shape in shapes:
+        model, numbers = train_model(
+            shape, train_stream, held_out_stream, actual_vocab, end_of_text_id, settings, teacher
+        )
+        directory = Path(output_dir) / shape.name
+        trained = TrainedModel(
+            name=shape.name,
+            shape=f"{shape.layers}x{shape.width}",
+            path=os.fspath(directory),
+            parameters=sum(parameter.numel() for parameter in model.parameters()),
+            distilled_from=distill_from if teacher is not None else None,
+            **numbers,
+        )
+        result.models[shape.name] = trained
+        say(
+            f"{shape}: {trained.parameters:,} parameters, {trained.steps} steps, {trained.tokens_seen:,} tokens, "
+            f"held-out loss {trained.held_out_loss:.4f}"
+        )
+        save_model(model, tokenizer, directory, model_card(result, trained, model.config))
+        if shape.name == distill_from:
+            teacher = model
+    (Path(output_dir) / "family.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+DEFAULT_FAMILY = ("target:8x384", "draft-deep:4x128", "draft-wide:1x256", "draft-mid:2x192")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a tokenizer and a family of small Llama models (a target and drafts) on Python source",
+        description="Train a byte-level BPE tokenizer and Llama models that share it, then save each model as a "
+        "Hugging Face directory OUTPUT/NAME with a model card. The default corpus is this interpreter's own Python "
+        "source.",
+    )
+    parser.add_argument("--output", required=True, help="directory to write the family into")
+    parser.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME:LAYERSxWIDTH[@SECONDS]",
+        help=f"a model to train, in order (repeatable; default: {' '.join(DEFAULT_FAMILY)})",
+    )
+    parser.add_argument(
+        "--corpus", action="append", help="directory of .py files (repeatable; default: stdlib + site-packages)"
+    )
+    parser.add_argument("--max-corpus-bytes", type=int, help="use at most this many bytes of source")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--seconds", type=float, default=60.0, help="training time per model (default 60)")
+    parser.add_argument("--steps", type=int, help="train each model for this many steps instead of a time budget")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    parser.add_argument("--sequence-length", type=int, default=1024, help="tokens per sequence, also the context")
+    parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: by width)")
+    parser.add_argument("--distill-from", help="name of an earlier model that later ones learn to imitate")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=run_train)
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, rebuilt from the parsed options (defaults spelled out)."""
+    words = ["speculor", "train", "--output", args.output]
+    for shape in args.models or DEFAULT_FAMILY:
+        words += ["--model", shape]
+    for directory in args.corpus or []:
+        words += ["--corpus", directory]
+    options = {
+        "--max-corpus-bytes": args.max_corpus_bytes,
+        "--vocab-size": args.vocab_size,
+        "--seconds": None if args.steps else args.seconds,
+        "--steps": args.steps,
+        "--batch-size": args.batch_size,
+        "--sequence-length": args.sequence_length,
+        "--learning-rate": args.learning_rate,
+        "--distill-from": args.distill_from,
+        "--device": args.device,
+        "--seed": args.seed,
+    }
+    for flag, value in options.items():
+        if value is not None:
+            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return shlex.join(words)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    result = train_family(
+        args.output,
+        args.models or list(DEFAULT_FAMILY),
+        corpus=args.corpus,
+        max_corpus_bytes=args.max_corpus_bytes,
+        vocab_size=args.vocab_size,
+        seconds=args.seconds,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        sequence_length=args.sequence_length,
+        learning_rate=args.learning_rate,
+        distill_from=args.distill_from,
+        device=args.device,
+        seed=args.seed,
+        command=_command_line(args),
+        progress=not args.quiet,
+    )
+    for trained in result.models.values():
+        print(
+            f"{trained.name}\t{trained.shape}\t{trained.parameters:,} params\t{trained.tokens_seen:,} tokens\t"
+            f"held-out loss {trained.held_out_loss:.4f}\t{trained.path}"
+        )
+    return 0
