@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random models built from configs (no downloads), saved as real Hugging Face directories."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+TOKENIZER_CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "for item in items:\n    print(item)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "import os\nimport sys\n\nif __name__ == '__main__':\n    main()\n",
+    "The quick brown fox jumps over the lazy dog. Hello world!\n",
+] * 4
+
+
+def tiny_llama_config(vocab_size: int = 96, layers: int = 2, **overrides) -> LlamaConfig:
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def tiny_gpt2_config(vocab_size: int = 96, layers: int = 2) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=vocab_size, n_embd=32, n_layer=layers, n_head=4, n_positions=256, eos_token_id=None, bos_token_id=None
+    )
+
+
+def build(model_class, config, seed: int, dtype: torch.dtype = torch.float64):
+    torch.manual_seed(seed)
+    return model_class(config).to(dtype).eval()
+
+
+def reversed_lm_head(model):
+    """A copy of `model` whose output layer is negated: its argmax is the original's argmin, so as a greedy draft for
+    `model` every proposal is rejected (TAR exactly 0)."""
+    adversary = copy.deepcopy(model)
+    with torch.no_grad():
+        adversary.lm_head.weight.neg_()
+    return adversary
+
+
+@pytest.fixture(scope="session")
+def llama_pair():
+    """(target, draft): Llama-architecture, random weights, float64 so no argmax near-tie can flip."""
+    return build(LlamaForCausalLM, tiny_llama_config(layers=2), seed=0), build(
+        LlamaForCausalLM, tiny_llama_config(layers=1), seed=1
+    )
+
+
+@pytest.fixture(scope="session")
+def gpt2_pair():
+    return build(GPT2LMHeadModel, tiny_gpt2_config(layers=2), seed=2), build(
+        GPT2LMHeadModel, tiny_gpt2_config(layers=1), seed=3
+    )
+
+
+def train_tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def text_pair_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """Target and draft directories with a shared tokenizer, as `from_pretrained` expects them on disk."""
+    tokenizer = train_tiny_tokenizer()
+    root = tmp_path_factory.mktemp("text_pair")
+    paths = []
+    for name, layers, seed in (("target", 2, 10), ("draft", 1, 11)):
+        model = build(LlamaForCausalLM, tiny_llama_config(vocab_size=len(tokenizer), layers=layers), seed, torch.float32)
+        path = root / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths[0], paths[1]
