@@ -10,12 +10,13 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from speculor.errors import SpeculorError
 from speculor.loading import DTYPES
 
 # Modules that add a subcommand through `register(subparsers)`.
-COMMAND_MODULES = ("speculor.cli", "speculor.train")
+COMMAND_MODULES = ("speculor.cli", "speculor.train", "speculor.bench")
 
 console = Console(stderr=True, highlight=False)
 
@@ -155,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except SpeculorError as error:
-        console.print(f"[bold red]error:[/bold red] {error}", markup=True)
+        console.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         return 130
