@@ -38,7 +38,13 @@ def tiny_llama_config(vocab_size: int = 96, layers: int = 2, **overrides) -> Lla
 
 def tiny_gpt2_config(vocab_size: int = 96, layers: int = 2) -> GPT2Config:
     return GPT2Config(
-        vocab_size=vocab_size, n_embd=32, n_layer=layers, n_head=4, n_positions=256, eos_token_id=None, bos_token_id=None
+        vocab_size=vocab_size,
+        n_embd=32,
+        n_layer=layers,
+        n_head=4,
+        n_positions=256,
+        eos_token_id=None,
+        bos_token_id=None,
     )
 
 
@@ -92,7 +98,9 @@ def text_pair_dirs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("text_pair")
     paths = []
     for name, layers, seed in (("target", 2, 10), ("draft", 1, 11)):
-        model = build(LlamaForCausalLM, tiny_llama_config(vocab_size=len(tokenizer), layers=layers), seed, torch.float32)
+        model = build(
+            LlamaForCausalLM, tiny_llama_config(vocab_size=len(tokenizer), layers=layers), seed, torch.float32
+        )
         path = root / name
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)

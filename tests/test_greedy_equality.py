@@ -10,8 +10,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import reversed_lm_head
+
 from speculor import SpeculativeDecoder
 
 GAMMAS = (1, 2, 4, 8)
@@ -88,4 +88,3 @@ def test_prompt_lookup_matches_target(architecture, llama_pair, gpt2_pair):
             assert result.token_ids == baseline.generate(prompt, max_new_tokens=20, ignore_eos=True).token_ids
             drafted += result.stats.drafted
     assert drafted > 0
-

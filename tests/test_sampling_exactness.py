@@ -10,9 +10,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
-
 from fakes import TableRunner
+
 from speculor import engine
 from speculor.adaptive import FixedGamma
 from speculor.engine import DecodeRequest, Decoding
@@ -77,6 +76,7 @@ def chi_square_excess(exact: dict, empirical: dict) -> float:
         cells += 1
     degrees_of_freedom = cells - 1
     return statistic - (degrees_of_freedom + 5 * (2 * degrees_of_freedom) ** 0.5)
+
 
 SETTINGS = [
     (SamplingParams(temperature=1.0), 3),

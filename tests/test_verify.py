@@ -83,9 +83,7 @@ def test_deterministic_proposal_is_one_hot_q():
     """With q one-hot (prompt lookup), x is kept with probability p(x) and the residual is p without x."""
     p = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], dtype=torch.float64)
     generator = torch.Generator().manual_seed(7)
-    kept = sum(
-        int(stochastic_accept(torch.tensor([0]), None, p, generator)[0]) for _ in range(4000)
-    )
+    kept = sum(int(stochastic_accept(torch.tensor([0]), None, p, generator)[0]) for _ in range(4000))
     assert abs(kept / 4000 - 0.6) < 0.03
     for _ in range(200):
         accepted, token = stochastic_accept(torch.tensor([0]), None, p, generator)
