@@ -16,22 +16,23 @@ from collections.abc import Iterable
 from speculor.errors import SpeculorError
 
 
-def _check(alpha: float, gamma: int) -> None:
+def _check(alpha: float, gamma: float) -> None:
     if not 0 <= alpha <= 1:
         raise SpeculorError(f"alpha must be in [0, 1], got {alpha!r}")
     if gamma < 0:
         raise SpeculorError(f"gamma must be ≥ 0, got {gamma!r}")
 
 
-def expected_accepted_length(alpha: float, gamma: int) -> float:
-    """E(α, γ): expected tokens emitted per target forward, the bonus/correction token included (1 ≤ E ≤ γ + 1)."""
+def expected_accepted_length(alpha: float, gamma: float) -> float:
+    """E(α, γ): expected tokens emitted per target forward, the bonus/correction token included (1 ≤ E ≤ γ + 1).
+    γ may be a mean over steps (not an integer) when the draft length varies."""
     _check(alpha, gamma)
     if alpha == 1:
         return float(gamma + 1)
     return (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
-def expected_tar(alpha: float, gamma: int) -> float:
+def expected_tar(alpha: float, gamma: float) -> float:
     """The acceptance rate TAR that per-token acceptance α produces at γ: (E(α, γ) − 1) / γ."""
     _check(alpha, gamma)
     if gamma == 0:
@@ -39,7 +40,7 @@ def expected_tar(alpha: float, gamma: int) -> float:
     return (expected_accepted_length(alpha, gamma) - 1) / gamma
 
 
-def predicted_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
+def predicted_speedup(alpha: float, gamma: float, cost_ratio: float) -> float:
     """Expected wall-clock speedup over the target alone: E(α, γ) / (γ·c + 1)."""
     if cost_ratio < 0:
         raise SpeculorError(f"the cost ratio c must be ≥ 0, got {cost_ratio!r}")

@@ -1,0 +1,483 @@
+"""What `speculor bench` makes of its measurements: per-configuration summaries, the recommendation, and the files.
+
+Everything here works on plain records (no models), so it can be tested on made-up numbers. `speculor.bench`
+produces the records; this module turns them into `results.json`, `results.csv`, the PNG plots, `report.md`,
+`best_config.json`, `vllm_speculative_config.json` and the terminal table.
+
+Definitions (per configuration, over the same prompts as the target-alone baseline at the same temperature):
+- TAR = Σ accepted / Σ drafted; mean accepted length = Σ new tokens / Σ target forwards (bonus token included);
+  acceptance by position i = accepted at i / drafted at i.
+- α = Σ accepted / (Σ accepted + steps that ended at a rejection): per-token acceptance, free of γ's bias.
+- tokens/s, time to first token and ms per token are taken per prompt, then the median (p10, p90) is reported;
+  speedup is the ratio of tokens/s to the baseline's on the same prompt, then the median over prompts.
+- c = draft time per draft step / target time per step of the baseline (one-token forwards, as in Leviathan et al.);
+  a draft step is a draft-model forward, or one lookup (one per target step) for prompt lookup.
+- predicted speedup = E(α, γ̄) / (γ̄·c + 1) with γ̄ the mean number of tokens drafted per drafting step; draft
+  models only, since the model assumes a cost per drafted token and a proposal at every step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from speculor.analysis import alpha_from_counts, cost_ratio, predicted_speedup
+
+POLICY_NAMES = {
+    "target": "target alone",
+    "fixed": "fixed γ",
+    "confidence": "confidence threshold",
+    "leviathan": "Leviathan γ",
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One way of decoding: the target alone, or a drafter (draft model or n-gram lookup) with a γ policy."""
+
+    temperature: float
+    policy: str = "target"
+    draft: str | None = None
+    ngram: int | None = None
+    gamma: int | None = None
+
+    @property
+    def drafter(self) -> str:
+        if self.draft is not None:
+            return self.draft
+        if self.ngram is not None:
+            return f"ngram:{self.ngram}"
+        return "target alone"
+
+    @property
+    def label(self) -> str:
+        if self.policy == "target":
+            return f"target alone, T={self.temperature:g}"
+        how = f"γ={self.gamma}" if self.policy == "fixed" else f"{POLICY_NAMES[self.policy]} (γ≤{self.gamma})"
+        return f"{self.drafter}, {how}, T={self.temperature:g}"
+
+
+@dataclass
+class PromptRun:
+    """One timed generation: the engine's statistics (`GenerationStats.to_dict()`), the generated ids, and how
+    many of its steps ended at a rejected draft."""
+
+    prompt_index: int
+    stats: dict
+    token_ids: list[int]
+    rejections: int = 0
+
+
+@dataclass
+class ConfigResult:
+    config: BenchConfig
+    runs: list[PromptRun] = field(default_factory=list)
+
+
+def _total(runs: Sequence[PromptRun], key: str) -> float:
+    return float(sum(run.stats[key] for run in runs))
+
+
+def _by_position(runs: Sequence[PromptRun]) -> list[float]:
+    width = max((len(run.stats["drafted_by_position"]) for run in runs), default=0)
+    accepted, drafted = np.zeros(width), np.zeros(width)
+    for run in runs:
+        accepted[: len(run.stats["accepted_by_position"])] += run.stats["accepted_by_position"]
+        drafted[: len(run.stats["drafted_by_position"])] += run.stats["drafted_by_position"]
+    return [round(float(a / d), 4) if d else 0.0 for a, d in zip(accepted, drafted, strict=True)]
+
+
+def _percentiles(values: Sequence[float]) -> tuple[float, float, float]:
+    p10, p50, p90 = np.percentile(np.asarray(values, dtype=float), [10, 50, 90])
+    return float(p50), float(p10), float(p90)
+
+
+def target_step_seconds(baseline: ConfigResult) -> float:
+    """Mean time of one target forward when decoding alone."""
+    forwards = _total(baseline.runs, "target_forwards")
+    return _total(baseline.runs, "verify_seconds") / forwards if forwards else 0.0
+
+
+def measured_cost_ratio(result: ConfigResult, baseline: ConfigResult) -> float | None:
+    """c for a configuration (None for the target alone). A draft step is one draft-model forward; a proposer
+    without a model (prompt lookup) takes one step per target forward."""
+    draft_steps = _total(result.runs, "draft_forwards") or _total(result.runs, "target_forwards")
+    target_seconds = target_step_seconds(baseline)
+    if result.config.policy == "target" or not draft_steps or target_seconds <= 0:
+        return None
+    return cost_ratio(_total(result.runs, "draft_seconds"), int(draft_steps), target_seconds, 1)
+
+
+def summarize(result: ConfigResult, baseline: ConfigResult) -> dict:
+    """The summary row of one configuration against the target-alone baseline at its temperature."""
+    config, runs = result.config, result.runs
+    baseline_by_prompt = {run.prompt_index: run for run in baseline.runs}
+    tokens_per_second = [run.stats["tokens_per_second"] for run in runs]
+    speedups = [
+        run.stats["tokens_per_second"] / baseline_by_prompt[run.prompt_index].stats["tokens_per_second"]
+        for run in runs
+        if baseline_by_prompt[run.prompt_index].stats["tokens_per_second"] > 0
+    ]
+    median_tps, p10_tps, p90_tps = _percentiles(tokens_per_second)
+    drafted, accepted = _total(runs, "drafted"), _total(runs, "accepted")
+    alpha = alpha_from_counts(int(accepted), sum(run.rejections for run in runs)) if drafted else None
+    # Every step that drafted anything drafted position 0.
+    drafting_steps = sum(run.stats["drafted_by_position"][0] for run in runs if run.stats["drafted_by_position"])
+    mean_gamma = drafted / drafting_steps if drafting_steps else None
+    c = measured_cost_ratio(result, baseline)
+    # Leviathan's model charges c per drafted token and assumes every step drafts; it does not describe prompt
+    # lookup (a cheap step that often proposes nothing), so lookup gets no prediction.
+    modelled = config.draft is not None and None not in (alpha, mean_gamma, c)
+    predicted = predicted_speedup(alpha, mean_gamma, c) if modelled else None
+    row = {
+        "label": config.label,
+        "drafter": config.drafter,
+        "draft": config.draft,
+        "ngram": config.ngram,
+        "policy": config.policy,
+        "gamma": config.gamma,
+        "temperature": config.temperature,
+        "prompts": len(runs),
+        "new_tokens": int(_total(runs, "new_tokens")),
+        "tar": accepted / drafted if drafted else None,
+        "mean_accepted_length": _total(runs, "new_tokens") / max(_total(runs, "target_forwards"), 1),
+        "acceptance_by_position": _by_position(runs),
+        "alpha": alpha,
+        "mean_gamma": mean_gamma,
+        "tokens_per_second_median": median_tps,
+        "tokens_per_second_p10": p10_tps,
+        "tokens_per_second_p90": p90_tps,
+        "ttft_ms_median": 1000 * _percentiles([run.stats["time_to_first_token"] for run in runs])[0],
+        "ms_per_token_median": 1000
+        * _percentiles([run.stats["wall_seconds"] / max(run.stats["new_tokens"], 1) for run in runs])[0],
+        "speedup_median": _percentiles(speedups)[0] if speedups else None,
+        "cost_ratio": c,
+        "predicted_speedup": predicted,
+        "greedy_identical": None,
+        "greedy_checked": None,
+    }
+    if config.temperature == 0 and config.policy != "target":
+        identical = sum(run.token_ids == baseline_by_prompt[run.prompt_index].token_ids for run in runs)
+        row.update(greedy_identical=identical, greedy_checked=len(runs))
+    return row
+
+
+def best_fixed(rows: Sequence[dict], temperature: float, drafter: str | None = None) -> dict | None:
+    """The fixed-γ row with the highest median speedup at `temperature` (optionally for one drafter)."""
+    candidates = [
+        row
+        for row in rows
+        if row["policy"] == "fixed"
+        and row["temperature"] == temperature
+        and (drafter is None or row["drafter"] == drafter)
+        and row["speedup_median"] is not None
+    ]
+    return max(candidates, key=lambda row: row["speedup_median"], default=None)
+
+
+def recommendation(rows: Sequence[dict], temperature: float) -> dict | None:
+    """The best fixed (drafter, γ) at `temperature`, or None when no configuration beats the target alone."""
+    best = best_fixed(rows, temperature)
+    return best if best is not None and best["speedup_median"] > 1 else None
+
+
+def adaptive_comparisons(rows: Sequence[dict]) -> list[dict]:
+    """Each adaptive row against the best fixed γ of the same drafter at the same temperature."""
+    comparisons = []
+    for row in rows:
+        if row["policy"] in ("target", "fixed") or row["speedup_median"] is None:
+            continue
+        fixed = best_fixed(rows, row["temperature"], row["drafter"])
+        if fixed is None:
+            continue
+        comparisons.append(
+            {
+                "label": row["label"],
+                "speedup_median": row["speedup_median"],
+                "best_fixed_label": fixed["label"],
+                "best_fixed_speedup_median": fixed["speedup_median"],
+                "beats_best_fixed": row["speedup_median"] > fixed["speedup_median"],
+            }
+        )
+    return comparisons
+
+
+def vllm_speculative_config(row: dict | None) -> dict | None:
+    """The `speculative_config` that asks vLLM for the same drafting (None: no speculation)."""
+    if row is None:
+        return None
+    if row["ngram"] is not None:
+        return {
+            "method": "ngram",
+            "num_speculative_tokens": row["gamma"],
+            "prompt_lookup_max": row["ngram"],
+            "prompt_lookup_min": 1,
+        }
+    return {"model": row["draft"], "num_speculative_tokens": row["gamma"]}
+
+
+def best_config(rows: Sequence[dict], target: str, temperatures: Sequence[float]) -> dict:
+    """What `speculor generate --config` reads: `draft` or `ngram` and `gamma` of the best choice at the first
+    temperature (no drafter when the target alone was fastest), plus the choice at every temperature."""
+    choices = []
+    for temperature in temperatures:
+        row = recommendation(rows, temperature)
+        choice: dict = {"temperature": temperature}
+        if row is not None:
+            choice.update({key: row[key] for key in ("draft", "ngram", "gamma") if row[key] is not None})
+            choice["speedup_median"] = row["speedup_median"]
+            choice["tokens_per_second_median"] = row["tokens_per_second_median"]
+        else:
+            choice["speedup_median"] = 1.0
+        choice["vllm_speculative_config"] = vllm_speculative_config(row)
+        choices.append(choice)
+    return {"target": target, **choices[0], "by_temperature": choices}
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _throughput(row: dict) -> str:
+    low, median, high = (row[f"tokens_per_second_{key}"] for key in ("p10", "median", "p90"))
+    return f"{median:.1f} [{low:.1f}–{high:.1f}]"
+
+
+def _identity(row: dict) -> str:
+    return "–" if row["greedy_checked"] is None else f"{row['greedy_identical']}/{row['greedy_checked']}"
+
+
+def _gamma_text(row: dict) -> str:
+    if row["policy"] in ("target", "fixed"):
+        return "–" if row["gamma"] is None else str(row["gamma"])
+    return f"{'conf' if row['policy'] == 'confidence' else 'Lev'} ≤{row['gamma']}"
+
+
+TABLE_COLUMNS = (
+    ("drafter", lambda row: Path(row["drafter"]).name),
+    ("γ", _gamma_text),
+    ("T", lambda row: f"{row['temperature']:g}"),
+    ("TAR", lambda row: _number(row["tar"], 3)),
+    ("α", lambda row: _number(row["alpha"], 3)),
+    ("E", lambda row: _number(row["mean_accepted_length"])),
+    ("tok/s p50 [p10–p90]", _throughput),
+    ("TTFT ms", lambda row: _number(row["ttft_ms_median"], 1)),
+    ("ms/tok", lambda row: _number(row["ms_per_token_median"])),
+    ("c", lambda row: _number(row["cost_ratio"], 3)),
+    ("speedup", lambda row: _number(row["speedup_median"]) + "x"),
+    ("pred.", lambda row: _number(row["predicted_speedup"]) + ("x" if row["predicted_speedup"] else "")),
+    ("greedy ≡", _identity),
+)
+
+
+def print_table(rows: Sequence[dict], console: Console) -> None:
+    table = Table(title="speculor bench")
+    for name, _ in TABLE_COLUMNS:
+        table.add_column(name, justify="left" if name == "drafter" else "right", no_wrap=name == "drafter")
+    for row in rows:
+        table.add_row(*(cell(row) for _, cell in TABLE_COLUMNS))
+    console.print(table)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    lines = ["| " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(cell(row) for _, cell in TABLE_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+CSV_FIELDS = (
+    "label", "drafter", "draft", "ngram", "policy", "gamma", "temperature", "prompts", "new_tokens", "tar",
+    "mean_accepted_length", "acceptance_by_position", "alpha", "mean_gamma", "tokens_per_second_median",
+    "tokens_per_second_p10", "tokens_per_second_p90", "ttft_ms_median", "ms_per_token_median", "speedup_median",
+    "cost_ratio", "predicted_speedup", "greedy_identical", "greedy_checked",
+)  # fmt: skip
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            flat = dict(row, acceptance_by_position=";".join(f"{v:g}" for v in row["acceptance_by_position"]))
+            writer.writerow({key: "" if flat[key] is None else flat[key] for key in CSV_FIELDS})
+
+
+def _figure(width: float, height: float):
+    """A matplotlib figure drawn by the Agg backend without pyplot's global state. matplotlib is imported here
+    because it takes about a second to import and only the plots need it."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def plot_speedup_vs_gamma(rows: Sequence[dict], path: Path) -> None:
+    """Measured (solid) and predicted (dotted) median speedup against γ, one colour per drafter and temperature;
+    adaptive policies as single markers at their mean γ."""
+    figure = _figure(7, 4.5)
+    axes = figure.subplots()
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for row in rows:
+        if row["policy"] != "target" and row["speedup_median"] is not None:
+            groups.setdefault((row["drafter"], row["temperature"]), []).append(row)
+    for index, ((drafter, temperature), group) in enumerate(groups.items()):
+        color = f"C{index % 10}"
+        fixed = sorted((row for row in group if row["policy"] == "fixed"), key=lambda row: row["gamma"])
+        gammas = [row["gamma"] for row in fixed]
+        label = f"{Path(drafter).name}, T={temperature:g}"
+        axes.plot(gammas, [row["speedup_median"] for row in fixed], "o-", color=color, label=label)
+        predicted = [(row["gamma"], row["predicted_speedup"]) for row in fixed if row["predicted_speedup"] is not None]
+        if predicted:
+            axes.plot(*zip(*predicted, strict=True), ":", color=color)
+        for row in group:
+            if row["policy"] != "fixed":
+                marker = "^" if row["policy"] == "confidence" else "s"
+                axes.plot(row["mean_gamma"] or row["gamma"], row["speedup_median"], marker, color=color, markersize=9)
+    axes.axhline(1.0, color="grey", linewidth=0.8)
+    axes.set_xlabel("γ (drafted tokens per step; adaptive: mean)")
+    axes.set_ylabel("median speedup over target alone")
+    axes.set_title("Speedup vs γ (solid measured, dotted predicted, ▲ confidence, ■ Leviathan)")
+    if groups:
+        axes.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
+
+
+def plot_tar_vs_cost(rows: Sequence[dict], path: Path) -> None:
+    """TAR of every fixed-γ configuration against its drafter's measured cost ratio c."""
+    figure = _figure(6.5, 4.5)
+    axes = figure.subplots()
+    points = [
+        row for row in rows if row["policy"] == "fixed" and row["cost_ratio"] is not None and row["tar"] is not None
+    ]
+    temperatures = sorted({row["temperature"] for row in points})
+    for index, temperature in enumerate(temperatures):
+        chosen = [row for row in points if row["temperature"] == temperature]
+        axes.scatter(
+            [r["cost_ratio"] for r in chosen], [r["tar"] for r in chosen], color=f"C{index}", label=f"T={temperature:g}"
+        )
+        for row in chosen:
+            axes.annotate(f"{Path(row['drafter']).name} γ={row['gamma']}", (row["cost_ratio"], row["tar"]), fontsize=7)
+    axes.set_xlabel("cost ratio c (draft step / target step)")
+    axes.set_ylabel("TAR (accepted / drafted)")
+    axes.set_title("Acceptance vs draft cost")
+    if temperatures:
+        axes.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
+
+
+def plot_throughput_vs_latency(rows: Sequence[dict], path: Path) -> None:
+    """Median tokens/s against median time to first token, every configuration (the baseline as a star)."""
+    figure = _figure(6.5, 4.5)
+    axes = figure.subplots()
+    for row in rows:
+        marker = "*" if row["policy"] == "target" else "o"
+        axes.scatter(
+            row["ttft_ms_median"], row["tokens_per_second_median"], marker=marker, s=80 if marker == "*" else 30
+        )
+        short = f"{Path(row['drafter']).name} γ={_gamma_text(row)} T={row['temperature']:g}"
+        axes.annotate(short, (row["ttft_ms_median"], row["tokens_per_second_median"]), fontsize=6)
+    axes.set_xlabel("median time to first token (ms)")
+    axes.set_ylabel("median tokens/s")
+    axes.set_title("Throughput vs latency")
+    figure.savefig(path, dpi=120)
+
+
+PLOTS = {
+    "speedup_vs_gamma.png": plot_speedup_vs_gamma,
+    "tar_vs_cost.png": plot_tar_vs_cost,
+    "throughput_vs_latency.png": plot_throughput_vs_latency,
+}
+
+
+def report_markdown(meta: dict, rows: Sequence[dict], best: dict) -> str:
+    """The human-readable summary: recommendation per temperature, adaptive vs fixed, losslessness, table."""
+    lines = [
+        "# speculor bench report",
+        "",
+        f"- date: {meta['date']}; device: {meta['device_name']}; runner: {meta['runner']}; dtype: {meta['dtype']}",
+        f"- target: `{meta['target']}`; prompts: {meta['prompts']} ({meta['num_prompts']} prompts, "
+        f"{meta['max_new_tokens']} new tokens each, ignore EOS: {meta['ignore_eos']}); seed {meta['seed']}",
+        f"- command: `{meta['command']}`",
+        "",
+        "## Recommendation",
+        "",
+    ]
+    for choice in best["by_temperature"]:
+        temperature = choice["temperature"]
+        if choice["vllm_speculative_config"] is None:
+            lines.append(f"- T={temperature:g}: no configuration beat the target alone; decode without speculation.")
+            continue
+        drafter = choice.get("draft") or f"n-gram lookup (n ≤ {choice['ngram']})"
+        lines.append(
+            f"- T={temperature:g}: **{drafter}, γ={choice['gamma']}**: median speedup "
+            f"{choice['speedup_median']:.2f}x, {choice['tokens_per_second_median']:.1f} tok/s. vLLM: "
+            f"`{json.dumps(choice['vllm_speculative_config'])}`"
+        )
+    comparisons = adaptive_comparisons(rows)
+    if comparisons:
+        lines += ["", "## Adaptive draft length against the best fixed γ", ""]
+        for item in comparisons:
+            verdict = "beats" if item["beats_best_fixed"] else "does not beat"
+            lines.append(
+                f"- {item['label']}: {item['speedup_median']:.2f}x {verdict} {item['best_fixed_label']} "
+                f"({item['best_fixed_speedup_median']:.2f}x)"
+            )
+    checked = [row for row in rows if row["greedy_checked"] is not None]
+    if checked:
+        passed = sum(row["greedy_identical"] for row in checked)
+        total = sum(row["greedy_checked"] for row in checked)
+        lines += [
+            "",
+            "## Greedy outputs against the target alone",
+            "",
+            f"{passed}/{total} generations identical over {len(checked)} greedy configurations.",
+        ]
+        lines += [
+            f"- {row['label']}: {_identity(row)}" for row in checked if row["greedy_identical"] != row["greedy_checked"]
+        ]
+    lines += [
+        "",
+        "## All configurations",
+        "",
+        markdown_table(rows),
+        "",
+        "E = mean accepted length (tokens per target forward); TAR = accepted / drafted; α = per-token"
+        " acceptance, accepted / (accepted + rejections); c = draft step time / target step time of the baseline;"
+        " pred. = E(α, γ̄) / (γ̄·c + 1) with γ̄ the mean drafted per drafting step (Leviathan et al.; draft models"
+        " only); speedup = median over prompts of tokens/s against the target alone on the same prompt; greedy ≡ ="
+        " generations identical to the target alone.",
+        "",
+        "## Plots",
+        "",
+        *(f"![{name}]({name})" for name in PLOTS),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(out_dir: Path, meta: dict, results: Sequence[ConfigResult], rows: Sequence[dict]) -> dict:
+    """Write every output file into `out_dir`; returns the best-config object."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best = best_config(rows, meta["target"], meta["temperatures"])
+    per_prompt = [{"label": result.config.label, "runs": [vars(run) for run in result.runs]} for result in results]
+    payload = {
+        "meta": meta,
+        "configs": list(rows),
+        "adaptive": adaptive_comparisons(rows),
+        "best": best,
+        "per_prompt": per_prompt,
+    }
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    write_csv(rows, out_dir / "results.csv")
+    for name, plot in PLOTS.items():
+        plot(rows, out_dir / name)
+    (out_dir / "best_config.json").write_text(json.dumps(best, indent=2) + "\n")
+    (out_dir / "vllm_speculative_config.json").write_text(json.dumps(best["vllm_speculative_config"]) + "\n")
+    (out_dir / "report.md").write_text(report_markdown(meta, rows, best))
+    return best

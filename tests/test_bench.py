@@ -1,0 +1,181 @@
+import csv
+import json
+
+import pytest
+
+from speculor.bench_report import (
+    BenchConfig,
+    ConfigResult,
+    PromptRun,
+    adaptive_comparisons,
+    best_config,
+    summarize,
+)
+from speculor.cli import main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def stats(**values) -> dict:
+    base = {
+        "drafted": 0,
+        "accepted": 0,
+        "new_tokens": 10,
+        "target_forwards": 10,
+        "draft_forwards": 0,
+        "accepted_by_position": [],
+        "drafted_by_position": [],
+        "wall_seconds": 1.0,
+        "draft_seconds": 0.0,
+        "verify_seconds": 1.0,
+        "time_to_first_token": 0.1,
+    }
+    base.update(values)
+    base["tokens_per_second"] = base["new_tokens"] / base["wall_seconds"]
+    return base
+
+
+def made_up_results() -> tuple[ConfigResult, ConfigResult]:
+    """Baseline: 10 tokens in 1 s and 0.5 s (10 and 20 tok/s), 0.1 s per target forward. The draft configuration
+    runs two γ=2 steps per prompt: all accepted, then one accepted and one rejected (3 of 4, one rejection)."""
+    baseline = ConfigResult(
+        BenchConfig(0.0), [PromptRun(0, stats(), [1] * 5), PromptRun(1, stats(wall_seconds=0.5), [2] * 5)]
+    )
+    drafting = {
+        "drafted": 4,
+        "accepted": 3,
+        "new_tokens": 5,
+        "target_forwards": 2,
+        "draft_forwards": 4,
+        "draft_seconds": 0.04,
+        "drafted_by_position": [2, 2],
+        "accepted_by_position": [2, 1],
+    }
+    config = BenchConfig(0.0, "fixed", draft="tiny-draft", gamma=2)
+    result = ConfigResult(
+        config,
+        [
+            PromptRun(0, stats(**drafting, wall_seconds=5 / 15), [1] * 5, rejections=1),
+            PromptRun(1, stats(**drafting, wall_seconds=0.1), [2, 2, 2, 2, 9], rejections=1),
+        ],
+    )
+    return baseline, result
+
+
+def test_summary_matches_hand_computed_values():
+    baseline, result = made_up_results()
+    row = summarize(result, baseline)
+    assert row["tar"] == pytest.approx(6 / 8)
+    assert row["alpha"] == pytest.approx(6 / 8)  # 6 accepted, 2 rejections
+    assert row["mean_gamma"] == pytest.approx(2.0)
+    assert row["mean_accepted_length"] == pytest.approx(2.5)
+    assert row["acceptance_by_position"] == [1.0, 0.5]
+    # tok/s 15 and 50 against 10 and 20: speedups 1.5 and 2.5.
+    assert row["speedup_median"] == pytest.approx(2.0)
+    assert row["tokens_per_second_median"] == pytest.approx(32.5)
+    # 0.01 s per draft forward over 0.1 s per target forward.
+    assert row["cost_ratio"] == pytest.approx(0.1)
+    # E(0.75, 2) = (1 - 0.75³) / 0.25 = 2.3125; / (2 · 0.1 + 1).
+    assert row["predicted_speedup"] == pytest.approx(2.3125 / 1.2)
+    assert (row["greedy_identical"], row["greedy_checked"]) == (1, 2)
+    assert summarize(baseline, baseline)["speedup_median"] == pytest.approx(1.0)
+
+
+def test_best_config_and_vllm_equivalent():
+    baseline, result = made_up_results()
+    rows = [summarize(baseline, baseline), summarize(result, baseline)]
+    best = best_config(rows, "tiny-target", [0.0])
+    assert {key: best[key] for key in ("target", "draft", "gamma", "temperature")} == {
+        "target": "tiny-target",
+        "draft": "tiny-draft",
+        "gamma": 2,
+        "temperature": 0.0,
+    }
+    assert best["vllm_speculative_config"] == {"model": "tiny-draft", "num_speculative_tokens": 2}
+    ngram_row = dict(rows[1], draft=None, ngram=3, drafter="ngram:3", speedup_median=3.0)
+    assert best_config([*rows, ngram_row], "t", [0.0])["vllm_speculative_config"] == {
+        "method": "ngram",
+        "num_speculative_tokens": 2,
+        "prompt_lookup_max": 3,
+        "prompt_lookup_min": 1,
+    }
+    slow = dict(rows[1], speedup_median=0.8)
+    nothing = best_config([rows[0], slow], "t", [0.0])
+    assert "gamma" not in nothing and "draft" not in nothing and nothing["vllm_speculative_config"] is None
+
+
+def test_adaptive_rows_are_compared_with_the_best_fixed_gamma_of_their_drafter():
+    baseline, result = made_up_results()
+    fixed = summarize(result, baseline)
+    leviathan = dict(fixed, policy="leviathan", label="lev", speedup_median=2.2)
+    confidence = dict(fixed, policy="confidence", label="conf", speedup_median=1.1)
+    verdicts = {
+        item["label"]: item["beats_best_fixed"] for item in adaptive_comparisons([fixed, leviathan, confidence])
+    }
+    assert verdicts == {"lev": True, "conf": False}
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "def add(a, b):"}) + "\n" + json.dumps({"turns": ["Hello world!"]}) + "\n")
+    return path
+
+
+def test_bench_command_writes_every_output(text_pair_dirs, prompt_file, tmp_path, capsys):
+    target, draft = text_pair_dirs
+    out = tmp_path / "out"
+    argv = ["bench", "--target", str(target), "--draft", str(draft), "--ngram", "2", "--gamma", "1,2"]
+    argv += ["--temperature", "0,0.8", "--adaptive", "--prompts", str(prompt_file), "--num-prompts", "2"]
+    argv += [
+        "--max-new-tokens",
+        "8",
+        "--dtype",
+        "float64",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+        "--warmup",
+        "0",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    rows = results["configs"]
+    # Per temperature: the target alone, the draft at γ 1 and 2 plus two adaptive policies, n-gram at γ 1 and 2.
+    assert len(rows) == 2 * (1 + 4 + 2)
+    assert {row["policy"] for row in rows} == {"target", "fixed", "confidence", "leviathan"}
+    for row in rows:
+        assert row["prompts"] == 2
+        assert row["tokens_per_second_median"] > 0
+        assert row["tokens_per_second_p10"] <= row["tokens_per_second_median"] <= row["tokens_per_second_p90"]
+    draft_rows = [row for row in rows if row["draft"] == str(draft) and row["policy"] == "fixed"]
+    assert all(row["cost_ratio"] > 0 and row["predicted_speedup"] > 0 for row in draft_rows)
+    greedy = [row for row in rows if row["temperature"] == 0 and row["policy"] != "target"]
+    assert all(row["greedy_identical"] == row["greedy_checked"] == 2 for row in greedy)
+    assert results["meta"]["command"].startswith("speculor bench --target ")
+    assert len(results["per_prompt"]) == len(rows)
+
+    with (out / "results.csv").open() as handle:
+        assert [line["label"] for line in csv.DictReader(handle)] == [row["label"] for row in rows]
+    for name in ("speedup_vs_gamma.png", "tar_vs_cost.png", "throughput_vs_latency.png"):
+        assert (out / name).read_bytes().startswith(PNG_SIGNATURE)
+    best = json.loads((out / "best_config.json").read_text())
+    assert best["target"] == str(target) and best["temperature"] == 0.0
+    assert [choice["temperature"] for choice in best["by_temperature"]] == [0.0, 0.8]
+    vllm = json.loads((out / "vllm_speculative_config.json").read_text())
+    assert vllm == best["vllm_speculative_config"]
+    if vllm is not None:
+        assert best["gamma"] in (1, 2) and ("draft" in best or "ngram" in best)
+    report = (out / "report.md").read_text()
+    assert "## Recommendation" in report and "12/12 generations identical" in report
+    assert "speculor bench" in capsys.readouterr().out
+
+
+def test_bench_needs_a_drafter(text_pair_dirs, tmp_path, capsys):
+    target, _ = text_pair_dirs
+    assert main(["bench", "--target", str(target), "--out", str(tmp_path)]) == 2
+    assert "--draft or --ngram" in capsys.readouterr().err
