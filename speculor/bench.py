@@ -199,7 +199,19 @@ def _check_arguments(args: argparse.Namespace) -> None:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"CPU {_cpu_model()}, {torch.get_num_threads()} torch threads"
+
+
+def _cpu_model() -> str:
+    """The processor's marketing name where Linux reports it, else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _configs_per_drafter(args: argparse.Namespace, drafter: Drafter) -> int:
@@ -244,7 +256,9 @@ def run_bench(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "warmup": args.warmup,
         "runner": args.runner,
-        "runner_classes": sorted({type(drafter.decoder.target_runner).__name__ for drafter in drafters}),
+        "runner_classes": sorted(
+            {type(decoder.target_runner).__name__ for decoder in (baseline_decoder, *(d.decoder for d in drafters))}
+        ),
         "device": str(baseline_decoder.device),
         "device_name": _device_name(baseline_decoder.device),
         "dtype": str(baseline_decoder.dtype).removeprefix("torch."),
