@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -44,6 +45,7 @@ SHAPE_PATTERN = re.compile(
 LARGEST_CORPUS_FILE = 512 * 1024
 HELD_OUT_PERCENT = 1
 HELD_OUT_TOKENS = 1 << 20
+TOKENIZER_SAMPLE_BYTES = 40_000_000
 
 
 @dataclass(frozen=True)
@@ -263,8 +265,16 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 def encode_documents(tokenizer: PreTrainedTokenizerFast, documents: Sequence[str]) -> torch.Tensor:
     """One long 1-D stream: each document preceded by the end-of-text token (the template adds it), so the model
     learns to end a file with it and to start one after it."""
-    encoded = tokenizer.backend_tokenizer.encode_batch(list(documents))
-    return torch.tensor([token for item in encoded for token in item.ids], dtype=torch.int32)
+    encoded = tokenizer.backend_tokenizer.encode_batch_fast(list(documents))
+    return torch.from_numpy(np.concatenate([np.asarray(item.ids, dtype=np.int32) for item in encoded]))
+
+
+def tokenizer_sample(documents: Sequence[str], max_bytes: int = TOKENIZER_SAMPLE_BYTES) -> list[str]:
+    """Every k-th document, with k chosen to keep about `max_bytes`: BPE merges settle long before the whole corpus,
+    and training them on all of it would cost minutes."""
+    total = sum(len(document) for document in documents)
+    stride = max(1, math.ceil(total / max_bytes))
+    return list(documents[::stride])
 
 
 def learning_rate_for(width: int) -> float:
@@ -546,7 +556,7 @@ def train_family(
     began = time.perf_counter()
     documents = collect_corpus(roots, max_corpus_bytes)
     say(f"corpus: {documents.files:,} files, {documents.bytes:,} bytes from {', '.join(documents.roots)}")
-    tokenizer = build_tokenizer(documents.train, vocab_size)
+    tokenizer = build_tokenizer(tokenizer_sample(documents.train), vocab_size)
     end_of_text_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     train_stream = encode_documents(tokenizer, documents.train).to(resolved)
     held_out_stream = encode_documents(tokenizer, documents.held_out).to(resolved)
@@ -688,3 +698,16 @@ def run_train(args: argparse.Namespace) -> int:
             f"held-out loss {trained.held_out_loss:.4f}\t{trained.path}"
         )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m speculor.train ...` runs the train command alone, so a machine that has only torch, transformers
+    and tokenizers (a bare GPU box) needs none of the server's or the other commands' dependencies."""
+    parser = argparse.ArgumentParser(prog="speculor")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return run_train(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
