@@ -180,3 +180,19 @@ def test_captured_steps_match_eager_on_cuda(capture: str) -> None:
             captured.truncate(keep)
             eager.truncate(keep)
     assert captured.graph_count == (3 if capture == "graph" else 0)
+
+
+def test_fixed_width_makes_a_verified_token_bitwise_equal_to_decoding_it_alone() -> None:
+    model = build("qwen3")
+    batched, alone = FastRunner(model, fixed_width=4), FastRunner(model, fixed_width=4)
+    generator = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, VOCAB, (30,), generator=generator)
+    tokens = torch.randint(0, VOCAB, (3,), generator=generator)
+    batched.prefill(prompt)
+    alone.prefill(prompt)
+    verified = batched.forward(tokens)
+    decoded = torch.cat([alone.forward(tokens[index : index + 1]) for index in range(3)])
+    assert torch.equal(verified, decoded)
+    assert relative_error(verified, HFRunner(model).forward(torch.cat([prompt, tokens]))[-3:]) <= 1e-4
+    with pytest.raises(SpeculorError, match="at most fixed_width=4 tokens, got 5"):
+        batched.forward(torch.arange(5))

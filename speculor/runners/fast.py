@@ -11,6 +11,13 @@ Capture mode: manual `torch.cuda.CUDAGraph` capture of the eager step ("graph", 
 alternative, `torch.compile(mode="reduce-overhead")` ("compile"), is kept selectable for measurement; on an H100
 it was not faster per step and costs a compilation per shape (see benchmarks/RESULTS.md, GPU section). On the
 CPU the same step runs eagerly ("eager"), which already saves most of transformers' per-call overhead.
+
+Uniform rounding (`fixed_width`): a verify step of k tokens and a decode step of 1 token run different matrix
+kernels, so in bfloat16 the same position can get slightly different logits, and at a near-tie greedy speculative
+output can differ from greedy decoding alone. With `fixed_width=W` every step is padded to W tokens and attends
+over the whole cache, so every step runs the same kernels and each row's logits depend only on its own inputs:
+decoding alone and verifying then agree bit for bit. The price is W tokens of work per decode step (small while
+the step is bound by reading the weights) and a full-cache attention span.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ class FastRunner:
 
     `max_cache_length` caps the preallocated cache (and so `max_length`) below the model's context length, since
     e.g. a 128k-token cache of an 8B model would take 16 GB. `capture` picks the step mode: "graph" (CUDA only),
-    "compile" (CUDA only) or "eager"; None means "graph" on CUDA and "eager" elsewhere.
+    "compile" (CUDA only) or "eager"; None means "graph" on CUDA and "eager" elsewhere. `fixed_width` runs every
+    step at that width (see the module docstring); steps of more tokens are then refused.
     """
 
     def __init__(
@@ -41,9 +49,12 @@ class FastRunner:
         *,
         max_cache_length: int = DEFAULT_MAX_CACHE_LENGTH,
         capture: str | None = None,
+        fixed_width: int | None = None,
     ) -> None:
         if max_cache_length < 1:
             raise SpeculorError(f"max_cache_length must be ≥ 1, got {max_cache_length}")
+        if fixed_width is not None and fixed_width < 1:
+            raise SpeculorError(f"fixed_width must be ≥ 1, got {fixed_width}")
         self._max_length = min(_context_length(model), max_cache_length)
         reason = unsupported_reason(model, self._max_length)
         if reason is not None:
@@ -57,9 +68,12 @@ class FastRunner:
         if capture != "eager" and device.type != "cuda":
             raise SpeculorError(f"capture mode {capture!r} needs a CUDA device; the model is on {device}")
         self.capture = capture
+        self.fixed_width = fixed_width
+        # A padded step writes (masked, later overwritten) keys past the sequence end: room for them at the end.
+        capacity = self._max_length + (fixed_width - 1 if fixed_width else 0)
         with torch.inference_mode():
-            self.cache = StaticCache.allocate(self.weights, self._max_length)
-            self._token_buffer = torch.zeros(self._max_length, dtype=torch.long, device=device)
+            self.cache = StaticCache.allocate(self.weights, capacity)
+            self._token_buffer = torch.zeros(capacity, dtype=torch.long, device=device)
             self._start = torch.zeros((), dtype=torch.long, device=device)
         self._length = 0
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -103,17 +117,21 @@ class FastRunner:
         if count < 1:
             raise SpeculorError("forward needs at least one token")
         self._check_room(count)
-        start, end = self._length, self._length + count
-        span = self._span(end)
+        width = self.fixed_width or count
+        if count > width:
+            raise SpeculorError(f"this runner runs steps of at most fixed_width={width} tokens, got {count}")
+        start = self._length
+        span = self.cache.capacity if self.fixed_width else self._span(start + count)
+        self._token_buffer[:count].copy_(token_ids, non_blocking=True)
         if self.capture == "eager":
-            positions = torch.arange(start, end, device=self.device)
-            logits = forward_tokens(self.weights, self.cache, token_ids.to(self.device), positions, span, True)
+            positions = torch.arange(start, start + width, device=self.device)
+            logits = forward_tokens(self.weights, self.cache, self._token_buffer[:width], positions, span, True)
         else:
-            self._token_buffer[:count].copy_(token_ids, non_blocking=True)
             self._start.fill_(start)
-            logits = self._replay(count, span).clone()
-        self._length = end
-        return logits
+            logits = self._replay(width, span)
+        self._length = start + count
+        # A copy: the graph's output buffer is overwritten by the next replay.
+        return logits[:count].clone()
 
     def truncate(self, length: int) -> None:
         self._length = min(self._length, max(0, length))
@@ -130,7 +148,7 @@ class FastRunner:
         span = SMALLEST_SPAN
         while span < end:
             span *= 2
-        return min(span, self._max_length)
+        return min(span, self.cache.capacity)
 
     def _static_step(self, count: int, span: int) -> torch.Tensor:
         """One step over the static buffers: tokens `_token_buffer[:count]` at positions `_start + 0..count-1`."""

@@ -1,0 +1,832 @@
+"""The GPU benchmark of speculor: one command, parts selectable, JSON and markdown out, tables printed last.
+
+    python benchmarks/gpu.py --out benchmarks/results/gpu                 # every part, on cuda (< 10 min, H100)
+    python benchmarks/gpu.py --device cpu --quick --parts a,b,c --out /tmp/gpu-smoke   # the same code, seconds
+
+Parts (`--parts a,b,c,d`):
+  a  device-to-device copy bandwidth, and the floor per token (weight bytes read per forward / bandwidth) of a
+     Llama-3-8B-shaped target and a Llama-3.2-1B-shaped draft.
+  b  on those shapes with random bf16 weights: HF `generate` and speculor AR (fast runner) decode tokens/s as a
+     share of the floor; the step time of k = 1, 2, 4, 8, 16 tokens (fast and HF runners); eager / CUDA graph /
+     torch.compile step times; the draft/target cost ratio c; the fast runner's logits against transformers'.
+  c  a trained pair: `speculor.train.train_family` (fixed seed) on this machine's Python source, then HumanEval,
+     greedy and T=0.8: speculor AR, speculor speculative (each draft at its best γ), HF AR, HF assisted generation
+     and HF prompt lookup (on a fixed subset), TAR, mean accepted length, speedups against Leviathan's prediction,
+     and greedy identity (bf16, float32, and with the fast runner's `fixed_width` uniform rounding).
+  d  the same measurements on the shipped demo family (`speculor.models.shipped()`).
+Parts whose dependencies are missing are skipped with a note. Tokens/s are decode rates: tokens after the first
+over the time after the first (prefill and time to first token excluded), for HF and speculor alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from speculor.analysis import alpha_from_tar, predicted_speedup
+from speculor.api import SpeculativeDecoder
+from speculor.engine import GenerationResult
+from speculor.runners import FastRunner, HFRunner
+
+PARTS = ("a", "b", "c", "d")
+VERIFY_WIDTHS = (1, 2, 4, 8, 16)
+GAMMAS = (2, 3, 4, 5, 6, 8)
+TEMPERATURES = (0.0, 0.8)
+
+
+# (target shape, draft shape) pairs of part b: the brief's 8B/1B pair, and the launch-bound scale of part c.
+SHAPE_PAIRS = (("llama-3-8b", "llama-3.2-1b"), ("small-16x768", "small-2x384"))
+
+
+def llama_shapes(quick: bool) -> dict[str, LlamaConfig]:
+    """Llama-3-8B and Llama-3.2-1B shapes (their published configs) and part c's trained shapes (16x768 target,
+    2x384 draft, 8192-token vocabulary); toy stand-ins for a smoke test."""
+    rope_8b = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    if quick:
+        toy = dict(vocab_size=1000, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+        return {
+            name: LlamaConfig(**toy, hidden_size=width, num_hidden_layers=layers, max_position_embeddings=1024)
+            for name, layers, width in zip(sum(SHAPE_PAIRS, ()), (4, 2, 3, 1), (128, 64, 64, 32), strict=True)
+        }
+    shapes = {
+        "llama-3-8b": LlamaConfig(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            rope_parameters=rope_8b,
+            tie_word_embeddings=False,
+        ),
+        "llama-3.2-1b": LlamaConfig(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            rope_parameters={**rope_8b, "factor": 32.0},
+            tie_word_embeddings=True,
+        ),
+    }
+    for name, layers, width in (("small-16x768", 16, 768), ("small-2x384", 2, 384)):
+        shapes[name] = LlamaConfig(
+            vocab_size=8192,
+            hidden_size=width,
+            intermediate_size=-(-8 * width // 3 // 32) * 32,
+            num_hidden_layers=layers,
+            num_attention_heads=width // 64,
+            num_key_value_heads=width // 128,
+            head_dim=64,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+        )
+    return shapes
+
+
+@dataclass
+class Settings:
+    """Sizes of the runs; `quick` shrinks everything to a CPU smoke test of the same code paths."""
+
+    quick: bool
+    device: torch.device
+    out: Path
+    family_dir: Path
+    train_seconds: float
+    draft_seconds: float
+    max_corpus_bytes: int
+    compare_capture: bool
+    new_tokens: int = 128
+    hf_prompts: int = 32
+    tune_prompts: int = 8
+    identity_prompts: int = 32
+    prompt_limit: int | None = None
+    copy_bytes: int = 1 << 30
+    random_prompt_tokens: int = 128
+    random_new_tokens: int = 128
+    step_repeats: int = 20
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.quick:
+            self.new_tokens, self.hf_prompts, self.tune_prompts, self.identity_prompts = 12, 2, 2, 2
+            self.prompt_limit, self.copy_bytes, self.step_repeats = 3, 1 << 22, 3
+            self.random_prompt_tokens, self.random_new_tokens = 16, 12
+            self.max_corpus_bytes = 1 << 21
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, work: Callable[[], object]) -> float:
+    """Seconds that `work` takes, device work included."""
+    synchronize(device)
+    began = time.perf_counter()
+    work()
+    synchronize(device)
+    return time.perf_counter() - began
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------- part a
+
+
+def copy_bandwidth(device: torch.device, size: int, repeats: int = 20) -> float:
+    """Bytes per second of a device-to-device copy of `size` bytes (read plus written), median of `repeats`."""
+    source = torch.randint(0, 255, (size,), dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = [timed(device, lambda: target.copy_(source)) for _ in range(repeats)]
+    return 2 * size / statistics.median(times)
+
+
+def bytes_read_per_forward(config: LlamaConfig, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """(all weight bytes, weight bytes a one-token forward reads): the input embedding is a gather of one row, so it
+    only counts when it doubles as the (tied) output head."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    size = torch.finfo(dtype).bits // 8
+    total = sum(parameter.numel() for parameter in model.parameters())
+    embedding = model.model.embed_tokens.weight.numel()
+    read = total if config.tie_word_embeddings else total - embedding
+    return total * size, read * size
+
+
+def part_a(settings: Settings) -> dict:
+    bandwidth = copy_bandwidth(settings.device, settings.copy_bytes)
+    shapes = {}
+    for name, config in llama_shapes(settings.quick).items():
+        total, read = bytes_read_per_forward(config)
+        floor = read / bandwidth
+        shapes[name] = {
+            "weight_bytes": total,
+            "bytes_read_per_forward": read,
+            "floor_ms": floor * 1e3,
+            "floor_tokens_per_second": 1 / floor,
+        }
+    return {"copy_bandwidth_bytes_per_second": bandwidth, "copy_bytes": settings.copy_bytes, "shapes": shapes}
+
+
+# ---------------------------------------------------------------------------------------------------- part b
+
+
+def random_model(config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    """A randomly initialised model built directly in `dtype` on `device` (no float32 copy on the way)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def hf_generate(model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, temperature: float, **extra) -> list:
+    """Hugging Face `generate` with exactly `new_tokens` new tokens (EOS suppressed until then), no top-k."""
+    sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {}
+    pad = model.generation_config.pad_token_id
+    output = model.generate(
+        input_ids=prompt.view(1, -1),
+        attention_mask=torch.ones_like(prompt).view(1, -1),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=bool(temperature),
+        pad_token_id=pad if pad is not None else 0,
+        **sampling,
+        **extra,
+    )
+    return output[0, prompt.numel() :].tolist()
+
+
+def hf_decode_rate(model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> float:
+    """HF `generate` greedy decode tokens/s: (n − 1) tokens over the time of n tokens minus the time of one."""
+    hf_generate(model, prompt, 2, 0.0)
+    one = statistics.median(timed(device, lambda: hf_generate(model, prompt, 1, 0.0)) for _ in range(3))
+    many = timed(device, lambda: hf_generate(model, prompt, new_tokens, 0.0))
+    return (new_tokens - 1) / (many - one)
+
+
+def decode_rate(results: Sequence[GenerationResult]) -> float:
+    """Tokens after the first over the time after the first token, summed over generations."""
+    tokens = sum(len(result.token_ids) - 1 for result in results)
+    seconds = sum(result.stats.wall_seconds - result.stats.time_to_first_token for result in results)
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def step_milliseconds(runner, prompt: torch.Tensor, width: int, repeats: int) -> float:
+    """Milliseconds per forward of `width` tokens on a `prompt`-long cache (rolled back after each), from the wall
+    time of bursts of `repeats` forwards (median of three bursts): what a decode loop pays per step, host included."""
+    runner.prefill(prompt)
+    tokens = prompt[:width]
+    device = prompt.device
+
+    def burst() -> None:
+        for _ in range(repeats):
+            runner.forward(tokens)
+            runner.truncate(prompt.numel())
+
+    burst()
+    return statistics.median(timed(device, burst) for _ in range(3)) / repeats * 1e3
+
+
+def capture_modes(model: PreTrainedModel, prompt: torch.Tensor, settings: Settings) -> dict:
+    """Per-step time of the fast runner's step modes at k = 1, and the first call's time (capture/compilation)."""
+    modes = ["eager", "graph", "compile"] if settings.device.type == "cuda" else ["eager"]
+    found = {}
+    for mode in modes:
+        try:
+            runner = FastRunner(model, capture=mode, max_cache_length=1024)
+            runner.prefill(prompt)
+            first = timed(settings.device, lambda runner=runner: runner.forward(prompt[:1]))
+            runner.truncate(prompt.numel())
+            step = step_milliseconds(runner, prompt, 1, settings.step_repeats)
+            found[mode] = {"first_call_seconds": first, "step_ms": step}
+        except Exception as error:  # a failing mode is a finding, not a reason to stop the benchmark
+            found[mode] = {"error": f"{type(error).__name__}: {error}"}
+        free_memory()
+    return found
+
+
+def logits_agreement(config: LlamaConfig, settings: Settings) -> dict:
+    """The fast runner against transformers on one random model: float32 relative error, then each runner in
+    bfloat16 against the float32 logits (the fast runner should be no further off than transformers)."""
+    device = settings.device
+    model = random_model(config, device, torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, config.vocab_size, (settings.random_prompt_tokens,), generator=generator).to(device)
+    step = torch.randint(0, config.vocab_size, (5,), generator=generator).to(device)
+
+    def logits(runner) -> torch.Tensor:
+        runner.prefill(prompt)
+        return runner.forward(step).double()
+
+    def error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+        return float((actual - expected).norm() / expected.norm())
+
+    reference = logits(HFRunner(model))
+    fast32 = logits(FastRunner(model, max_cache_length=1024))
+    model.to(torch.bfloat16)
+    hf16 = logits(HFRunner(model))
+    fast16 = logits(FastRunner(model, max_cache_length=1024))
+    del model
+    free_memory()
+    return {
+        "float32_fast_vs_hf": error(fast32, reference),
+        "bfloat16_hf_vs_float32": error(hf16, reference),
+        "bfloat16_fast_vs_float32": error(fast16, reference),
+        "bfloat16_fast_vs_hf_bfloat16": error(fast16, hf16),
+        "bfloat16_top1_agreement_fast_vs_hf": float((fast16.argmax(-1) == hf16.argmax(-1)).float().mean()),
+    }
+
+
+def part_b(settings: Settings, floors: dict) -> dict:
+    device = settings.device
+    shapes = llama_shapes(settings.quick)
+    found: dict = {"shapes": {}}
+    for name, config in shapes.items():
+        model = random_model(config, device, torch.bfloat16)
+        generator = torch.Generator().manual_seed(1)
+        prompt = torch.randint(0, config.vocab_size, (settings.random_prompt_tokens,), generator=generator).to(device)
+        hf_rate = hf_decode_rate(model, prompt, settings.random_new_tokens, device)
+        decoder = SpeculativeDecoder(model, device=device, dtype=torch.bfloat16, runner="fast")
+        options = dict(max_new_tokens=settings.random_new_tokens, ignore_eos=True)
+        decoder.generate(prompt.tolist(), **options)
+        speculor_rate = decode_rate([decoder.generate(prompt.tolist(), **options) for _ in range(2)])
+        fast = FastRunner(model, max_cache_length=1024)
+        hf = HFRunner(model)
+        entry = {
+            "hf_generate_tokens_per_second": hf_rate,
+            "speculor_ar_tokens_per_second": speculor_rate,
+            "fast_step_ms": {k: step_milliseconds(fast, prompt, k, settings.step_repeats) for k in VERIFY_WIDTHS},
+            "hf_step_ms": {k: step_milliseconds(hf, prompt, k, settings.step_repeats) for k in VERIFY_WIDTHS},
+        }
+        floor = floors.get(name, {}).get("floor_tokens_per_second")
+        if floor:
+            entry["hf_share_of_floor"] = hf_rate / floor
+            entry["speculor_ar_share_of_floor"] = speculor_rate / floor
+        # torch.compile of the 32-layer shape alone would take minutes of the budget; the others show the trend.
+        if settings.compare_capture and name != SHAPE_PAIRS[0][0]:
+            entry["capture_modes"] = capture_modes(model, prompt, settings)
+        found["shapes"][name] = entry
+        del model, decoder, fast, hf
+        free_memory()
+    found["cost_ratios"] = {}
+    for target_name, draft_name in SHAPE_PAIRS:
+        target, draft = found["shapes"][target_name], found["shapes"][draft_name]
+        found["cost_ratios"][f"{draft_name} / {target_name}"] = {
+            runner: draft[f"{runner}_step_ms"][1] / target[f"{runner}_step_ms"][1] for runner in ("fast", "hf")
+        }
+    found["logits_agreement"] = logits_agreement(shapes[SHAPE_PAIRS[0][1]], settings)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------- parts c, d
+
+
+@dataclass
+class Family:
+    """A target and its drafts, as model directories sharing one tokenizer."""
+
+    name: str
+    target: str
+    drafts: dict[str, str]
+    details: dict = field(default_factory=dict)
+
+
+def train_pair(settings: Settings) -> Family:
+    """Train (or reuse, when `family_dir` already holds one) a target of ~110M parameters and three drafts."""
+    from speculor.train import train_family
+
+    directory = settings.family_dir
+    shapes = [
+        f"target:16x768@{settings.train_seconds:g}",
+        f"draft-4x256:4x256@{settings.draft_seconds:g}",
+        f"draft-2x384:2x384@{settings.draft_seconds:g}",
+        f"draft-1x512:1x512@{settings.draft_seconds:g}",
+    ]
+    if settings.quick:
+        shapes = ["target:2x64@4", "draft-1x32:1x32@2"]
+    summary = directory / "family.json"
+    if not summary.exists():
+        began = time.perf_counter()
+        train_family(
+            directory,
+            shapes,
+            max_corpus_bytes=settings.max_corpus_bytes,
+            sequence_length=256 if settings.quick else 1024,
+            device=settings.device,
+            seed=0,
+            progress=False,
+        )
+        settings.notes.append(f"trained the family in {time.perf_counter() - began:.0f} s")
+        # Training turns TF32 on for speed; the float32 identity check below needs true float32 products.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    details = json.loads(summary.read_text())
+    models = details["models"]
+    drafts = {name: model["path"] for name, model in models.items() if name != "target"}
+    return Family("trained", models["target"]["path"], drafts, details)
+
+
+def shipped_family() -> Family:
+    from speculor.models import shipped
+
+    family = shipped()
+    target = family.target if hasattr(family, "target") else family["target"]
+    drafts = family.drafts if hasattr(family, "drafts") else family["drafts"]
+    return Family("shipped", os.fspath(target), {name: os.fspath(path) for name, path in dict(drafts).items()})
+
+
+def run_prompts(
+    decoder: SpeculativeDecoder, prompts: Sequence[list[int]], new_tokens: int, **options
+) -> list[GenerationResult]:
+    return [
+        decoder.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True, seed=index, **options)
+        for index, prompt in enumerate(prompts)
+    ]
+
+
+def summarize(results: Sequence[GenerationResult]) -> dict:
+    drafted = sum(result.stats.drafted for result in results)
+    accepted = sum(result.stats.accepted for result in results)
+    forwards = sum(result.stats.target_forwards for result in results)
+    tokens = sum(result.stats.new_tokens for result in results)
+    return {
+        "prompts": len(results),
+        "tokens_per_second": decode_rate(results),
+        "tar": accepted / drafted if drafted else None,
+        "mean_accepted_length": tokens / forwards if forwards else None,
+        "draft_seconds_per_forward": sum(result.stats.draft_seconds for result in results)
+        / max(1, sum(result.stats.draft_forwards for result in results)),
+        "verify_seconds_per_forward": sum(result.stats.verify_seconds for result in results) / max(1, forwards),
+    }
+
+
+def identical_share(first: Sequence[GenerationResult], second: Sequence[GenerationResult]) -> float:
+    return sum(a.token_ids == b.token_ids for a, b in zip(first, second, strict=True)) / len(first)
+
+
+def top2_gaps(
+    model: PreTrainedModel, prompts: Sequence[list[int]], alone: Sequence[GenerationResult], other: Sequence
+) -> list[dict]:
+    """For each output that differs from decoding alone: the first differing index and the target's gap between its
+    two largest logits there (a full forward over prompt + common prefix, in the model's dtype)."""
+    gaps = []
+    for index, (prompt, reference, result) in enumerate(zip(prompts, alone, other, strict=True)):
+        if reference.token_ids == result.token_ids:
+            continue
+        first = next(i for i, (a, b) in enumerate(zip(reference.token_ids, result.token_ids, strict=False)) if a != b)
+        context = torch.tensor(prompt + reference.token_ids[:first], device=model.device).view(1, -1)
+        with torch.inference_mode():
+            top = model(input_ids=context).logits[0, -1].float().topk(2).values
+        gaps.append({"prompt": index, "first_difference": first, "top2_logit_gap": float(top[0] - top[1])})
+    return gaps
+
+
+def best_gamma(decoder: SpeculativeDecoder, prompts: Sequence[list[int]], settings: Settings, temperature: float):
+    """The γ with the best decode rate on the tuning prompts."""
+    rates = {
+        gamma: decode_rate(run_prompts(decoder, prompts, settings.new_tokens, gamma=gamma, temperature=temperature))
+        for gamma in (GAMMAS[:2] if settings.quick else GAMMAS)
+    }
+    return max(rates, key=rates.get), rates
+
+
+def hf_timed_generate(
+    model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int, temperature: float, extra: dict
+) -> tuple[float, list[int]]:
+    """(seconds, generated ids) of one HF `generate` call."""
+    synchronize(model.device)
+    began = time.perf_counter()
+    output = hf_generate(model, prompt, new_tokens, temperature, **extra)
+    return time.perf_counter() - began, output
+
+
+def measure_hf(
+    decoder: SpeculativeDecoder,
+    draft: PreTrainedModel,
+    prompts: Sequence[list[int]],
+    settings: Settings,
+    temperature: float,
+) -> dict:
+    """HF generate alone, with assisted generation (HF's default schedule) and with prompt lookup (4 tokens)."""
+    model, device = decoder.target.model, settings.device
+    paths = {
+        "hf_ar": {},
+        "hf_assisted": {"assistant_model": draft},
+        "hf_prompt_lookup": {"prompt_lookup_num_tokens": 4},
+    }
+    found = {}
+    for name, extra in paths.items():
+        tensors = [torch.tensor(prompt, device=device) for prompt in prompts]
+        hf_generate(model, tensors[0], 4, temperature, **extra)
+        seconds, outputs = 0.0, []
+        for tensor in tensors:
+            one, _ = hf_timed_generate(model, tensor, 1, temperature, extra)
+            full, output = hf_timed_generate(model, tensor, settings.new_tokens, temperature, extra)
+            seconds += max(full - one, 1e-9)
+            outputs.append(output)
+        found[name] = {"tokens_per_second": len(tensors) * (settings.new_tokens - 1) / seconds, "outputs": outputs}
+    assistant = draft.generation_config
+    found["hf_assisted"]["schedule"] = {
+        "num_assistant_tokens": assistant.num_assistant_tokens,
+        "num_assistant_tokens_schedule": assistant.num_assistant_tokens_schedule,
+        "assistant_confidence_threshold": getattr(assistant, "assistant_confidence_threshold", None),
+    }
+    return found
+
+
+def leviathan(summary: dict, gamma: int, ar_summary: dict) -> dict:
+    """Predicted speedup E/(γc+1) from the run's own TAR (α via `alpha_from_tar`) and c from its step times."""
+    tar = summary["tar"] or 0.0
+    alpha = alpha_from_tar(min(max(tar, 0.0), 1.0), gamma)
+    cost = summary["draft_seconds_per_forward"] / ar_summary["verify_seconds_per_forward"]
+    predicted = predicted_speedup(alpha, gamma, cost)
+    measured = summary["tokens_per_second"] / ar_summary["tokens_per_second"]
+    return {
+        "alpha": alpha,
+        "cost_ratio": cost,
+        "predicted_speedup": predicted,
+        "measured_speedup": measured,
+        "measured_over_predicted": measured / predicted,
+    }
+
+
+def measure_family(family: Family, settings: Settings) -> dict:
+    """Every measurement of parts c and d on one family (target plus drafts)."""
+    from speculor.prompts import load_prompts
+
+    device = settings.device
+    texts = load_prompts("humaneval", limit=settings.prompt_limit)
+    decoders = {
+        name: SpeculativeDecoder(family.target, path, device=device, dtype=torch.bfloat16, runner="fast")
+        for name, path in family.drafts.items()
+    }
+    first = next(iter(decoders.values()))
+    prompts = [first.encode(text) for text in texts]
+    subset = prompts[: settings.hf_prompts]
+    found: dict = {"family": family.name, "target": family.target, "drafts": family.drafts, "prompts": len(prompts)}
+    found["new_tokens"] = settings.new_tokens
+    found["temperatures"] = {}
+    for temperature in TEMPERATURES:
+        run = {}
+        run_prompts(first, prompts[:2], settings.new_tokens, speculative=False, temperature=temperature)
+        alone = run_prompts(first, prompts, settings.new_tokens, speculative=False, temperature=temperature)
+        run["speculor_ar"] = summarize(alone)
+        run["speculor_ar_subset"] = summarize(alone[: len(subset)])
+        speculative = {}
+        for name, decoder in decoders.items():
+            gamma, rates = best_gamma(decoder, prompts[: settings.tune_prompts], settings, temperature)
+            results = run_prompts(decoder, prompts, settings.new_tokens, gamma=gamma, temperature=temperature)
+            entry = summarize(results) | {"gamma": gamma, "tuning_tokens_per_second": rates}
+            entry["speedup_vs_speculor_ar"] = entry["tokens_per_second"] / run["speculor_ar"]["tokens_per_second"]
+            entry["leviathan"] = leviathan(entry, gamma, run["speculor_ar"])
+            entry["subset_tokens_per_second"] = decode_rate(results[: len(subset)])
+            if temperature == 0:
+                entry["greedy_identical_share"] = identical_share(alone, results)
+                entry["divergences"] = top2_gaps(first.target.model, prompts, alone, results)
+            speculative[name] = entry
+        run["speculor_speculative"] = speculative
+        best = max(speculative, key=lambda name: speculative[name]["tokens_per_second"])
+        run["best_draft"] = best
+        hf = measure_hf(first, decoders[best].draft.model, subset, settings, temperature)
+        if temperature == 0:
+            for name in ("hf_assisted", "hf_prompt_lookup"):
+                hf[name]["greedy_identical_to_hf_ar"] = sum(
+                    a == b for a, b in zip(hf["hf_ar"]["outputs"], hf[name]["outputs"], strict=True)
+                ) / len(subset)
+        for entry in hf.values():
+            entry.pop("outputs", None)
+        run["hf"] = hf
+        best_subset = speculative[best]["subset_tokens_per_second"]
+        run["speedups_on_subset"] = {
+            "speculor_speculative_vs_hf_assisted": best_subset / hf["hf_assisted"]["tokens_per_second"],
+            "speculor_speculative_vs_hf_ar": best_subset / hf["hf_ar"]["tokens_per_second"],
+            "speculor_ar_vs_hf_ar": run["speculor_ar_subset"]["tokens_per_second"] / hf["hf_ar"]["tokens_per_second"],
+            "hf_assisted_vs_hf_ar": hf["hf_assisted"]["tokens_per_second"] / hf["hf_ar"]["tokens_per_second"],
+            "hf_prompt_lookup_vs_hf_ar": hf["hf_prompt_lookup"]["tokens_per_second"] / hf["hf_ar"]["tokens_per_second"],
+        }
+        found["temperatures"][str(temperature)] = run
+    found["identity"] = identity_checks(family, found, prompts[: settings.identity_prompts], settings)
+    del decoders, first
+    free_memory()
+    return found
+
+
+def identity_checks(family: Family, found: dict, prompts: Sequence[list[int]], settings: Settings) -> dict:
+    """Greedy speculative against greedy alone with the best draft: in float32, and in bfloat16 with the target
+    runner's uniform rounding (`fixed_width` = γ + 1), whose cost is the AR and speculative decode rates."""
+    greedy = found["temperatures"]["0.0"]
+    best = greedy["best_draft"]
+    gamma = greedy["speculor_speculative"][best]["gamma"]
+    checks = {"draft": best, "gamma": gamma, "prompts": len(prompts)}
+    exact = SpeculativeDecoder(
+        family.target, family.drafts[best], device=settings.device, dtype=torch.float32, runner="fast"
+    )
+    alone = run_prompts(exact, prompts, settings.new_tokens, speculative=False)
+    speculative = run_prompts(exact, prompts, settings.new_tokens, gamma=gamma)
+    checks["float32_identical_share"] = identical_share(alone, speculative)
+    checks["float32_divergences"] = top2_gaps(exact.target.model, prompts, alone, speculative)
+    del exact
+    uniform = SpeculativeDecoder(
+        family.target, family.drafts[best], device=settings.device, dtype=torch.bfloat16, runner="fast"
+    )
+    uniform.target_runner = FastRunner(uniform.target.model, max_cache_length=1024, fixed_width=gamma + 1)
+    run_prompts(uniform, prompts[:2], settings.new_tokens, speculative=False)
+    alone = run_prompts(uniform, prompts, settings.new_tokens, speculative=False)
+    speculative = run_prompts(uniform, prompts, settings.new_tokens, gamma=gamma)
+    checks["uniform_bfloat16_identical_share"] = identical_share(alone, speculative)
+    checks["uniform_ar_tokens_per_second"] = decode_rate(alone)
+    checks["uniform_speculative_tokens_per_second"] = decode_rate(speculative)
+    del uniform
+    free_memory()
+    return checks
+
+
+def part_c(settings: Settings) -> dict:
+    return measure_family(train_pair(settings), settings)
+
+
+def part_d(settings: Settings) -> dict:
+    return measure_family(shipped_family(), settings)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%"
+
+
+def number(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:,.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# speculor GPU benchmark — {report['date']}, {report['device_name']}",
+        "",
+        f"`{report['command']}` · torch {report['torch']} · transformers {report['transformers']}",
+        "",
+    ]
+    if "a" in report["parts"]:
+        a = report["parts"]["a"]
+        if "skipped" in a:
+            lines += [f"**a** skipped: {a['skipped']}", ""]
+        else:
+            lines += [
+                f"**a** copy bandwidth {a['copy_bandwidth_bytes_per_second'] / 1e12:.2f} TB/s (read + write)",
+                "",
+                "| shape | weights | read per forward | floor per token | floor tok/s |",
+                "|---|---|---|---|---|",
+            ]
+            for name, shape in a["shapes"].items():
+                lines.append(
+                    f"| {name} | {shape['weight_bytes'] / 1e9:.2f} GB | {shape['bytes_read_per_forward'] / 1e9:.2f} GB"
+                    f" | {shape['floor_ms']:.2f} ms | {shape['floor_tokens_per_second']:.0f} |"
+                )
+            lines.append("")
+    if "b" in report["parts"]:
+        lines += markdown_b(report["parts"]["b"])
+    for part in ("c", "d"):
+        if part in report["parts"]:
+            lines += markdown_family(part, report["parts"][part])
+    if report["notes"]:
+        lines += ["Notes:", *[f"- {note}" for note in report["notes"]], ""]
+    return "\n".join(lines)
+
+
+def markdown_b(b: dict) -> list[str]:
+    if "skipped" in b:
+        return [f"**b** skipped: {b['skipped']}", ""]
+    widths = " | ".join(f"k={k}" for k in VERIFY_WIDTHS)
+    lines = [
+        "**b** random bf16 weights, decode tok/s (share of the floor); step time in ms by tokens per step",
+        "",
+        f"| shape | HF generate | speculor AR | runner | {widths} |",
+        "|---|---|---|---|" + "---|" * len(VERIFY_WIDTHS),
+    ]
+    for name, shape in b["shapes"].items():
+        for runner in ("fast", "hf"):
+            steps = " | ".join(number(shape[f"{runner}_step_ms"][k], 2) for k in VERIFY_WIDTHS)
+            rates = (
+                f"{number(shape['hf_generate_tokens_per_second'])} ({percent(shape.get('hf_share_of_floor'))}) | "
+                f"{number(shape['speculor_ar_tokens_per_second'])} "
+                f"({percent(shape.get('speculor_ar_share_of_floor'))})"
+                if runner == "fast"
+                else " | "
+            )
+            lines.append(f"| {name if runner == 'fast' else ''} | {rates} | {runner} | {steps} |")
+    lines.append("")
+    for pair, ratios in b["cost_ratios"].items():
+        lines.append(f"cost ratio c ({pair}, k=1): fast runner {ratios['fast']:.3f}, HF runner {ratios['hf']:.3f}")
+    for name, shape in b["shapes"].items():
+        modes = shape.get("capture_modes")
+        if modes:
+            described = ", ".join(
+                f"{mode} {number(value.get('step_ms'), 2)} ms/step "
+                f"(first call {number(value.get('first_call_seconds'), 2)} s)"
+                if "error" not in value
+                else f"{mode} failed: {value['error'][:120]}"
+                for mode, value in modes.items()
+            )
+            lines.append(f"step modes, {name}, k=1: {described}")
+    agreement = b["logits_agreement"]
+    lines += [
+        "logits vs transformers (1B shape, prefill then 5 tokens): "
+        + ", ".join(f"{key} {value:.2e}" for key, value in agreement.items()),
+        "",
+    ]
+    return lines
+
+
+def markdown_family(part: str, found: dict) -> list[str]:
+    if "skipped" in found:
+        return [f"**{part}** skipped: {found['skipped']}", ""]
+    lines = [
+        f"**{part}** {found['family']} family on HumanEval ({found['prompts']} prompts for speculor, "
+        f"{found['new_tokens']} new tokens each; HF paths on the first prompts only), decode tok/s",
+        "",
+        "| T | path | γ | tok/s | TAR | mean accepted | vs speculor AR | predicted | measured/predicted | "
+        "greedy identical |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for temperature, run in found["temperatures"].items():
+        ar = run["speculor_ar"]
+        lines.append(f"| {temperature} | speculor AR | — | {number(ar['tokens_per_second'])} | | | 1.00x | | | |")
+        for name, entry in run["speculor_speculative"].items():
+            lev = entry["leviathan"]
+            lines.append(
+                f"| {temperature} | speculor + {name} | {entry['gamma']} | {number(entry['tokens_per_second'])} | "
+                f"{number(entry['tar'], 3)} | {number(entry['mean_accepted_length'], 2)} | "
+                f"{entry['speedup_vs_speculor_ar']:.2f}x | {lev['predicted_speedup']:.2f}x "
+                f"(α {lev['alpha']:.2f}, c {lev['cost_ratio']:.2f}) | {percent(lev['measured_over_predicted'])} | "
+                f"{percent(entry.get('greedy_identical_share'))} |"
+            )
+        for name, entry in run["hf"].items():
+            identical = percent(entry.get("greedy_identical_to_hf_ar"))
+            lines.append(
+                f"| {temperature} | {name} (subset) | | {number(entry['tokens_per_second'])} | | | | | | {identical} |"
+            )
+        ratios = ", ".join(f"{key} {value:.2f}x" for key, value in run["speedups_on_subset"].items())
+        lines += [f"| {temperature} | on the subset: {ratios} | | | | | | | | |"]
+    identity = found["identity"]
+    lines += [
+        "",
+        f"greedy identity, draft {identity['draft']}, γ={identity['gamma']}, {identity['prompts']} prompts: "
+        f"float32 {percent(identity['float32_identical_share'])}; bf16 with uniform rounding (fixed_width) "
+        f"{percent(identity['uniform_bfloat16_identical_share'])} at AR "
+        f"{number(identity['uniform_ar_tokens_per_second'])} tok/s and speculative "
+        f"{number(identity['uniform_speculative_tokens_per_second'])} tok/s",
+        "",
+    ]
+    return lines
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test of every code path")
+    parser.add_argument("--out", default="benchmarks/results/gpu", help="directory for gpu.json and gpu.md")
+    parser.add_argument("--family-dir", help="where part c trains (or finds) its family (default: OUT/family)")
+    parser.add_argument("--train-seconds", type=float, default=150.0, help="part c target training time")
+    parser.add_argument("--draft-seconds", type=float, default=30.0, help="part c training time per draft")
+    parser.add_argument("--max-corpus-bytes", type=int, default=64 << 20, help="part c corpus cap")
+    parser.add_argument("--compare-capture", action="store_true", help="part b: also time eager and torch.compile")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        print(f"unknown parts {unknown}: choose from {', '.join(PARTS)}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = Settings(
+        quick=args.quick,
+        device=device,
+        out=out,
+        family_dir=Path(args.family_dir) if args.family_dir else out / "family",
+        train_seconds=args.train_seconds,
+        draft_seconds=args.draft_seconds,
+        max_corpus_bytes=args.max_corpus_bytes,
+        compare_capture=args.compare_capture,
+    )
+    import transformers
+
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "command": shlex.join(["python", "benchmarks/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "parts": {},
+        "notes": settings.notes,
+        "seconds": {},
+    }
+    runners = {
+        "a": lambda: part_a(settings),
+        "b": lambda: part_b(settings, report["parts"].get("a", {}).get("shapes", {})),
+        "c": lambda: part_c(settings),
+        "d": lambda: part_d(settings),
+    }
+    for part in PARTS:
+        if part not in parts:
+            continue
+        began = time.perf_counter()
+        try:
+            report["parts"][part] = runners[part]()
+        except ImportError as error:
+            report["parts"][part] = {"skipped": f"a dependency is missing ({error})"}
+        except Exception as error:  # record and go on: the other parts are still worth having
+            traceback.print_exc()
+            report["parts"][part] = {"skipped": f"failed: {type(error).__name__}: {error}"}
+        report["seconds"][part] = time.perf_counter() - began
+        free_memory()
+        (out / "gpu.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    text = markdown(report)
+    (out / "gpu.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
