@@ -1,0 +1,66 @@
+"""The `speculor serve` subcommand: load a model pair, build the app, run it under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+
+from speculor.cli import add_model_arguments, apply_config_file, console
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible API (completions, chat, metrics) with speculative decoding",
+        description="Without --target, serves the shipped model family with its best draft.",
+    )
+    add_model_arguments(parser, target_required=False)
+    drafting = parser.add_mutually_exclusive_group()
+    drafting.add_argument("--gamma", type=int, default=4, help="tokens drafted per step")
+    drafting.add_argument("--config", help="best_config.json written by `speculor bench` (draft and gamma)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: local connections only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", help="the model id clients send (default: the target's name or path)")
+    parser.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    parser.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on shutdown"
+    )
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from speculor.api import SpeculativeDecoder
+    from speculor.server.app import create_app
+
+    apply_config_file(args)
+    if args.target is None:
+        from speculor.models import shipped
+
+        family = shipped()
+        args.target = family.target
+        if args.draft is None and args.ngram is None:
+            args.draft = family.best_draft
+    decoder = SpeculativeDecoder(
+        args.target, args.draft, ngram=args.ngram, device=args.device, dtype=args.dtype, runner=args.runner
+    )
+    app = create_app(
+        decoder,
+        gamma=args.gamma,
+        model_name=args.model_name,
+        max_waiting=args.max_waiting,
+        max_body_bytes=args.max_body_bytes,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    drafting = args.draft or (f"prompt lookup, n-grams up to {args.ngram}" if args.ngram else "none")
+    console.print(f"serving {app.state.served.name!r} on http://{args.host}:{args.port}/v1 (draft: {drafting})")
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    return 0

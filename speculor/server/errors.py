@@ -1,0 +1,100 @@
+"""OpenAI-style error responses: every failure answers `{"error": {"message", "type", "param", "code"}}`.
+
+Status codes: 400 for a well-formed request the server cannot serve as asked (unparseable JSON, a prompt past the
+context, an unsupported option, no chat template), 404 for an unknown model or path, 413 for an oversized body,
+422 for a body that does not fit the schema (a missing field, a wrong type, a value outside its declared range),
+503 while overloaded or shutting down, 500 for a failure inside generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+logger = logging.getLogger(__name__)
+
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}
+
+
+class APIError(Exception):
+    """An error to answer with `status` and an OpenAI error object."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    @property
+    def type(self) -> str:
+        if self.status >= 500:
+            return "server_error"
+        return ERROR_TYPES.get(self.status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+# Names pydantic puts in an error's location to say which member of a union failed; they are not fields.
+UNION_MEMBER_NAMES = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _field_path(location: Sequence[str | int]) -> str:
+    """`("body", "messages", 0, "role")` → `messages[0].role`; pydantic's union-member names are left out."""
+    path = ""
+    for part in location[1:] if location and location[0] == "body" else location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part not in UNION_MEMBER_NAMES and not any(mark in part for mark in "[]-"):
+            path += f".{part}" if path else part
+    return path
+
+
+def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
+    """One clear message out of pydantic's list: the first field that failed and every reason it failed."""
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "malformed JSON")
+        return APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json")
+    param = _field_path(first.get("loc", ()))
+    reasons = list(dict.fromkeys(e["msg"] for e in errors if _field_path(e.get("loc", ())) == param))
+    if first.get("type") == "missing":
+        return APIError(422, f"missing required field {param!r}", param=param, code="missing_required_parameter")
+    if not param:
+        return APIError(422, f"the request body must be a JSON object: {'; '.join(reasons)}", code="invalid_body")
+    return APIError(422, f"invalid {param!r}: {'; or '.join(reasons)}", param=param, code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Turn every error FastAPI or Starlette raises into the OpenAI shape, so clients parse one format."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, error: APIError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        return validation_error(error.errors()).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        message = "no such path" if error.status_code == 404 else str(error.detail)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(error.status_code)
+        response = APIError(error.status_code, message, code=code).response()
+        response.headers.update(error.headers or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("request failed", exc_info=error)
+        return APIError(500, f"internal error: {type(error).__name__}", code="internal_error").response()

@@ -1,0 +1,469 @@
+"""`speculor serve` end to end: a real uvicorn server on a free local port, driven by the official `openai` client
+and by raw HTTP for the malformed requests a client library would refuse to send.
+
+The models are tiny random Llamas sharing a tiny trained BPE tokenizer (with a chat template), so outputs are
+gibberish but fully deterministic: greedy answers are compared with offline generation on a separately loaded
+decoder, token for token through the text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from conftest import build, tiny_llama_config, train_tiny_tokenizer
+from openai import AsyncOpenAI, OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import LlamaForCausalLM
+
+from speculor import SpeculativeDecoder
+from speculor.cli import main
+from speculor.server import create_app
+from speculor.server.errors import APIError
+from speculor.server.metrics import ServerMetrics
+from speculor.server.worker import GenerationWorker, Job
+
+MODEL = "tiny-pair"
+GAMMA = 3
+CONTEXT = 256  # max_position_embeddings of tiny_llama_config
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message.role }}|>{{ message.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+PROMPTS = ["def add(a, b):", "for item in items:", "class Point:", "import os\n", "The quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A target and a draft whose tokenizer has a chat template, and a target whose tokenizer has none."""
+    root = tmp_path_factory.mktemp("server_models")
+    tokenizer = train_tiny_tokenizer()
+    target = build(LlamaForCausalLM, tiny_llama_config(vocab_size=len(tokenizer), layers=2), 20, torch.float32)
+    draft = build(LlamaForCausalLM, tiny_llama_config(vocab_size=len(tokenizer), layers=1), 21, torch.float32)
+    target.save_pretrained(root / "plain")
+    tokenizer.save_pretrained(root / "plain")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    for name, model in (("target", target), ("draft", draft)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return {"target": root / "target", "draft": root / "draft", "plain": root / "plain"}
+
+
+@dataclass
+class Running:
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+
+@contextmanager
+def serving(app) -> Iterator[Running]:
+    """Run `app` under uvicorn on a free 127.0.0.1 port in a background thread; stop it on exit."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield Running(f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dirs) -> SpeculativeDecoder:
+    """The offline decoder the server's answers must match (loaded separately from the server's)."""
+    return SpeculativeDecoder(model_dirs["target"], model_dirs["draft"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server_url(model_dirs) -> Iterator[str]:
+    decoder = SpeculativeDecoder(model_dirs["target"], model_dirs["draft"], device="cpu")
+    with serving(create_app(decoder, gamma=GAMMA, model_name=MODEL)) as running:
+        yield running.url
+
+
+@pytest.fixture(scope="module")
+def plain_server(model_dirs) -> Iterator[tuple[str, SpeculativeDecoder]]:
+    """The target alone behind n-gram prompt lookup, with no chat template; served under its path."""
+    decoder = SpeculativeDecoder(model_dirs["plain"], ngram=2, device="cpu")
+    with serving(create_app(decoder, gamma=GAMMA)) as running:
+        yield running.url, decoder
+
+
+@pytest.fixture
+def client(server_url) -> OpenAI:
+    return OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def http(server_url) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server_url, timeout=60) as session:
+        yield session
+
+
+def offline(reference: SpeculativeDecoder, prompt, max_tokens: int, **options) -> str:
+    return reference.generate(prompt, max_new_tokens=max_tokens, gamma=GAMMA, temperature=0, **options).text
+
+
+def chat_prompt_ids(reference: SpeculativeDecoder, messages: list[dict]) -> list[int]:
+    return reference.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+
+
+def sse_events(response: httpx.Response) -> list:
+    """Parsed `data:` payloads of a server-sent event stream; `[DONE]` stays a string."""
+    lines = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    return [line if line == "[DONE]" else json.loads(line) for line in lines]
+
+
+def metric_samples(base_url: str) -> dict[tuple[str, frozenset], float]:
+    text = httpx.get(f"{base_url}/metrics").text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_completions_match_offline_greedy_generation(client, reference):
+    for prompt in PROMPTS:
+        response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+        choice = response.choices[0]
+        assert choice.text == offline(reference, prompt, 12)
+        assert choice.finish_reason == "length"
+        prompt_tokens = len(reference.encode(prompt))
+        assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (prompt_tokens, 12)
+        assert response.usage.total_tokens == prompt_tokens + 12
+        speculative = response.model_extra["speculative"]
+        assert speculative["drafted"] > 0
+        assert 0 <= speculative["accepted"] <= speculative["drafted"]
+        assert speculative["acceptance_rate"] == pytest.approx(speculative["accepted"] / speculative["drafted"])
+        assert speculative["mean_accepted_length"] >= 1
+
+
+def test_streamed_completion_equals_whole_answer(client):
+    for prompt in PROMPTS:
+        whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True))
+        assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == whole.choices[0].text
+        assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "length"
+        final = chunks[-1]
+        assert final.choices == []
+        assert final.usage == whole.usage
+        assert final.model_extra["speculative"] == whole.model_extra["speculative"]
+
+
+def test_token_id_prompts_and_one_element_batches(client, reference):
+    ids = reference.encode("def add(a, b):")
+    expected = offline(reference, ids, 8)
+    for prompt in (ids, [ids], ["def add(a, b):"]):
+        response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+        assert response.choices[0].text == expected
+
+
+def test_chat_matches_offline_generation_on_the_chat_template(client, reference):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a loop."}]
+    expected = offline(reference, chat_prompt_ids(reference, messages), 10)
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == expected
+    assert whole.usage.prompt_tokens == len(chat_prompt_ids(reference, messages))
+    assert whole.model_extra["speculative"]["drafted"] > 0
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True)
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == expected
+    assert chunks[-1].usage == whole.usage
+
+
+def test_content_parts_and_max_completion_tokens(client, reference):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Write "}, {"type": "text", "text": "a loop."}]}]
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=6, temperature=0)
+    plain = [{"role": "user", "content": "Write a loop."}]
+    assert response.choices[0].message.content == offline(reference, chat_prompt_ids(reference, plain), 6)
+    assert response.usage.completion_tokens == 6
+
+
+def test_stop_strings_end_the_answer_before_them(client, reference):
+    full = offline(reference, "def add(a, b):", 20)
+    stop = full[6:9]
+    response = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=20, temperature=0, stop=stop)
+    assert response.choices[0].text == full[: full.find(stop)]
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible_and_matches_offline(client, reference):
+    options = {"temperature": 0.9, "top_p": 0.9, "seed": 7}
+    answers = {
+        client.completions.create(
+            model=MODEL, prompt="class Point:", max_tokens=10, extra_body={"top_k": 50}, **options
+        )
+        .choices[0]
+        .text
+        for _ in range(2)
+    }
+    expected = reference.generate("class Point:", max_new_tokens=10, gamma=GAMMA, top_k=50, **options).text
+    assert answers == {expected}
+
+
+def test_models_and_health(client, http):
+    assert [model.id for model in client.models.list().data] == [MODEL]
+    assert http.get("/v1/models").json()["data"][0]["max_model_len"] == CONTEXT
+    health = http.get("/health")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+    assert health.json()["gamma"] == GAMMA
+
+
+LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 40
+
+BAD_REQUESTS = [
+    # (endpoint, raw body or JSON object, status, code, param)
+    ("completions", b'{"model": "tiny-pair", "prompt": ', 400, "invalid_json", None),
+    ("completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model_not_found", "model"),
+    ("completions", {"model": MODEL}, 422, "missing_required_parameter", "prompt"),
+    ("completions", {"prompt": "hi"}, 422, "missing_required_parameter", "model"),
+    ("chat/completions", {"model": MODEL}, 422, "missing_required_parameter", "messages"),
+    ("completions", [MODEL, "hi"], 422, "invalid_body", None),
+    ("completions", {"model": MODEL, "prompt": 5}, 422, "invalid_value", "prompt"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": "many"}, 422, "invalid_value", "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2.5}, 422, "invalid_value", "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "temperature": "0.5"}, 422, "invalid_value", "temperature"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 422, "invalid_value", "stream"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stop": 3}, 422, "invalid_value", "stop"),
+    ("chat/completions", {"model": MODEL, "messages": "hi"}, 422, "invalid_value", "messages"),
+    ("chat/completions", {"model": MODEL, "messages": []}, 422, "invalid_value", "messages"),
+    (
+        "chat/completions",
+        {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]},
+        422,
+        "invalid_value",
+        "messages[0].role",
+    ),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 422, "invalid_value", "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": -5}, 422, "invalid_value", "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "temperature": -0.1}, 422, "invalid_value", "temperature"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 422, "invalid_value", "top_p"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, 422, "invalid_value", "top_p"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_k": -1}, 422, "invalid_value", "top_k"),
+    ("completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "unsupported_parameter", "n"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, "unsupported_parameter", "logprobs"),
+    ("completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "unsupported_parameter", "prompt"),
+    ("completions", {"model": MODEL, "prompt": ""}, 400, "invalid_prompt", "prompt"),
+    ("completions", {"model": MODEL, "prompt": [10**6]}, 400, "invalid_prompt", "prompt"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1000}, 400, "context_length_exceeded", "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": LONG_TEXT}, 400, "context_length_exceeded", "prompt"),
+    (
+        "chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": LONG_TEXT}]},
+        400,
+        "context_length_exceeded",
+        "messages",
+    ),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "body", "status", "code", "param"), BAD_REQUESTS)
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http, endpoint, body, status, code, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = http.post(f"/v1/{endpoint}", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == (code, param)
+    assert error["message"]
+    assert error["type"] == {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error"}[status]
+    good = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "temperature": 0})
+    assert good.status_code == 200
+    assert good.json()["usage"]["completion_tokens"] == 2
+
+
+def test_oversized_bodies_and_unknown_paths(http):
+    huge = {"model": MODEL, "prompt": "x" * (2 << 20)}
+    response = http.post("/v1/completions", json=huge)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    chunked = http.post("/v1/completions", content=iter([b" " * (1 << 19)] * 4))
+    assert chunked.status_code == 413
+    missing = http.get("/v2/everything")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found_error"
+
+
+def test_chat_without_a_template_is_a_clear_400(plain_server):
+    url, decoder = plain_server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    name = client.models.list().data[0].id
+    with pytest.raises(Exception) as raised:
+        client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert raised.value.status_code == 400
+    assert "no chat template" in raised.value.body["message"]
+    assert raised.value.body["code"] == "no_chat_template"
+    response = client.completions.create(model=name, prompt="def add(a, b):", max_tokens=10, temperature=0)
+    alone = decoder.generate("def add(a, b):", max_new_tokens=10, temperature=0, speculative=False).text
+    assert response.choices[0].text == alone
+
+
+def test_32_concurrent_clients_all_get_their_own_complete_answer(server_url, reference):
+    prompts = [f"def function_{index}(x):\n    return x * {index}" for index in range(32)]
+    expected = [offline(reference, prompt, 8) for prompt in prompts]
+
+    async def ask(client: AsyncOpenAI, index: int) -> str:
+        options = {"model": MODEL, "prompt": prompts[index], "max_tokens": 8, "temperature": 0}
+        if index % 2:
+            stream = await client.completions.create(stream=True, **options)
+            return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+        return (await client.completions.create(**options)).choices[0].text
+
+    async def ask_all() -> list[str]:
+        async with AsyncOpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+            return await asyncio.gather(*(ask(client, index) for index in range(32)))
+
+    assert asyncio.run(ask_all()) == expected
+
+
+def test_metrics_parse_and_counters_move_by_the_right_amounts(server_url, client):
+    before = metric_samples(server_url)
+    response = client.completions.create(model=MODEL, prompt="import os\n", max_tokens=9, temperature=0)
+    after = metric_samples(server_url)
+
+    def moved(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    speculative = response.model_extra["speculative"]
+    assert moved("speculor_requests_total", endpoint="/v1/completions", status="200") == 1
+    assert moved("speculor_generations_total", finish_reason="length") == 1
+    assert moved("speculor_generated_tokens_total") == response.usage.completion_tokens == 9
+    assert moved("speculor_prompt_tokens_total") == response.usage.prompt_tokens
+    assert moved("speculor_drafted_tokens_total") == speculative["drafted"]
+    assert moved("speculor_accepted_tokens_total") == speculative["accepted"]
+    positions = [str(position) for position in range(GAMMA)]
+    assert sum(moved("speculor_drafted_by_position_total", position=p) for p in positions) == speculative["drafted"]
+    assert sum(moved("speculor_accepted_by_position_total", position=p) for p in positions) == speculative["accepted"]
+    assert moved("speculor_time_to_first_token_seconds_count") == 1
+    assert moved("speculor_request_latency_seconds_count") == 1
+    assert after[("speculor_requests_running", frozenset())] == 0
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        time.sleep(0.02)
+
+
+def test_a_client_leaving_mid_stream_stops_its_generation(server_url, http):
+    def cancelled() -> float:
+        return metric_samples(server_url).get(
+            ("speculor_generations_total", frozenset({("finish_reason", "cancelled")})), 0
+        )
+
+    before = cancelled()
+    generated_before = metric_samples(server_url)[("speculor_generated_tokens_total", frozenset())]
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": CONTEXT - 8, "temperature": 0, "stream": True}
+    with (
+        httpx.Client(base_url=server_url, timeout=60) as leaving,
+        leaving.stream("POST", "/v1/completions", json=body) as stream,
+    ):
+        next(line for line in stream.iter_lines() if line.startswith("data: "))
+    wait_for(lambda: cancelled() == before + 1)
+    generated = metric_samples(server_url)[("speculor_generated_tokens_total", frozenset())] - generated_before
+    assert 0 < generated < CONTEXT - 8
+    good = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3, "temperature": 0})
+    assert good.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_client_timing_out_on_a_whole_answer_stops_its_generation(server_url, http):
+    def cancelled() -> float:
+        return metric_samples(server_url).get(
+            ("speculor_generations_total", frozenset({("finish_reason", "cancelled")})), 0
+        )
+
+    before = cancelled()
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": CONTEXT - 8, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server_url}/v1/completions", json=body, timeout=0.05)
+    wait_for(lambda: cancelled() == before + 1)
+    assert http.get("/health").json()["waiting"] == 0
+
+
+def test_a_failing_generation_answers_500_and_the_server_keeps_serving(plain_server, monkeypatch):
+    url, decoder = plain_server
+
+    def broken_forward(token_ids):
+        raise RuntimeError("device lost")
+
+    name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+    body = {"model": name, "prompt": "hi", "max_tokens": 4, "temperature": 0}
+    with monkeypatch.context() as patch:
+        patch.setattr(decoder.target_runner, "forward", broken_forward)
+        failed = httpx.post(f"{url}/v1/completions", json=body)
+        streamed = sse_events(httpx.post(f"{url}/v1/completions", json={**body, "stream": True}))
+    assert failed.status_code == 500
+    assert failed.json()["error"]["type"] == "server_error"
+    assert "device lost" in failed.json()["error"]["message"]
+    assert streamed[-2]["error"]["code"] == "generation_failed"
+    assert streamed[-1] == "[DONE]"
+    assert httpx.post(f"{url}/v1/completions", json=body).json()["usage"]["completion_tokens"] == 4
+
+
+def test_shutdown_lets_in_flight_streams_finish(model_dirs):
+    decoder = SpeculativeDecoder(model_dirs["plain"], device="cpu")
+    with serving(create_app(decoder, model_name="alone")) as running:
+        body = {"model": "alone", "prompt": "hi", "max_tokens": 120, "temperature": 0, "stream": True}
+        with (
+            httpx.Client(base_url=running.url, timeout=60) as session,
+            session.stream("POST", "/v1/completions", json=body) as stream,
+        ):
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            running.server.should_exit = True
+            rest = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "[DONE]"
+        assert json.loads(rest[-2])["usage"]["completion_tokens"] == 120
+        running.thread.join(30)
+        assert not running.thread.is_alive()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{running.url}/health")
+
+
+def test_the_worker_refuses_jobs_past_its_queue_limit_and_after_closing(reference):
+    async def submit_three() -> list[int]:
+        worker = GenerationWorker(ServerMetrics(), max_waiting=2)
+        statuses = []
+        for _ in range(3):
+            try:
+                worker.submit(Job(reference.decoding("hi", max_new_tokens=2), 1, time.perf_counter()))
+                statuses.append(200)
+            except APIError as error:
+                statuses.append(error.status)
+        worker.close(timeout=1)
+        try:
+            worker.submit(Job(reference.decoding("hi", max_new_tokens=2), 1, time.perf_counter()))
+        except APIError as error:
+            statuses.append(error.status)
+        return statuses
+
+    assert asyncio.run(submit_three()) == [200, 200, 503, 503]
+
+
+def test_serve_command_reports_a_bad_model_path(tmp_path, capsys):
+    assert main(["serve", "--target", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
