@@ -209,6 +209,19 @@ def test_stop_strings_end_the_answer_before_them(client, reference):
     assert response.choices[0].finish_reason == "stop"
 
 
+def test_end_of_sequence_is_a_stop_unless_ignored(model_dirs):
+    decoder = SpeculativeDecoder(model_dirs["target"], model_dirs["draft"], device="cpu")
+    third_token = decoder.generate("def add(a, b):", max_new_tokens=3, gamma=GAMMA).token_ids[2]
+    decoder.eos_ids = frozenset({third_token})
+    with serving(create_app(decoder, gamma=GAMMA, model_name=MODEL)) as running:
+        client = OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
+        options = {"model": MODEL, "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}
+        stopped = client.completions.create(**options)
+        ignored = client.completions.create(**options, extra_body={"ignore_eos": True})
+    assert (stopped.choices[0].finish_reason, stopped.usage.completion_tokens) == ("stop", 3)
+    assert (ignored.choices[0].finish_reason, ignored.usage.completion_tokens) == ("length", 8)
+
+
 def test_seeded_sampling_is_reproducible_and_matches_offline(client, reference):
     options = {"temperature": 0.9, "top_p": 0.9, "seed": 7}
     answers = {

@@ -151,6 +151,7 @@ class ServedModel:
                 top_p=body.top_p,
                 seed=body.seed,
                 stop=body.stop,
+                ignore_eos=body.ignore_eos,
             )
         except SpeculorError as error:
             raise APIError(400, str(error), code="invalid_value") from error

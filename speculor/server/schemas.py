@@ -37,7 +37,8 @@ class StreamOptions(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    """Fields shared by completions and chat completions. `top_k` is an extension (OpenAI has none)."""
+    """Fields shared by completions and chat completions. `top_k` and `ignore_eos` (generate exactly the tokens
+    asked for, as vLLM's extension does; for benchmarks) are extensions: OpenAI has neither."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -50,6 +51,7 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1)] = 1
+    ignore_eos: bool = False
 
     def unsupported_options(self) -> list[str]:
         """Names of unimplemented OpenAI options the request sets to something other than their neutral value."""
