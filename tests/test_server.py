@@ -412,7 +412,7 @@ def test_a_client_timing_out_on_a_whole_answer_stops_its_generation(server_url, 
     before = cancelled()
     body = {"model": MODEL, "prompt": "hi", "max_tokens": CONTEXT - 8, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server_url}/v1/completions", json=body, timeout=0.05)
+        httpx.post(f"{server_url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.05))
     wait_for(lambda: cancelled() == before + 1)
     assert http.get("/health").json()["waiting"] == 0
 
@@ -480,3 +480,15 @@ def test_the_worker_refuses_jobs_past_its_queue_limit_and_after_closing(referenc
 def test_serve_command_reports_a_bad_model_path(tmp_path, capsys):
     assert main(["serve", "--target", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_command_takes_target_draft_and_gamma_from_a_config_and_binds_locally(model_dirs, tmp_path, monkeypatch):
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.update(app=app, **options))
+    config = {"target": str(model_dirs["target"]), "draft": str(model_dirs["draft"]), "gamma": 2}
+    (tmp_path / "best_config.json").write_text(json.dumps(config))
+    assert main(["serve", "--config", str(tmp_path / "best_config.json"), "--device", "cpu"]) == 0
+    served = started["app"].state.served
+    assert (served.name, served.gamma) == (str(model_dirs["target"]), 2)
+    assert served.decoder.draft.name == str(model_dirs["draft"])
+    assert (started["host"], started["port"]) == ("127.0.0.1", 8000)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from speculor.cli import add_model_arguments, apply_config_file, console
 
@@ -36,6 +38,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from speculor.server.app import create_app
 
     apply_config_file(args)
+    if args.target is None and args.config:
+        # A best_config.json names the target it was measured on; its draft only makes sense with that target.
+        args.target = json.loads(Path(args.config).read_text()).get("target")
     if args.target is None:
         from speculor.models import shipped
 
