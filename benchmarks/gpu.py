@@ -51,12 +51,12 @@ TEMPERATURES = (0.0, 0.8)
 
 
 # (target shape, draft shape) pairs of part b: the brief's 8B/1B pair, and the launch-bound scale of part c.
-SHAPE_PAIRS = (("llama-3-8b", "llama-3.2-1b"), ("small-16x768", "small-2x384"))
+SHAPE_PAIRS = (("llama-3-8b", "llama-3.2-1b"), ("small-32x576", "small-4x256"))
 
 
 def llama_shapes(quick: bool) -> dict[str, LlamaConfig]:
-    """Llama-3-8B and Llama-3.2-1B shapes (their published configs) and part c's trained shapes (16x768 target,
-    2x384 draft, 8192-token vocabulary); toy stand-ins for a smoke test."""
+    """Llama-3-8B and Llama-3.2-1B shapes (their published configs) and two of part c's trained shapes (32x576
+    target, 4x256 draft, 8192-token vocabulary); toy stand-ins for a smoke test."""
     rope_8b = {
         "rope_type": "llama3",
         "rope_theta": 500000.0,
@@ -98,14 +98,15 @@ def llama_shapes(quick: bool) -> dict[str, LlamaConfig]:
             tie_word_embeddings=True,
         ),
     }
-    for name, layers, width in (("small-16x768", 16, 768), ("small-2x384", 2, 384)):
+    for name, layers, width in (("small-32x576", 32, 576), ("small-4x256", 4, 256)):
+        heads = width // 64
         shapes[name] = LlamaConfig(
             vocab_size=8192,
             hidden_size=width,
             intermediate_size=-(-8 * width // 3 // 32) * 32,
             num_hidden_layers=layers,
-            num_attention_heads=width // 64,
-            num_key_value_heads=width // 128,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2 if heads % 2 == 0 else heads,
             head_dim=64,
             max_position_embeddings=1024,
             tie_word_embeddings=True,
@@ -125,7 +126,8 @@ class Settings:
     draft_seconds: float
     max_corpus_bytes: int
     compare_capture: bool
-    new_tokens: int = 128
+    new_tokens: int = 64
+    hf_new_tokens: int = 32
     hf_prompts: int = 32
     tune_prompts: int = 8
     identity_prompts: int = 32
@@ -134,14 +136,21 @@ class Settings:
     random_prompt_tokens: int = 128
     random_new_tokens: int = 128
     step_repeats: int = 20
+    hf_step_repeats: int = 5
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.quick:
             self.new_tokens, self.hf_prompts, self.tune_prompts, self.identity_prompts = 12, 2, 2, 2
-            self.prompt_limit, self.copy_bytes, self.step_repeats = 3, 1 << 22, 3
+            self.prompt_limit, self.copy_bytes, self.step_repeats, self.hf_step_repeats = 3, 1 << 22, 3, 3
+            self.hf_new_tokens = 8
             self.random_prompt_tokens, self.random_new_tokens = 16, 12
             self.max_corpus_bytes = 1 << 21
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """bfloat16 on a GPU; float32 on the CPU, where bfloat16 matrix products are slow."""
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
 
 
 def synchronize(device: torch.device) -> None:
@@ -280,6 +289,29 @@ def capture_modes(model: PreTrainedModel, prompt: torch.Tensor, settings: Settin
     return found
 
 
+def kernel_profile(model: PreTrainedModel, prompt: torch.Tensor, settings: Settings) -> dict:
+    """Where a one-token step's device time goes: the eager step under torch.profiler (a graph replays the same
+    kernels), kernels counted and summed by name. Device time summed over kernels, set against the captured
+    step's wall time, shows how much of a step is launch gaps rather than work."""
+    runner = FastRunner(model, capture="eager", max_cache_length=1024)
+    runner.prefill(prompt)
+    for _ in range(3):
+        runner.forward(prompt[:1])
+        runner.truncate(prompt.numel())
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profiler:
+        runner.forward(prompt[:1])
+        synchronize(settings.device)
+    kernels = [entry for entry in profiler.key_averages() if entry.device_type == torch.autograd.DeviceType.CUDA]
+    times = {entry.key: (entry.self_device_time_total, entry.count) for entry in kernels}
+    top = sorted(times.items(), key=lambda item: -item[1][0])[:8]
+    return {
+        "kernels_per_step": sum(count for _, count in times.values()),
+        "kernel_time_ms": sum(time_us for time_us, _ in times.values()) / 1e3,
+        "top": [{"kernel": name[:90], "ms": time_us / 1e3, "count": count} for name, (time_us, count) in top],
+    }
+
+
 def logits_agreement(config: LlamaConfig, settings: Settings) -> dict:
     """The fast runner against transformers on one random model: float32 relative error, then each runner in
     bfloat16 against the float32 logits (the fast runner should be no further off than transformers)."""
@@ -317,11 +349,11 @@ def part_b(settings: Settings, floors: dict) -> dict:
     shapes = llama_shapes(settings.quick)
     found: dict = {"shapes": {}}
     for name, config in shapes.items():
-        model = random_model(config, device, torch.bfloat16)
+        model = random_model(config, device, settings.dtype)
         generator = torch.Generator().manual_seed(1)
         prompt = torch.randint(0, config.vocab_size, (settings.random_prompt_tokens,), generator=generator).to(device)
         hf_rate = hf_decode_rate(model, prompt, settings.random_new_tokens, device)
-        decoder = SpeculativeDecoder(model, device=device, dtype=torch.bfloat16, runner="fast")
+        decoder = SpeculativeDecoder(model, device=device, dtype=settings.dtype, runner="fast")
         options = dict(max_new_tokens=settings.random_new_tokens, ignore_eos=True)
         decoder.generate(prompt.tolist(), **options)
         speculor_rate = decode_rate([decoder.generate(prompt.tolist(), **options) for _ in range(2)])
@@ -331,12 +363,17 @@ def part_b(settings: Settings, floors: dict) -> dict:
             "hf_generate_tokens_per_second": hf_rate,
             "speculor_ar_tokens_per_second": speculor_rate,
             "fast_step_ms": {k: step_milliseconds(fast, prompt, k, settings.step_repeats) for k in VERIFY_WIDTHS},
-            "hf_step_ms": {k: step_milliseconds(hf, prompt, k, settings.step_repeats) for k in VERIFY_WIDTHS},
+            "hf_step_ms": {k: step_milliseconds(hf, prompt, k, settings.hf_step_repeats) for k in VERIFY_WIDTHS},
         }
         floor = floors.get(name, {}).get("floor_tokens_per_second")
         if floor:
             entry["hf_share_of_floor"] = hf_rate / floor
             entry["speculor_ar_share_of_floor"] = speculor_rate / floor
+        if device.type == "cuda" and name == SHAPE_PAIRS[0][0]:
+            try:
+                entry["kernel_profile"] = kernel_profile(model, prompt, settings)
+            except Exception as error:  # the profiler is a diagnostic; its failure must not cost the numbers
+                entry["kernel_profile"] = {"error": f"{type(error).__name__}: {error}"}
         # torch.compile of the 32-layer shape alone would take minutes of the budget; the others show the trend.
         if settings.compare_capture and name != SHAPE_PAIRS[0][0]:
             entry["capture_modes"] = capture_modes(model, prompt, settings)
@@ -367,15 +404,15 @@ class Family:
 
 
 def train_pair(settings: Settings) -> Family:
-    """Train (or reuse, when `family_dir` already holds one) a target of ~110M parameters and three drafts."""
+    """Train (or reuse, when `family_dir` already holds one) a ~130M-parameter target with the depth of Llama-3-8B
+    (32 layers, width 576) and two drafts: deep-narrow 4x256 and shallow-wide 2x384."""
     from speculor.train import train_family
 
     directory = settings.family_dir
     shapes = [
-        f"target:16x768@{settings.train_seconds:g}",
+        f"target:32x576@{settings.train_seconds:g}",
         f"draft-4x256:4x256@{settings.draft_seconds:g}",
         f"draft-2x384:2x384@{settings.draft_seconds:g}",
-        f"draft-1x512:1x512@{settings.draft_seconds:g}",
     ]
     if settings.quick:
         shapes = ["target:2x64@4", "draft-1x32:1x32@2"]
@@ -496,10 +533,11 @@ def measure_hf(
         seconds, outputs = 0.0, []
         for tensor in tensors:
             one, _ = hf_timed_generate(model, tensor, 1, temperature, extra)
-            full, output = hf_timed_generate(model, tensor, settings.new_tokens, temperature, extra)
+            full, output = hf_timed_generate(model, tensor, settings.hf_new_tokens, temperature, extra)
             seconds += max(full - one, 1e-9)
             outputs.append(output)
-        found[name] = {"tokens_per_second": len(tensors) * (settings.new_tokens - 1) / seconds, "outputs": outputs}
+        rate = len(tensors) * (settings.hf_new_tokens - 1) / seconds
+        found[name] = {"tokens_per_second": rate, "outputs": outputs}
     assistant = draft.generation_config
     found["hf_assisted"]["schedule"] = {
         "num_assistant_tokens": assistant.num_assistant_tokens,
@@ -532,7 +570,7 @@ def measure_family(family: Family, settings: Settings) -> dict:
     device = settings.device
     texts = load_prompts("humaneval", limit=settings.prompt_limit)
     decoders = {
-        name: SpeculativeDecoder(family.target, path, device=device, dtype=torch.bfloat16, runner="fast")
+        name: SpeculativeDecoder(family.target, path, device=device, dtype=settings.dtype, runner="fast")
         for name, path in family.drafts.items()
     }
     first = next(iter(decoders.values()))
@@ -540,13 +578,13 @@ def measure_family(family: Family, settings: Settings) -> dict:
     subset = prompts[: settings.hf_prompts]
     found: dict = {"family": family.name, "target": family.target, "drafts": family.drafts, "prompts": len(prompts)}
     found["new_tokens"] = settings.new_tokens
+    found["hf_prompts"], found["hf_new_tokens"] = len(subset), settings.hf_new_tokens
     found["temperatures"] = {}
     for temperature in TEMPERATURES:
         run = {}
         run_prompts(first, prompts[:2], settings.new_tokens, speculative=False, temperature=temperature)
         alone = run_prompts(first, prompts, settings.new_tokens, speculative=False, temperature=temperature)
         run["speculor_ar"] = summarize(alone)
-        run["speculor_ar_subset"] = summarize(alone[: len(subset)])
         speculative = {}
         for name, decoder in decoders.items():
             gamma, rates = best_gamma(decoder, prompts[: settings.tune_prompts], settings, temperature)
@@ -554,7 +592,6 @@ def measure_family(family: Family, settings: Settings) -> dict:
             entry = summarize(results) | {"gamma": gamma, "tuning_tokens_per_second": rates}
             entry["speedup_vs_speculor_ar"] = entry["tokens_per_second"] / run["speculor_ar"]["tokens_per_second"]
             entry["leviathan"] = leviathan(entry, gamma, run["speculor_ar"])
-            entry["subset_tokens_per_second"] = decode_rate(results[: len(subset)])
             if temperature == 0:
                 entry["greedy_identical_share"] = identical_share(alone, results)
                 entry["divergences"] = top2_gaps(first.target.model, prompts, alone, results)
@@ -562,6 +599,11 @@ def measure_family(family: Family, settings: Settings) -> dict:
         run["speculor_speculative"] = speculative
         best = max(speculative, key=lambda name: speculative[name]["tokens_per_second"])
         run["best_draft"] = best
+        short = dict(temperature=temperature, gamma=speculative[best]["gamma"])
+        run["speculor_on_hf_subset"] = {
+            "ar": decode_rate(run_prompts(first, subset, settings.hf_new_tokens, speculative=False, **short)),
+            best: decode_rate(run_prompts(decoders[best], subset, settings.hf_new_tokens, **short)),
+        }
         hf = measure_hf(first, decoders[best].draft.model, subset, settings, temperature)
         if temperature == 0:
             for name in ("hf_assisted", "hf_prompt_lookup"):
@@ -571,11 +613,11 @@ def measure_family(family: Family, settings: Settings) -> dict:
         for entry in hf.values():
             entry.pop("outputs", None)
         run["hf"] = hf
-        best_subset = speculative[best]["subset_tokens_per_second"]
+        best_subset = run["speculor_on_hf_subset"][best]
         run["speedups_on_subset"] = {
             "speculor_speculative_vs_hf_assisted": best_subset / hf["hf_assisted"]["tokens_per_second"],
             "speculor_speculative_vs_hf_ar": best_subset / hf["hf_ar"]["tokens_per_second"],
-            "speculor_ar_vs_hf_ar": run["speculor_ar_subset"]["tokens_per_second"] / hf["hf_ar"]["tokens_per_second"],
+            "speculor_ar_vs_hf_ar": run["speculor_on_hf_subset"]["ar"] / hf["hf_ar"]["tokens_per_second"],
             "hf_assisted_vs_hf_ar": hf["hf_assisted"]["tokens_per_second"] / hf["hf_ar"]["tokens_per_second"],
             "hf_prompt_lookup_vs_hf_ar": hf["hf_prompt_lookup"]["tokens_per_second"] / hf["hf_ar"]["tokens_per_second"],
         }
@@ -602,7 +644,7 @@ def identity_checks(family: Family, found: dict, prompts: Sequence[list[int]], s
     checks["float32_divergences"] = top2_gaps(exact.target.model, prompts, alone, speculative)
     del exact
     uniform = SpeculativeDecoder(
-        family.target, family.drafts[best], device=settings.device, dtype=torch.bfloat16, runner="fast"
+        family.target, family.drafts[best], device=settings.device, dtype=settings.dtype, runner="fast"
     )
     uniform.target_runner = FastRunner(uniform.target.model, max_cache_length=1024, fixed_width=gamma + 1)
     run_prompts(uniform, prompts[:2], settings.new_tokens, speculative=False)
@@ -674,7 +716,7 @@ def markdown_b(b: dict) -> list[str]:
         return [f"**b** skipped: {b['skipped']}", ""]
     widths = " | ".join(f"k={k}" for k in VERIFY_WIDTHS)
     lines = [
-        "**b** random bf16 weights, decode tok/s (share of the floor); step time in ms by tokens per step",
+        "**b** random weights (bf16 on a GPU), decode tok/s (share of the floor); ms per step by tokens per step",
         "",
         f"| shape | HF generate | speculor AR | runner | {widths} |",
         "|---|---|---|---|" + "---|" * len(VERIFY_WIDTHS),
@@ -704,6 +746,19 @@ def markdown_b(b: dict) -> list[str]:
                 for mode, value in modes.items()
             )
             lines.append(f"step modes, {name}, k=1: {described}")
+    for name, shape in b["shapes"].items():
+        profile = shape.get("kernel_profile")
+        if profile and "error" not in profile:
+            top = "; ".join(
+                f"{item['kernel'][:50]} {item['ms']:.3f} ms ×{item['count']}" for item in profile["top"][:5]
+            )
+            lines.append(
+                f"{name} eager k=1 step under the profiler: {profile['kernels_per_step']} kernels, "
+                f"{profile['kernel_time_ms']:.2f} ms of kernel time (captured step: {shape['fast_step_ms'][1]:.2f} "
+                f"ms); top: {top}"
+            )
+        elif profile:
+            lines.append(f"{name} profiler failed: {profile['error'][:160]}")
     agreement = b["logits_agreement"]
     lines += [
         "logits vs transformers (1B shape, prefill then 5 tokens): "
@@ -718,7 +773,8 @@ def markdown_family(part: str, found: dict) -> list[str]:
         return [f"**{part}** skipped: {found['skipped']}", ""]
     lines = [
         f"**{part}** {found['family']} family on HumanEval ({found['prompts']} prompts for speculor, "
-        f"{found['new_tokens']} new tokens each; HF paths on the first prompts only), decode tok/s",
+        f"{found['new_tokens']} new tokens each; HF paths and the 'on the subset' ratios on the first "
+        f"{found['hf_prompts']} prompts, {found['hf_new_tokens']} new tokens), decode tok/s",
         "",
         "| T | path | γ | tok/s | TAR | mean accepted | vs speculor AR | predicted | measured/predicted | "
         "greedy identical |",
@@ -763,7 +819,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test of every code path")
     parser.add_argument("--out", default="benchmarks/results/gpu", help="directory for gpu.json and gpu.md")
     parser.add_argument("--family-dir", help="where part c trains (or finds) its family (default: OUT/family)")
-    parser.add_argument("--train-seconds", type=float, default=150.0, help="part c target training time")
+    parser.add_argument("--train-seconds", type=float, default=120.0, help="part c target training time")
     parser.add_argument("--draft-seconds", type=float, default=30.0, help="part c training time per draft")
     parser.add_argument("--max-corpus-bytes", type=int, default=64 << 20, help="part c corpus cap")
     parser.add_argument("--compare-capture", action="store_true", help="part b: also time eager and torch.compile")
@@ -822,9 +878,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["seconds"][part] = time.perf_counter() - began
         free_memory()
         (out / "gpu.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    text = markdown(report)
-    (out / "gpu.md").write_text(text + "\n")
-    print(text)
+        (out / "gpu.md").write_text(markdown(report) + "\n")
+    print(markdown(report))
     return 0
 
 

@@ -109,6 +109,18 @@ def test_greedy_speculative_output_is_identical_across_runners(name: str) -> Non
     assert outputs["fast", True] == outputs["hf", True] == outputs["fast", False] == outputs["hf", False]
 
 
+def test_fusing_projections_keeps_one_copy_and_the_model_unchanged() -> None:
+    model = build("qwen2")
+    prompt = torch.arange(12).view(1, -1)
+    before = model(input_ids=prompt).logits
+    first, second = FastRunner(model), FastRunner(model)
+    assert torch.equal(model(input_ids=prompt).logits, before)
+    fused = first.weights.layers[0].qkv
+    assert second.weights.layers[0].qkv.data_ptr() == fused.data_ptr()
+    assert model.model.layers[0].self_attn.k_proj.weight.data_ptr() > fused.data_ptr()
+    assert model.model.layers[0].self_attn.k_proj.weight.untyped_storage().data_ptr() == fused.data_ptr()
+
+
 def test_runner_kinds_pick_fast_for_llama_and_hf_on_request() -> None:
     model = build("llama")
     assert isinstance(make_runner(model, "auto"), FastRunner)

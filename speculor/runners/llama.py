@@ -3,16 +3,16 @@
 Llama 2/3, Mistral, Qwen2 and Qwen3 share one decoder: RMSNorm, rotary attention with grouped key/value heads,
 a gated MLP. They differ only in optional pieces read off the loaded modules: attention/MLP biases (Qwen2, Llama
 with `attention_bias`), per-head q/k RMSNorm (Qwen3), the rotary frequencies (rope scaling types), the activation.
-Every operation mirrors the order and precision of transformers' implementation (RMSNorm in float32 then the
-weight multiply in the model dtype, cos/sin computed in float32 and cast), so in float32 the logits agree with
-transformers to rounding.
+In float32 the logits agree with transformers to rounding; in bfloat16 a few operations round once where
+transformers rounds twice (fused RMSNorm, the residual added inside the matrix product), for fewer launches.
 
-Nothing here copies a weight: `LlamaWeights` holds references to the `PreTrainedModel`'s own parameter tensors.
+No weight is held twice: `LlamaWeights` refers to the `PreTrainedModel`'s own tensors, after moving each layer's
+q/k/v and gate/up projections into one tensor per group that the model's parameters then view (`fuse_rows`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,25 +54,22 @@ def unsupported_reason(model: PreTrainedModel, max_length: int) -> str | None:
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One decoder layer's tensors (shared with the Hugging Face modules); biases and q/k norms may be absent."""
+    """One decoder layer's tensors, shared with the Hugging Face modules (see `fuse_rows`); optional pieces None.
+
+    `qkv` stacks the query, key and value projections row-wise and `gate_up` the gate and up projections, so each
+    group is one matrix product: at one token per step a product costs a launch whatever its size."""
 
     input_norm: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
     o: torch.Tensor
-    q_bias: torch.Tensor | None
-    k_bias: torch.Tensor | None
-    v_bias: torch.Tensor | None
     o_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     post_norm: torch.Tensor
-    gate: torch.Tensor
-    up: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
     down: torch.Tensor
-    gate_bias: torch.Tensor | None
-    up_bias: torch.Tensor | None
     down_bias: torch.Tensor | None
 
 
@@ -87,6 +84,7 @@ class LlamaWeights:
     heads: int
     kv_heads: int
     head_dim: int
+    intermediate_size: int
     scaling: float
     eps: float
     activation: Callable[[torch.Tensor], torch.Tensor]
@@ -99,7 +97,8 @@ class LlamaWeights:
 
     @classmethod
     def from_model(cls, model: PreTrainedModel) -> LlamaWeights:
-        """Collect references to `model`'s tensors; call `unsupported_reason` first."""
+        """Collect `model`'s tensors, fusing each layer's projection groups in place; call `unsupported_reason`
+        first."""
         backbone = model.model
         attention = backbone.layers[0].self_attn
         layers = []
@@ -109,22 +108,16 @@ class LlamaWeights:
             layers.append(
                 LayerWeights(
                     input_norm=layer.input_layernorm.weight,
-                    q=attn.q_proj.weight,
-                    k=attn.k_proj.weight,
-                    v=attn.v_proj.weight,
+                    qkv=fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], "weight"),
+                    qkv_bias=fuse_rows([attn.q_proj, attn.k_proj, attn.v_proj], "bias"),
                     o=attn.o_proj.weight,
-                    q_bias=attn.q_proj.bias,
-                    k_bias=attn.k_proj.bias,
-                    v_bias=attn.v_proj.bias,
                     o_bias=attn.o_proj.bias,
                     q_norm=q_norm.weight if q_norm is not None else None,
                     k_norm=k_norm.weight if k_norm is not None else None,
                     post_norm=layer.post_attention_layernorm.weight,
-                    gate=mlp.gate_proj.weight,
-                    up=mlp.up_proj.weight,
+                    gate_up=fuse_rows([mlp.gate_proj, mlp.up_proj], "weight"),
+                    gate_up_bias=fuse_rows([mlp.gate_proj, mlp.up_proj], "bias"),
                     down=mlp.down_proj.weight,
-                    gate_bias=mlp.gate_proj.bias,
-                    up_bias=mlp.up_proj.bias,
                     down_bias=mlp.down_proj.bias,
                 )
             )
@@ -137,6 +130,7 @@ class LlamaWeights:
             heads=config.num_attention_heads,
             kv_heads=config.num_key_value_heads,
             head_dim=attention.head_dim,
+            intermediate_size=int(backbone.layers[0].mlp.gate_proj.weight.shape[0]),
             scaling=attention.scaling,
             eps=backbone.norm.variance_epsilon,
             activation=backbone.layers[0].mlp.act_fn,
@@ -145,31 +139,58 @@ class LlamaWeights:
         )
 
 
+def fuse_rows(modules: Sequence[torch.nn.Module], name: str) -> torch.Tensor | None:
+    """One tensor holding the `name` parameters ("weight" or "bias") of `modules` stacked along dim 0, without
+    keeping a second copy: the parameters are moved into it and the modules' parameters become views of it (same
+    values, so the Hugging Face model computes exactly what it did). Parameters that are already such views (a
+    second runner on the same model) are reused as they are. None when the modules have no such parameter."""
+    parts = [getattr(module, name) for module in modules]
+    if any(part is None for part in parts):
+        return None
+    first = parts[0]
+    rows = sum(part.shape[0] for part in parts)
+    offset = first.storage_offset()
+    consecutive = True
+    for part in parts:
+        consecutive = consecutive and part.is_contiguous() and part.storage_offset() == offset
+        consecutive = consecutive and part.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        offset += part.numel()
+    with torch.no_grad():
+        if consecutive:
+            return first.detach().as_strided((rows, *first.shape[1:]), first.stride())
+        fused = torch.cat([part.detach() for part in parts])
+        start = 0
+        for part in parts:
+            part.data = fused[start : start + part.shape[0]]
+            start += part.shape[0]
+    return fused
+
+
 @dataclass(frozen=True)
 class StaticCache:
-    """Keys and values for every layer, (layers, kv_heads, capacity, head_dim) each, plus the rotary tables for
-    every position the cache can hold. Slots past the runner's length are stale and masked out."""
+    """Keys and values for every layer in one tensor, (layers, 2, kv_heads, capacity, head_dim), so that one copy
+    writes a step's keys and values; plus the rotary tables for every position the cache can hold. Slots past the
+    runner's length are stale and masked out."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    kv: torch.Tensor
     cos: torch.Tensor
-    sin: torch.Tensor
+    signed_sin: torch.Tensor
     slots: torch.Tensor
 
     @property
     def capacity(self) -> int:
-        return int(self.keys.shape[2])
+        return int(self.kv.shape[3])
 
     @classmethod
     def allocate(cls, weights: LlamaWeights, capacity: int) -> StaticCache:
         embed = weights.embed
-        shape = (len(weights.layers), weights.kv_heads, capacity, weights.head_dim)
+        shape = (len(weights.layers), 2, weights.kv_heads, capacity, weights.head_dim)
         cos, sin = rotary_tables(weights.inv_freq, weights.rope_scaling, capacity, embed.dtype)
+        half = weights.head_dim // 2
         return cls(
-            keys=torch.zeros(shape, dtype=embed.dtype, device=embed.device),
-            values=torch.zeros(shape, dtype=embed.dtype, device=embed.device),
+            kv=torch.zeros(shape, dtype=embed.dtype, device=embed.device),
             cos=cos,
-            sin=sin,
+            signed_sin=torch.cat((-sin[:, :half], sin[:, half:]), dim=-1),
             slots=torch.arange(capacity, device=embed.device),
         )
 
@@ -185,33 +206,47 @@ def rotary_tables(
 
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalize in float32, scale in the model dtype (transformers' LlamaRMSNorm, operation for operation)."""
-    upcast = hidden.float()
-    upcast = upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * upcast.to(hidden.dtype)
+    """RMSNorm as one fused kernel (float32 inside). transformers rounds to the model dtype before the weight
+    multiply; this rounds once, which in bfloat16 is no less accurate and saves three launches per call."""
+    return F.rms_norm(hidden, weight.shape, weight, eps)
 
 
-def rotate(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding on (tokens, heads, head_dim) with (tokens, 1, head_dim) tables, half-split layout."""
-    half = hidden.shape[-1] // 2
-    rotated = torch.cat((-hidden[..., half:], hidden[..., :half]), dim=-1)
-    return hidden * cos + rotated * sin
+def rotate_in_place(heads: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+    """Rotary embedding of (tokens, heads, head_dim), half-split layout, in three launches: the rotated half is a
+    roll of the head dimension whose sign lives in `signed_sin` = (−sin, +sin)."""
+    rolled = heads.roll(heads.shape[-1] // 2, dims=-1)
+    heads.mul_(cos).addcmul_(rolled, signed_sin)
+
+
+def linear_residual(
+    residual: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """residual + inputs @ weightᵀ (+ bias) with the residual added inside the matrix product (one launch)."""
+    out = torch.addmm(residual, inputs, weight.t())
+    return out if bias is None else out + bias
+
+
+def causal_mask(cache: StaticCache, positions: torch.Tensor, span: int, group: int, dtype: torch.dtype):
+    """Additive mask (group·tokens, span): a query sees the slots at or before its position. Rows repeat per query
+    head of a group, matching the folding in `attend`. Built once per step, shared by every layer."""
+    allowed = cache.slots[None, :span] <= positions[:, None]
+    blocked = torch.full((), float("-inf"), dtype=dtype, device=positions.device)
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=positions.device), blocked).repeat(group, 1)
 
 
 def attend(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scaling: float
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """Attention of (tokens, heads, head_dim) queries over one layer's cached (kv_heads, span, head_dim).
 
     Grouped-query attention without repeating keys: the query heads that share a key/value head are folded into
-    that head's rows, so one SDPA call reads each cached key once. `allowed` (tokens, span) is the causal mask
-    from positions, fixed in shape so that the call can be captured in a graph.
+    that head's rows, so one SDPA call reads each cached key once; `mask` comes from `causal_mask`. Shapes depend
+    only on (tokens, span), so the call can be captured in a graph.
     """
     tokens, heads, head_dim = query.shape
     kv_heads = keys.shape[0]
     group = heads // kv_heads
     folded = query.view(tokens, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, kv_heads, -1, head_dim)
-    mask = allowed.repeat(group, 1)
     out = F.scaled_dot_product_attention(folded, keys[None], values[None], attn_mask=mask, scale=scaling)
     return out.view(kv_heads, group, tokens, head_dim).permute(2, 0, 1, 3).reshape(tokens, heads * head_dim)
 
@@ -228,30 +263,30 @@ def forward_tokens(
     attend over its first `span` slots (span > every position). Returns float32 logits (k, vocab) or None.
 
     Shapes depend only on k and span, and the positions are a tensor, so one capture serves every step of that
-    shape: the same code runs eagerly (CPU, prefill) and inside a CUDA graph.
+    shape: the same code runs eagerly (CPU, prefill) and inside a CUDA graph. Per layer and token it launches
+    about a dozen kernels, since at decode time each launch costs more than the arithmetic of a small one.
     """
     tokens = token_ids.shape[0]
+    heads, kv_heads, head_dim = weights.heads, weights.kv_heads, weights.head_dim
     hidden = F.embedding(token_ids, weights.embed)
-    cos, sin = cache.cos[positions][:, None], cache.sin[positions][:, None]
-    allowed = cache.slots[None, :span] <= positions[:, None]
+    cos, signed_sin = cache.cos[positions][:, None], cache.signed_sin[positions][:, None]
+    mask = causal_mask(cache, positions, span, heads // kv_heads, hidden.dtype)
     for index, layer in enumerate(weights.layers):
         normed = rms_norm(hidden, layer.input_norm, weights.eps)
-        query = F.linear(normed, layer.q, layer.q_bias).view(tokens, weights.heads, weights.head_dim)
-        key = F.linear(normed, layer.k, layer.k_bias).view(tokens, weights.kv_heads, weights.head_dim)
-        value = F.linear(normed, layer.v, layer.v_bias).view(tokens, weights.kv_heads, weights.head_dim)
+        qkv = F.linear(normed, layer.qkv, layer.qkv_bias).view(tokens, heads + 2 * kv_heads, head_dim)
+        query, key = qkv[:, :heads], qkv[:, heads : heads + kv_heads]
         if layer.q_norm is not None and layer.k_norm is not None:
-            query, key = rms_norm(query, layer.q_norm, weights.eps), rms_norm(key, layer.k_norm, weights.eps)
-        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
-        layer_keys, layer_values = cache.keys[index], cache.values[index]
-        layer_keys.index_copy_(1, positions, key.transpose(0, 1))
-        layer_values.index_copy_(1, positions, value.transpose(0, 1))
-        attended = attend(query, layer_keys[:, :span], layer_values[:, :span], allowed, weights.scaling)
-        hidden = hidden + F.linear(attended, layer.o, layer.o_bias)
+            query.copy_(rms_norm(query, layer.q_norm, weights.eps))
+            key.copy_(rms_norm(key, layer.k_norm, weights.eps))
+        rotate_in_place(qkv[:, : heads + kv_heads], cos, signed_sin)
+        layer_cache = cache.kv[index]
+        layer_cache.index_copy_(2, positions, qkv[:, heads:].view(tokens, 2, kv_heads, head_dim).permute(1, 2, 0, 3))
+        attended = attend(query, layer_cache[0, :, :span], layer_cache[1, :, :span], mask, weights.scaling)
+        hidden = linear_residual(hidden, attended, layer.o, layer.o_bias)
         normed = rms_norm(hidden, layer.post_norm, weights.eps)
-        gated = weights.activation(F.linear(normed, layer.gate, layer.gate_bias)) * F.linear(
-            normed, layer.up, layer.up_bias
-        )
-        hidden = hidden + F.linear(gated, layer.down, layer.down_bias)
+        gate_up = F.linear(normed, layer.gate_up, layer.gate_up_bias)
+        gated = weights.activation(gate_up[:, : weights.intermediate_size]) * gate_up[:, weights.intermediate_size :]
+        hidden = linear_residual(hidden, gated, layer.down, layer.down_bias)
     if not with_logits:
         return None
     return F.linear(rms_norm(hidden, weights.final_norm, weights.eps), weights.lm_head).float()
