@@ -439,8 +439,20 @@ def train_pair(settings: Settings) -> Family:
 
 
 def shipped_family() -> Family:
-    from speculor.models import shipped
+    """The demo family shipped inside the package: through `speculor.models.shipped()` where it exists, else the
+    `speculor/models/` directory itself (a `target` directory and `draft-*` directories)."""
+    try:
+        from speculor.models import shipped
+    except ImportError:
+        import speculor
 
+        root = Path(speculor.__file__).parent / "models"
+        drafts = {
+            path.name: os.fspath(path) for path in sorted(root.glob("draft-*")) if (path / "config.json").exists()
+        }
+        if not (root / "target" / "config.json").exists() or not drafts:
+            raise ImportError(f"no shipped family: neither speculor.models.shipped() nor models under {root}") from None
+        return Family("shipped", os.fspath(root / "target"), drafts)
     family = shipped()
     target = family.target if hasattr(family, "target") else family["target"]
     drafts = family.drafts if hasattr(family, "drafts") else family["drafts"]
