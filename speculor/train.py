@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from speculor.errors import SpeculorError
 from speculor.loading import resolve_device
@@ -444,7 +444,6 @@ def hardware_name(device: torch.device) -> str:
 
 def model_card(result: FamilyResult, trained: TrainedModel, config: LlamaConfig) -> str:
     """A README.md in the Hugging Face model-card spirit: what the model is and exactly how it was made."""
-    partner = "the target and drafts" if len(result.models) > 1 else "this model"
     distilled = (
         f"Trained by distillation from `{trained.distilled_from}` (forward KL to its next-token distribution)."
         if trained.distilled_from
@@ -459,8 +458,8 @@ tags: [speculor, llama, python, speculative-decoding]
 # {trained.name} ({trained.shape})
 
 A small Llama model for Python code, trained from scratch with `speculor train` as part of a family of models that
-share one tokenizer, so that {partner} can be paired for speculative decoding. It writes plausible Python; it is
-a test and demonstration model, not an assistant.
+share one tokenizer, so that a larger one (the target) can be paired with a smaller one (the draft) for speculative
+decoding. It writes plausible Python; it is a test and demonstration model, not an assistant.
 
 | | |
 |---|---|
@@ -535,16 +534,22 @@ def train_family(
 
     `models` are `ModelShape`s or strings like "target:12x768" or "draft:4x256@30" (30 s for that one). Each model
     trains for `seconds` (or `steps`, which wins). With `distill_from` naming a model listed earlier, every later
-    model learns that model's next-token distribution instead of the corpus's next token. `corpus` is a directory
-    (or several) of .py files; by default the interpreter's own source. Also writes `output_dir/family.json`."""
+    model learns that model's next-token distribution instead of the corpus's next token; naming a saved model's
+    directory instead (a family's target) distills every model from it, with its tokenizer (no new one is trained).
+    `corpus` is a directory (or several) of .py files; by default the interpreter's own source. Also writes
+    `output_dir/family.json`."""
     shapes = [ModelShape.parse(item) if isinstance(item, str) else item for item in models]
     if not shapes:
         raise SpeculorError("name at least one model to train, e.g. target:8x384")
     names = [shape.name for shape in shapes]
     if len(set(names)) != len(names):
         raise SpeculorError(f"model names must be unique, got {names}")
-    if distill_from is not None and distill_from not in names[:-1]:
-        raise SpeculorError(f"distill_from={distill_from!r} must name a model trained before another one: {names}")
+    teacher_directory = distill_from if distill_from is not None and os.path.isdir(distill_from) else None
+    if distill_from is not None and teacher_directory is None and distill_from not in names[:-1]:
+        raise SpeculorError(
+            f"distill_from={distill_from!r} must be a saved model's directory or name a model trained before "
+            f"another one: {names}"
+        )
     if vocab_size < 300:
         raise SpeculorError(f"vocab_size must be at least 300 (256 bytes plus merges), got {vocab_size}")
     resolved = resolve_device(device)
@@ -556,7 +561,11 @@ def train_family(
     began = time.perf_counter()
     documents = collect_corpus(roots, max_corpus_bytes)
     say(f"corpus: {documents.files:,} files, {documents.bytes:,} bytes from {', '.join(documents.roots)}")
-    tokenizer = build_tokenizer(tokenizer_sample(documents.train), vocab_size)
+    teacher = None
+    if teacher_directory is None:
+        tokenizer = build_tokenizer(tokenizer_sample(documents.train), vocab_size)
+    else:
+        tokenizer, teacher = _load_teacher(teacher_directory, resolved)
     end_of_text_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     train_stream = encode_documents(tokenizer, documents.train).to(resolved)
     held_out_stream = encode_documents(tokenizer, documents.held_out).to(resolved)
@@ -587,7 +596,7 @@ def train_family(
         date=datetime.date.today().isoformat(),
         settings=asdict(settings) | {"vocab_size": vocab_size, "distill_from": distill_from},
     )
-    teacher = None
+    teacher_name = Path(teacher_directory).name if teacher_directory is not None else distill_from
     for shape in shapes:
         model, numbers = train_model(
             shape, train_stream, held_out_stream, actual_vocab, end_of_text_id, settings, teacher
@@ -598,7 +607,7 @@ def train_family(
             shape=f"{shape.layers}x{shape.width}",
             path=os.fspath(directory),
             parameters=sum(parameter.numel() for parameter in model.parameters()),
-            distilled_from=distill_from if teacher is not None else None,
+            distilled_from=teacher_name if teacher is not None else None,
             **numbers,
         )
         result.models[shape.name] = trained
@@ -611,6 +620,18 @@ def train_family(
             teacher = model
     (Path(output_dir) / "family.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
+
+
+def _load_teacher(directory: str, device: torch.device) -> tuple[PreTrainedTokenizerFast, LlamaForCausalLM]:
+    """A saved model to distill new drafts from, with its tokenizer: the drafts must speak its vocabulary."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        teacher = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise SpeculorError(f"cannot load the model to distill from, {directory!r}: {error}") from error
+    if END_OF_TEXT not in tokenizer.get_vocab():
+        raise SpeculorError(f"{directory!r} was not made by speculor train: its tokenizer has no {END_OF_TEXT}")
+    return tokenizer, teacher.to(device).eval()
 
 
 DEFAULT_FAMILY = ("target:8x384", "draft-deep:4x128", "draft-wide:1x256", "draft-mid:2x192")
@@ -642,7 +663,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step")
     parser.add_argument("--sequence-length", type=int, default=1024, help="tokens per sequence, also the context")
     parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: by width)")
-    parser.add_argument("--distill-from", help="name of an earlier model that later ones learn to imitate")
+    parser.add_argument(
+        "--distill-from",
+        help="name of an earlier model that later ones learn to imitate, or the directory of a saved one (new drafts "
+        "for an existing target; its tokenizer is reused)",
+    )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
