@@ -1,9 +1,10 @@
 """`speculor serve` end to end: a real uvicorn server on a free local port, driven by the official `openai` client
 and by raw HTTP for the malformed requests a client library would refuse to send.
 
-The models are tiny random Llamas sharing a tiny trained BPE tokenizer (with a chat template), so outputs are
-gibberish but fully deterministic: greedy answers are compared with offline generation on a separately loaded
-decoder, token for token through the text.
+Two model sets: the shipped family (target and best draft, as `speculor serve` serves it by default; it has no chat
+template, so chat must answer 400), and tiny random Llamas sharing a tiny trained BPE tokenizer that does have a
+chat template — gibberish but cheap, so they carry the many-request tests. Greedy answers are compared with
+offline generation on a separately loaded decoder.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ import pytest
 import torch
 import uvicorn
 from conftest import build, tiny_llama_config, train_tiny_tokenizer
-from openai import AsyncOpenAI, OpenAI
+from openai import AsyncOpenAI, BadRequestError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import LlamaForCausalLM
 
 from speculor import SpeculativeDecoder
 from speculor.cli import main
+from speculor.models import shipped
 from speculor.server import create_app
+from speculor.server.command import SHIPPED_MODEL_NAME
 from speculor.server.errors import APIError
 from speculor.server.metrics import ServerMetrics
 from speculor.server.worker import GenerationWorker, Job
@@ -42,6 +45,16 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 PROMPTS = ["def add(a, b):", "for item in items:", "class Point:", "import os\n", "The quick brown fox"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Generation runs on one thread here: the server's worker and the test's offline decoder take turns on 2
+    shared cores, and OpenMP's spinning threads slow small models down many times over when oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +152,39 @@ def metric_samples(base_url: str) -> dict[tuple[str, frozenset], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+@pytest.fixture(scope="module")
+def shipped_server() -> Iterator[tuple[OpenAI, SpeculativeDecoder]]:
+    """The shipped pair served as `speculor serve` serves it with no arguments; and an offline copy to compare."""
+    family = shipped()
+    decoder = SpeculativeDecoder(family.target, family.best_draft, device="cpu")
+    with serving(create_app(decoder, model_name=SHIPPED_MODEL_NAME)) as running:
+        client = OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        yield client, SpeculativeDecoder(family.target, family.best_draft, device="cpu")
+
+
+def test_the_shipped_pair_serves_offline_greedy_completions(shipped_server):
+    client, offline_decoder = shipped_server
+    prompt = "def is_prime(n):\n"
+    expected = offline_decoder.generate(prompt, max_new_tokens=10, temperature=0).text
+    whole = client.completions.create(model=SHIPPED_MODEL_NAME, prompt=prompt, max_tokens=10, temperature=0)
+    assert whole.choices[0].text == expected
+    assert whole.model_extra["speculative"]["accepted"] > 0
+    stream = client.completions.create(
+        model=SHIPPED_MODEL_NAME, prompt=prompt, max_tokens=10, temperature=0, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == expected
+
+
+def test_the_shipped_pair_has_no_chat_template_so_chat_is_a_clear_400(shipped_server):
+    client, _ = shipped_server
+    with pytest.raises(BadRequestError) as raised:
+        client.chat.completions.create(
+            model=SHIPPED_MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+    assert raised.value.body["code"] == "no_chat_template"
+    assert "no chat template" in raised.value.body["message"]
 
 
 def test_completions_match_offline_greedy_generation(client, reference):
@@ -323,9 +369,8 @@ def test_chat_without_a_template_is_a_clear_400(plain_server):
     url, decoder = plain_server
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     name = client.models.list().data[0].id
-    with pytest.raises(Exception) as raised:
+    with pytest.raises(BadRequestError) as raised:
         client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-    assert raised.value.status_code == 400
     assert "no chat template" in raised.value.body["message"]
     assert raised.value.body["code"] == "no_chat_template"
     response = client.completions.create(model=name, prompt="def add(a, b):", max_tokens=10, temperature=0)

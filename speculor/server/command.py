@@ -8,6 +8,9 @@ from pathlib import Path
 
 from speculor.cli import add_model_arguments, apply_config_file, console
 
+# The model id clients send to the shipped family (its directory path would be an awkward name).
+SHIPPED_MODEL_NAME = "speculor-shipped"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -21,7 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     drafting.add_argument("--config", help="best_config.json written by `speculor bench` (draft and gamma)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: local connections only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model-name", help="the model id clients send (default: the target's name or path)")
+    parser.add_argument(
+        "--model-name",
+        help=f"model id clients send (default: the target's name or path; {SHIPPED_MODEL_NAME} for the shipped pair)",
+    )
     parser.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     parser.add_argument(
@@ -46,6 +52,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
         family = shipped()
         args.target = family.target
+        args.model_name = args.model_name or SHIPPED_MODEL_NAME
         if args.draft is None and args.ngram is None:
             args.draft = family.best_draft
     decoder = SpeculativeDecoder(
