@@ -69,6 +69,15 @@ def shipped_pair() -> tuple[str, str]:
     return os.fspath(family.target), os.fspath(family.best_draft)
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -76,14 +85,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`speculor serve` in a child process; stopped with SIGINT, the graceful path a user's Ctrl-C takes."""
+    """`speculor serve` in a child process with `threads` torch threads; stopped with SIGINT, the graceful path a
+    user's Ctrl-C takes."""
 
-    def __init__(self, arguments: list[str], startup_seconds: float = 300.0) -> None:
+    def __init__(self, arguments: list[str], threads: int, startup_seconds: float = 300.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "speculor", "serve", *arguments, "--port", str(self.port)]
         self.command = command
-        self.process = subprocess.Popen([*command, "--model-name", MODEL_NAME, "--log-level", "warning"])
+        environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.process = subprocess.Popen(
+            [*command, "--model-name", MODEL_NAME, "--log-level", "warning"], env=environment
+        )
         deadline = time.monotonic() + startup_seconds
         while True:
             if self.process.poll() is not None:
@@ -222,6 +235,13 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens per request")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the server (OMP_NUM_THREADS); 1 keeps a shared "
+        "machine's other work from stalling OpenMP's spinning threads",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows and settings here")
     args = parser.parse_args()
 
@@ -239,11 +259,12 @@ def main() -> int:
         "target alone": common,
         "speculative": [*common, *drafting_arguments, "--gamma", str(args.gamma)],
     }
+    load_before = os.getloadavg()
     rows: list[Row] = []
     texts: dict[str, list[str]] = {}
     commands: dict[str, str] = {}
     for mode, arguments in modes.items():
-        server = ServerProcess(arguments)
+        server = ServerProcess(arguments, args.threads)
         commands[mode] = shlex.join(server.command)
         try:
             for concurrency in args.concurrency:
@@ -263,7 +284,8 @@ def main() -> int:
     if args.json:
         report = {
             "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+            "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores",
+            "load_average_before": load_before,
             "command": shlex.join([sys.executable, *sys.argv]),
             "servers": commands,
             "settings": {key: str(value) for key, value in vars(args).items()},
