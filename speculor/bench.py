@@ -1,12 +1,17 @@
 """`speculor bench`: measure drafts, γ and adaptive policies against the target alone, and recommend the best.
 
 The target is loaded once: every drafter gets its own `SpeculativeDecoder` built on the already loaded target
-model (each with its own runner and cache), so only the drafts are loaded per drafter. Every configuration runs
-over the same prompts in the same order, with seed `--seed + prompt index`, after untimed warm-up generations.
-Run order, per temperature: the target alone, then for each drafter its fixed γ values, then (with `--adaptive`)
-the confidence-threshold and Leviathan policies, the latter given the cost ratio c measured on the fixed runs.
-Adaptive policies apply to draft models only: prompt lookup has no draft probabilities to threshold, and its
-near-zero cost would always make the Leviathan policy pick the largest γ.
+model (each with its own runner and cache), so only the drafts are loaded per drafter. Configurations, per
+temperature: the target alone, then for each drafter its fixed γ values, then (with `--adaptive`) the
+confidence-threshold and Leviathan policies. Each configuration first gets its untimed warm-up generations; then
+the timed runs go prompt by prompt, every configuration on a prompt before the next prompt, with seed
+`--seed + prompt index`. That order puts each configuration's run next to the baseline's run on the same prompt,
+so the per-prompt speedup ratios stay fair when the machine's load drifts during a long benchmark.
+
+The Leviathan policy needs the cost ratio c before any timed run, so it is measured up front by timing
+single-token forwards of the draft and the target after the same prefill. Adaptive policies apply to draft models
+only: prompt lookup has no draft probabilities to threshold, and its near-zero cost would always make the Leviathan
+policy pick the largest γ.
 
 The measuring happens here; `speculor.bench_report` turns the records into tables, plots and files.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import platform
 import shlex
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,7 +39,6 @@ from speculor.bench_report import (
     BenchConfig,
     ConfigResult,
     PromptRun,
-    measured_cost_ratio,
     print_table,
     summarize,
     write_outputs,
@@ -41,7 +46,7 @@ from speculor.bench_report import (
 from speculor.errors import SpeculorError
 from speculor.loading import DTYPES
 from speculor.prompts import load_prompt_set, render_prompt
-from speculor.runners import RUNNER_KINDS
+from speculor.runners import RUNNER_KINDS, Runner
 
 DEFAULT_GAMMAS = (1, 2, 4, 6, 8)
 DEFAULT_CONFIDENCE_THRESHOLD = 0.4  # Hugging Face's default `assistant_confidence_threshold`.
@@ -84,36 +89,98 @@ class BenchSettings:
     warmup: int
 
 
-class Bench:
-    """Runs configurations over one list of prompts (as token ids), with a progress bar across all of them."""
+@dataclass(frozen=True)
+class Plan:
+    """One configuration to run: what it is, the decoder that runs it, and how to make a fresh γ policy (one per
+    generation, so that prompts do not influence each other)."""
 
-    def __init__(self, prompt_ids: list[list[int]], settings: BenchSettings, progress: tqdm) -> None:
-        self.prompt_ids = prompt_ids
-        self.settings = settings
-        self.progress = progress
+    config: BenchConfig
+    decoder: SpeculativeDecoder
+    make_policy: Callable[[], GammaPolicy]
 
-    def measure(
-        self, decoder: SpeculativeDecoder, config: BenchConfig, make_policy: Callable[[], GammaPolicy]
-    ) -> ConfigResult:
-        """Warm up, then generate once per prompt; a fresh policy per generation so prompts do not interact."""
-        self.progress.set_postfix_str(config.label)
-        settings = self.settings
-        options = {
-            "max_new_tokens": settings.max_new_tokens,
-            "temperature": config.temperature,
-            "ignore_eos": settings.ignore_eos,
-            "speculative": config.policy != "target",
-        }
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _forward_seconds(runner: Runner, prompt_ids: list[int], repeats: int) -> float:
+    """Mean time of a one-token forward after prefilling `prompt_ids` (one untimed forward first, so a graph
+    capture or first-call cost is not counted)."""
+    ids = torch.tensor(prompt_ids, dtype=torch.long, device=runner.device)
+    committed = len(prompt_ids) - 1
+    runner.prefill(ids[:committed])
+    runner.forward(ids[committed:])
+    runner.truncate(committed)
+    _synchronize(runner.device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        runner.forward(ids[committed:])
+        runner.truncate(committed)
+    _synchronize(runner.device)
+    return (time.perf_counter() - started) / repeats
+
+
+def forward_cost_ratio(decoder: SpeculativeDecoder, prompt_ids: list[int], repeats: int = 20) -> float:
+    """c from single-token forwards: draft forward time / target forward time on the same prompt."""
+    if decoder.draft_runner is None:
+        raise SpeculorError("forward_cost_ratio needs a decoder with a draft model")
+    draft = _forward_seconds(decoder.draft_runner, prompt_ids, repeats)
+    return draft / _forward_seconds(decoder.target_runner, prompt_ids, repeats)
+
+
+def plan_configurations(
+    args: argparse.Namespace,
+    baseline: SpeculativeDecoder,
+    drafters: Sequence[Drafter],
+    cost_ratios: dict[str, float],
+) -> list[Plan]:
+    """Every configuration in run order; `cost_ratios` maps each draft to the c its Leviathan policy uses."""
+    plans = []
+    top = max(args.gamma)
+    for temperature in args.temperature:
+        plans.append(Plan(BenchConfig(temperature), baseline, partial(FixedGamma, 1)))
+        for drafter in drafters:
+            draft, ngram, decoder = drafter.draft, drafter.ngram, drafter.decoder
+            for gamma in args.gamma:
+                config = BenchConfig(temperature, "fixed", draft, ngram, gamma)
+                plans.append(Plan(config, decoder, partial(FixedGamma, gamma)))
+            if args.adaptive and draft is not None:
+                confidence = partial(ConfidenceThreshold, top, args.confidence_threshold)
+                plans.append(Plan(BenchConfig(temperature, "confidence", draft, None, top), decoder, confidence))
+                leviathan = partial(LeviathanGamma, top, cost_ratio=cost_ratios[draft])
+                plans.append(Plan(BenchConfig(temperature, "leviathan", draft, None, top), decoder, leviathan))
+    return plans
+
+
+def run_plans(
+    plans: Sequence[Plan], prompt_ids: list[list[int]], settings: BenchSettings, progress: tqdm
+) -> list[ConfigResult]:
+    """Warm every configuration up, then run prompt by prompt (see the module docstring for why)."""
+
+    def generate(plan: Plan, prompt_index: int, seed: int) -> PromptRun:
+        progress.set_postfix_str(plan.config.label, refresh=False)
+        counter = RejectionCounter(plan.make_policy())
+        generation = plan.decoder.generate(
+            prompt_ids[prompt_index],
+            gamma=counter,
+            seed=seed,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=plan.config.temperature,
+            ignore_eos=settings.ignore_eos,
+            speculative=plan.config.policy != "target",
+        )
+        progress.update()
+        return PromptRun(prompt_index, generation.stats.to_dict(), generation.token_ids, counter.rejections)
+
+    for plan in plans:
         for index in range(settings.warmup):
-            decoder.generate(self.prompt_ids[index % len(self.prompt_ids)], gamma=make_policy(), seed=index, **options)
-            self.progress.update()
-        result = ConfigResult(config)
-        for index, ids in enumerate(self.prompt_ids):
-            counter = RejectionCounter(make_policy())
-            generation = decoder.generate(ids, gamma=counter, seed=settings.seed + index, **options)
-            result.runs.append(PromptRun(index, generation.stats.to_dict(), generation.token_ids, counter.rejections))
-            self.progress.update()
-        return result
+            generate(plan, index % len(prompt_ids), index)
+    results = [ConfigResult(plan.config) for plan in plans]
+    for index in range(len(prompt_ids)):
+        for plan, result in zip(plans, results, strict=True):
+            result.runs.append(generate(plan, index, settings.seed + index))
+    return results
 
 
 def parse_list(kind: type, minimum: float) -> Callable[[str], list]:
@@ -214,11 +281,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _configs_per_drafter(args: argparse.Namespace, drafter: Drafter) -> int:
-    adaptive = 2 if args.adaptive and drafter.draft is not None else 0
-    return len(args.gamma) + adaptive
-
-
 def run_bench(args: argparse.Namespace) -> int:
     _check_arguments(args)
     prompts = load_prompt_set(args.prompts, limit=args.num_prompts)
@@ -233,11 +295,13 @@ def run_bench(args: argparse.Namespace) -> int:
         for draft, ngram in [*((d, None) for d in args.draft), *((None, n) for n in args.ngram)]
     ]
     settings = BenchSettings(args.max_new_tokens, args.ignore_eos, args.seed, args.warmup)
-    configs_per_temperature = 1 + sum(_configs_per_drafter(args, drafter) for drafter in drafters)
-    total = len(args.temperature) * configs_per_temperature * (len(prompt_ids) + args.warmup)
+    cost_ratios = {}
+    if args.adaptive:
+        cost_ratios = {d.draft: forward_cost_ratio(d.decoder, prompt_ids[0]) for d in drafters if d.draft is not None}
+    plans = plan_configurations(args, baseline_decoder, drafters, cost_ratios)
+    total = len(plans) * (len(prompt_ids) + args.warmup)
     with tqdm(total=total, desc="speculor bench", unit="gen", dynamic_ncols=True) as progress:
-        bench = Bench(prompt_ids, settings, progress)
-        results = _run_all(bench, args, baseline_decoder, drafters)
+        results = run_plans(plans, prompt_ids, settings, progress)
     baselines = {r.config.temperature: r for r in results if r.config.policy == "target"}
     rows = [summarize(result, baselines[result.config.temperature]) for result in results]
     meta = {
@@ -255,6 +319,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "ignore_eos": args.ignore_eos,
         "seed": args.seed,
         "warmup": args.warmup,
+        "leviathan_cost_ratios": cost_ratios,
         "runner": args.runner,
         "runner_classes": sorted(
             {type(decoder.target_runner).__name__ for decoder in (baseline_decoder, *(d.decoder for d in drafters))}
@@ -281,32 +346,3 @@ def run_bench(args: argparse.Namespace) -> int:
             f"T={first['temperature']:g}: best is {drafter}, γ={first['gamma']} ({first['speedup_median']:.2f}x)"
         )
     return 0
-
-
-def _run_all(
-    bench: Bench,
-    args: argparse.Namespace,
-    baseline_decoder: SpeculativeDecoder,
-    drafters: Sequence[Drafter],
-) -> list[ConfigResult]:
-    results = []
-    for temperature in args.temperature:
-        baseline = bench.measure(baseline_decoder, BenchConfig(temperature), partial(FixedGamma, 1))
-        results.append(baseline)
-        for drafter in drafters:
-            draft, ngram, decoder = drafter.draft, drafter.ngram, drafter.decoder
-            fixed = ConfigResult(BenchConfig(temperature, "fixed", draft, ngram))
-            for gamma in args.gamma:
-                config = BenchConfig(temperature, "fixed", draft, ngram, gamma)
-                result = bench.measure(decoder, config, partial(FixedGamma, gamma))
-                results.append(result)
-                fixed.runs += result.runs
-            if not args.adaptive or draft is None:
-                continue
-            top = max(args.gamma)
-            config = BenchConfig(temperature, "confidence", draft, None, top)
-            results.append(bench.measure(decoder, config, partial(ConfidenceThreshold, top, args.confidence_threshold)))
-            cost = measured_cost_ratio(fixed, baseline) or 0.0
-            config = BenchConfig(temperature, "leviathan", draft, None, top)
-            results.append(bench.measure(decoder, config, partial(LeviathanGamma, top, cost_ratio=cost)))
-    return results

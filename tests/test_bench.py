@@ -157,6 +157,7 @@ def test_bench_command_writes_every_output(text_pair_dirs, prompt_file, tmp_path
     greedy = [row for row in rows if row["temperature"] == 0 and row["policy"] != "target"]
     assert all(row["greedy_identical"] == row["greedy_checked"] == 2 for row in greedy)
     assert results["meta"]["command"].startswith("speculor bench --target ")
+    assert results["meta"]["leviathan_cost_ratios"][str(draft)] > 0
     assert len(results["per_prompt"]) == len(rows)
 
     with (out / "results.csv").open() as handle:
