@@ -3,10 +3,11 @@
 The target is loaded once: every drafter gets its own `SpeculativeDecoder` built on the already loaded target
 model (each with its own runner and cache), so only the drafts are loaded per drafter. Configurations, per
 temperature: the target alone, then for each drafter its fixed γ values, then (with `--adaptive`) the
-confidence-threshold and Leviathan policies. Each configuration first gets its untimed warm-up generations; then
-the timed runs go prompt by prompt, every configuration on a prompt before the next prompt, with seed
-`--seed + prompt index`. That order puts each configuration's run next to the baseline's run on the same prompt,
-so the per-prompt speedup ratios stay fair when the machine's load drifts during a long benchmark.
+confidence-threshold and Leviathan policies. Every runner first prefills every prompt once, and each configuration
+gets its untimed warm-up generations (on the longest prompt, then the shortest); then the timed runs go prompt by
+prompt, every configuration on a prompt before the next prompt, with seed `--seed + prompt index`. That order puts
+each configuration's run next to the baseline's run on the same prompt, so the per-prompt speedup ratios stay fair
+when the machine's load drifts during a long benchmark.
 
 The Leviathan policy needs the cost ratio c before any timed run, so it is measured up front by timing
 single-token forwards of the draft and the target after the same prefill. Adaptive policies apply to draft models
@@ -153,10 +154,27 @@ def plan_configurations(
     return plans
 
 
+def warmup_order(prompt_ids: list[list[int]]) -> list[int]:
+    """Prompt indices for warm-up generations: the longest, the shortest, then the rest. The two extremes reach the
+    largest and the smallest cache spans, so a static-cache runner captures its step shapes before timing starts."""
+    by_length = sorted(range(len(prompt_ids)), key=lambda index: len(prompt_ids[index]))
+    return list(dict.fromkeys([by_length[-1], by_length[0], *by_length[1:-1]]))
+
+
+def _prefill_every_prompt(decoders: Sequence[SpeculativeDecoder], prompt_ids: list[list[int]]) -> None:
+    """Run each prompt's prefill once on every runner: the first forward of a new sequence length pays one-time
+    costs (GPU kernel selection for the new shapes) that would otherwise land in whichever timed run came first."""
+    unique = {id(decoder): decoder for decoder in decoders}.values()
+    runners = [r for decoder in unique for r in (decoder.target_runner, decoder.draft_runner) if r is not None]
+    for runner in runners:
+        for ids in prompt_ids:
+            runner.prefill(torch.tensor(ids[:-1], dtype=torch.long, device=runner.device))
+
+
 def run_plans(
     plans: Sequence[Plan], prompt_ids: list[list[int]], settings: BenchSettings, progress: tqdm
 ) -> list[ConfigResult]:
-    """Warm every configuration up, then run prompt by prompt (see the module docstring for why)."""
+    """Warm every runner and configuration up, then run prompt by prompt (see the module docstring for why)."""
 
     def generate(plan: Plan, prompt_index: int, seed: int) -> PromptRun:
         progress.set_postfix_str(plan.config.label, refresh=False)
@@ -173,9 +191,11 @@ def run_plans(
         progress.update()
         return PromptRun(prompt_index, generation.stats.to_dict(), generation.token_ids, counter.rejections)
 
+    _prefill_every_prompt([plan.decoder for plan in plans], prompt_ids)
+    warmup_prompts = warmup_order(prompt_ids)
     for plan in plans:
-        for index in range(settings.warmup):
-            generate(plan, index % len(prompt_ids), index)
+        for turn in range(settings.warmup):
+            generate(plan, warmup_prompts[turn % len(warmup_prompts)], turn)
     results = [ConfigResult(plan.config) for plan in plans]
     for index in range(len(prompt_ids)):
         for plan, result in zip(plans, results, strict=True):
@@ -229,7 +249,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed generations before each configuration")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed generations per configuration (longest prompt, shortest, …)"
+    )
     parser.add_argument("--out", required=True, help="directory for the results")
     parser.set_defaults(handler=run_bench)
 
