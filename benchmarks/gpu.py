@@ -126,6 +126,7 @@ class Settings:
     draft_seconds: float
     max_corpus_bytes: int
     compare_capture: bool
+    target_shape: str = "32x576"
     new_tokens: int = 64
     hf_new_tokens: int = 32
     hf_prompts: int = 32
@@ -138,6 +139,8 @@ class Settings:
     step_repeats: int = 20
     hf_step_repeats: int = 5
     notes: list[str] = field(default_factory=list)
+    save: Callable[[], None] = lambda: None
+    started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         if self.quick:
@@ -146,6 +149,11 @@ class Settings:
             self.hf_new_tokens = 8
             self.random_prompt_tokens, self.random_new_tokens = 16, 12
             self.max_corpus_bytes = 1 << 21
+
+    def say(self, message: str) -> None:
+        """A progress line with the seconds since the start, and a checkpoint of the report so far."""
+        print(f"[{time.perf_counter() - self.started:6.0f} s] {message}", file=sys.stderr, flush=True)
+        self.save()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -404,13 +412,13 @@ class Family:
 
 
 def train_pair(settings: Settings) -> Family:
-    """Train (or reuse, when `family_dir` already holds one) a ~130M-parameter target with the depth of Llama-3-8B
-    (32 layers, width 576) and two drafts: deep-narrow 4x256 and shallow-wide 2x384."""
+    """Train (or reuse, when `family_dir` already holds one) a target (by default ~130M parameters with the depth
+    of Llama-3-8B: 32 layers of width 576) and two drafts: deep-narrow 4x256 and shallow-wide 2x384."""
     from speculor.train import train_family
 
     directory = settings.family_dir
     shapes = [
-        f"target:32x576@{settings.train_seconds:g}",
+        f"target:{settings.target_shape}@{settings.train_seconds:g}",
         f"draft-4x256:4x256@{settings.draft_seconds:g}",
         f"draft-2x384:2x384@{settings.draft_seconds:g}",
     ]
@@ -429,6 +437,7 @@ def train_pair(settings: Settings) -> Family:
             progress=False,
         )
         settings.notes.append(f"trained the family in {time.perf_counter() - began:.0f} s")
+        settings.say("c: family trained")
         # Training turns TF32 on for speed; the float32 identity check below needs true float32 products.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -575,8 +584,9 @@ def leviathan(summary: dict, gamma: int, ar_summary: dict) -> dict:
     }
 
 
-def measure_family(family: Family, settings: Settings) -> dict:
-    """Every measurement of parts c and d on one family (target plus drafts)."""
+def measure_family(family: Family, settings: Settings, found: dict) -> None:
+    """Every measurement of parts c and d on one family (target plus drafts), filled into `found` as it goes so
+    that a run stopped early still leaves what it measured."""
     from speculor.prompts import load_prompts
 
     device = settings.device
@@ -588,12 +598,13 @@ def measure_family(family: Family, settings: Settings) -> dict:
     first = next(iter(decoders.values()))
     prompts = [first.encode(text) for text in texts]
     subset = prompts[: settings.hf_prompts]
-    found: dict = {"family": family.name, "target": family.target, "drafts": family.drafts, "prompts": len(prompts)}
+    found.update(family=family.name, target=family.target, drafts=family.drafts, prompts=len(prompts))
     found["new_tokens"] = settings.new_tokens
     found["hf_prompts"], found["hf_new_tokens"] = len(subset), settings.hf_new_tokens
     found["temperatures"] = {}
     for temperature in TEMPERATURES:
-        run = {}
+        run: dict = {}
+        found["temperatures"][str(temperature)] = run
         run_prompts(first, prompts[:2], settings.new_tokens, speculative=False, temperature=temperature)
         alone = run_prompts(first, prompts, settings.new_tokens, speculative=False, temperature=temperature)
         run["speculor_ar"] = summarize(alone)
@@ -609,6 +620,7 @@ def measure_family(family: Family, settings: Settings) -> dict:
                 entry["divergences"] = top2_gaps(first.target.model, prompts, alone, results)
             speculative[name] = entry
         run["speculor_speculative"] = speculative
+        settings.say(f"{family.name}: speculor runs at T={temperature} done")
         best = max(speculative, key=lambda name: speculative[name]["tokens_per_second"])
         run["best_draft"] = best
         short = dict(temperature=temperature, gamma=speculative[best]["gamma"])
@@ -633,11 +645,10 @@ def measure_family(family: Family, settings: Settings) -> dict:
             "hf_assisted_vs_hf_ar": hf["hf_assisted"]["tokens_per_second"] / hf["hf_ar"]["tokens_per_second"],
             "hf_prompt_lookup_vs_hf_ar": hf["hf_prompt_lookup"]["tokens_per_second"] / hf["hf_ar"]["tokens_per_second"],
         }
-        found["temperatures"][str(temperature)] = run
+        settings.say(f"{family.name}: HF runs at T={temperature} done")
     found["identity"] = identity_checks(family, found, prompts[: settings.identity_prompts], settings)
     del decoders, first
     free_memory()
-    return found
 
 
 def identity_checks(family: Family, found: dict, prompts: Sequence[list[int]], settings: Settings) -> dict:
@@ -670,12 +681,12 @@ def identity_checks(family: Family, found: dict, prompts: Sequence[list[int]], s
     return checks
 
 
-def part_c(settings: Settings) -> dict:
-    return measure_family(train_pair(settings), settings)
+def part_c(settings: Settings, found: dict) -> None:
+    measure_family(train_pair(settings), settings, found)
 
 
-def part_d(settings: Settings) -> dict:
-    return measure_family(shipped_family(), settings)
+def part_d(settings: Settings, found: dict) -> None:
+    measure_family(shipped_family(), settings, found)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -717,7 +728,10 @@ def markdown(report: dict) -> str:
         lines += markdown_b(report["parts"]["b"])
     for part in ("c", "d"):
         if part in report["parts"]:
-            lines += markdown_family(part, report["parts"][part])
+            try:
+                lines += markdown_family(part, report["parts"][part])
+            except KeyError:
+                lines += [f"**{part}** incomplete: what it measured is in gpu.json", ""]
     if report["notes"]:
         lines += ["Notes:", *[f"- {note}" for note in report["notes"]], ""]
     return "\n".join(lines)
@@ -835,6 +849,10 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--draft-seconds", type=float, default=30.0, help="part c training time per draft")
     parser.add_argument("--max-corpus-bytes", type=int, default=64 << 20, help="part c corpus cap")
     parser.add_argument("--compare-capture", action="store_true", help="part b: also time eager and torch.compile")
+    parser.add_argument("--target-shape", default="32x576", help="part c target, LAYERSxWIDTH")
+    parser.add_argument("--new-tokens", type=int, default=64, help="parts c, d: new tokens per speculor prompt")
+    parser.add_argument("--hf-prompts", type=int, default=32, help="parts c, d: prompts for the HF paths")
+    parser.add_argument("--hf-new-tokens", type=int, default=32, help="parts c, d: new tokens per HF prompt")
     return parser.parse_args(argv)
 
 
@@ -857,6 +875,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         draft_seconds=args.draft_seconds,
         max_corpus_bytes=args.max_corpus_bytes,
         compare_capture=args.compare_capture,
+        target_shape=args.target_shape,
+        new_tokens=args.new_tokens,
+        hf_prompts=args.hf_prompts,
+        hf_new_tokens=args.hf_new_tokens,
     )
     import transformers
 
@@ -870,27 +892,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         "notes": settings.notes,
         "seconds": {},
     }
+
+    def save() -> None:
+        (out / "gpu.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (out / "gpu.md").write_text(markdown(report) + "\n")
+
+    settings.save = save
     runners = {
-        "a": lambda: part_a(settings),
-        "b": lambda: part_b(settings, report["parts"].get("a", {}).get("shapes", {})),
-        "c": lambda: part_c(settings),
-        "d": lambda: part_d(settings),
+        "a": lambda found: found.update(part_a(settings)),
+        "b": lambda found: found.update(part_b(settings, report["parts"].get("a", {}).get("shapes", {}))),
+        "c": lambda found: part_c(settings, found),
+        "d": lambda found: part_d(settings, found),
     }
     for part in PARTS:
         if part not in parts:
             continue
         began = time.perf_counter()
+        found: dict = {}
+        report["parts"][part] = found
         try:
-            report["parts"][part] = runners[part]()
+            runners[part](found)
         except ImportError as error:
-            report["parts"][part] = {"skipped": f"a dependency is missing ({error})"}
+            found["skipped"] = f"a dependency is missing ({error})"
         except Exception as error:  # record and go on: the other parts are still worth having
             traceback.print_exc()
-            report["parts"][part] = {"skipped": f"failed: {type(error).__name__}: {error}"}
+            found["skipped"] = f"failed: {type(error).__name__}: {error}"
         report["seconds"][part] = time.perf_counter() - began
         free_memory()
-        (out / "gpu.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (out / "gpu.md").write_text(markdown(report) + "\n")
+        settings.say(f"part {part} done")
     print(markdown(report))
     return 0
 
