@@ -4,12 +4,13 @@ against the target alone.
     python benchmarks/serve.py                                    # shipped family, best draft, HumanEval, CPU
     python benchmarks/serve.py --target T --draft D --gamma 4 --concurrency 1 4 16 --requests 32 --max-tokens 64
 
-Each mode starts `python -m speculor serve` as its own process on a free 127.0.0.1 port — the server a user would
-run — and drives it with a closed loop: `c` clients, each sending its next streamed request as soon as the last
-one ends, until `--requests` have been answered. Every mode and concurrency sends the same prompts in the same
-order with greedy decoding, so both modes generate the same tokens (checked and reported); only the time differs.
-The server runs one generation at a time, so requests/s should not grow with concurrency while latency grows
-about linearly with it: the table shows how much of that queueing speculative decoding buys back.
+Each mode starts `python -m speculor serve` as its own process on a free 127.0.0.1 port (the server a user would
+run); the modes take turns at each concurrency, so a shared machine's changing load falls on both alike. Each run
+is a closed loop: `c` clients, each sending its next streamed request as soon as its last one ends, until
+`--requests` have been answered. Every mode and concurrency sends the same prompts in the same order with greedy
+decoding, so both modes generate the same tokens (checked and reported); only the time differs. The server runs
+one generation at a time, so requests/s should not grow with concurrency while latency grows about linearly with
+it: the table shows how much of that queueing speculative decoding buys back.
 """
 
 from __future__ import annotations
@@ -263,29 +264,35 @@ def main() -> int:
     rows: list[Row] = []
     texts: dict[str, list[str]] = {}
     commands: dict[str, str] = {}
-    for mode, arguments in modes.items():
-        server = ServerProcess(arguments, args.threads)
-        commands[mode] = shlex.join(server.command)
-        try:
-            for concurrency in args.concurrency:
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for mode, arguments in modes.items():
+            servers[mode] = ServerProcess(arguments, args.threads)
+            commands[mode] = shlex.join(servers[mode].command)
+        for concurrency in args.concurrency:
+            for mode, server in servers.items():
                 answers, seconds = asyncio.run(
                     closed_loop(server.url, prompts, concurrency, args.max_tokens, args.ignore_eos)
                 )
                 rows.append(summarize(mode, concurrency, answers, seconds))
                 texts.setdefault(mode, [answer.text for answer in answers])
                 print(f"{mode}, concurrency {concurrency}: {rows[-1].requests_per_second:.3f} requests/s", flush=True)
-        finally:
+    finally:
+        for server in servers.values():
             server.stop()
     identical = sum(a == b for a, b in zip(texts["target alone"], texts["speculative"], strict=True))
     table = markdown_table(rows)
     print()
     print(table)
     print(f"\ngreedy answers identical between modes: {identical}/{len(prompts)}")
+    load_after = os.getloadavg()
+    print(f"{cpu_name()}, {os.cpu_count()} cores; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
     if args.json:
         report = {
             "date": datetime.date.today().isoformat(),
             "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores",
             "load_average_before": load_before,
+            "load_average_after": load_after,
             "command": shlex.join([sys.executable, *sys.argv]),
             "servers": commands,
             "settings": {key: str(value) for key, value in vars(args).items()},
