@@ -266,17 +266,27 @@ def decode_rate(results: Sequence[GenerationResult]) -> float:
 def step_milliseconds(runner, prompt: torch.Tensor, width: int, repeats: int) -> float:
     """Milliseconds per forward of `width` tokens on a `prompt`-long cache (rolled back after each), from the wall
     time of bursts of `repeats` forwards (median of three bursts): what a decode loop pays per step, host included."""
-    runner.prefill(prompt)
-    tokens = prompt[:width]
-    device = prompt.device
+    return interleaved_step_milliseconds({"runner": (runner, repeats)}, prompt, width)["runner"]
 
-    def burst() -> None:
+
+def interleaved_step_milliseconds(runners: dict, prompt: torch.Tensor, width: int, rounds: int = 3) -> dict:
+    """`step_milliseconds` for several runners ({name: (runner, repeats)}) whose bursts take turns, so that a load
+    drifting during the measurement (a shared CPU) hits each of them alike. Median over `rounds` bursts each."""
+    tokens = prompt[:width]
+    times: dict[str, list[float]] = {name: [] for name in runners}
+
+    def burst(runner, repeats: int) -> None:
         for _ in range(repeats):
             runner.forward(tokens)
             runner.truncate(prompt.numel())
 
-    burst()
-    return statistics.median(timed(device, burst) for _ in range(3)) / repeats * 1e3
+    for runner, repeats in runners.values():
+        runner.prefill(prompt)
+        burst(runner, repeats)
+    for _ in range(rounds):
+        for name, (runner, repeats) in runners.items():
+            times[name].append(timed(prompt.device, lambda runner=runner, repeats=repeats: burst(runner, repeats)))
+    return {name: statistics.median(times[name]) / runners[name][1] * 1e3 for name in runners}
 
 
 def capture_modes(model: PreTrainedModel, prompt: torch.Tensor, settings: Settings) -> dict:
@@ -367,11 +377,13 @@ def part_b(settings: Settings, floors: dict) -> dict:
         speculor_rate = decode_rate([decoder.generate(prompt.tolist(), **options) for _ in range(2)])
         fast = FastRunner(model, max_cache_length=1024)
         hf = HFRunner(model)
+        pair = {"fast": (fast, settings.step_repeats), "hf": (hf, settings.hf_step_repeats)}
+        steps = {k: interleaved_step_milliseconds(pair, prompt, k) for k in VERIFY_WIDTHS}
         entry = {
             "hf_generate_tokens_per_second": hf_rate,
             "speculor_ar_tokens_per_second": speculor_rate,
-            "fast_step_ms": {k: step_milliseconds(fast, prompt, k, settings.step_repeats) for k in VERIFY_WIDTHS},
-            "hf_step_ms": {k: step_milliseconds(hf, prompt, k, settings.hf_step_repeats) for k in VERIFY_WIDTHS},
+            "fast_step_ms": {k: steps[k]["fast"] for k in VERIFY_WIDTHS},
+            "hf_step_ms": {k: steps[k]["hf"] for k in VERIFY_WIDTHS},
         }
         floor = floors.get(name, {}).get("floor_tokens_per_second")
         if floor:
@@ -848,6 +860,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-seconds", type=float, default=120.0, help="part c target training time")
     parser.add_argument("--draft-seconds", type=float, default=30.0, help="part c training time per draft")
     parser.add_argument("--max-corpus-bytes", type=int, default=64 << 20, help="part c corpus cap")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--compare-capture", action="store_true", help="part b: also time eager and torch.compile")
     parser.add_argument("--target-shape", default="32x576", help="part c target, LAYERSxWIDTH")
     parser.add_argument("--new-tokens", type=int, default=64, help="parts c, d: new tokens per speculor prompt")
@@ -864,6 +877,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unknown parts {unknown}: choose from {', '.join(PARTS)}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings(
