@@ -8,9 +8,11 @@ launch per step. The attention span is the used part of the cache rounded up to 
 sequence does not read the whole cache.
 
 Capture mode: manual `torch.cuda.CUDAGraph` capture of the eager step ("graph", the default on CUDA). The
-alternative, `torch.compile(mode="reduce-overhead")` ("compile"), is kept selectable for measurement; on an H100
-it was not faster per step and costs a compilation per shape (see benchmarks/RESULTS.md, GPU section). On the
-CPU the same step runs eagerly ("eager"), which already saves most of transformers' per-call overhead.
+alternative, `torch.compile(mode="reduce-overhead")` ("compile"), stays selectable for measurement. On an H200
+(benchmarks/RESULTS.md, GPU section) it ran this runner's first version 28-38% faster per step but took 3-64 s
+to compile each (k, span) shape, and a speculative run meets several; once the step's launches were cut, the
+manual graph beat that compiled step, at a capture cost of milliseconds. On the CPU the same step runs eagerly
+("eager"), which already saves most of transformers' per-call overhead.
 
 Uniform rounding (`fixed_width`): a verify step of k tokens and a decode step of 1 token run different matrix
 kernels, so in bfloat16 the same position can get slightly different logits, and at a near-tie greedy speculative
