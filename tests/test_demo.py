@@ -1,0 +1,16 @@
+"""`speculor demo` end to end on the CPU, with short completions to keep the test quick."""
+
+from __future__ import annotations
+
+from speculor.cli import main
+from speculor.demo import DEMO_PROMPTS
+
+
+def test_demo_exits_zero_and_prints_its_table(capsys):
+    assert main(["demo", "--device", "cpu", "--max-new-tokens", "12"]) == 0
+    output = capsys.readouterr().out
+    assert "target alone vs speculative, greedy" in output
+    assert output.count("prompt ") >= len(DEMO_PROMPTS)
+    assert "draft-4x128-long" in output
+    summary = next(line for line in output.splitlines() if line.startswith("│ all "))
+    assert "True" in summary
