@@ -460,24 +460,12 @@ def train_pair(settings: Settings) -> Family:
 
 
 def shipped_family() -> Family:
-    """The demo family shipped inside the package: through `speculor.models.shipped()` where it exists, else the
-    `speculor/models/` directory itself (a `target` directory and `draft-*` directories)."""
-    try:
-        from speculor.models import shipped
-    except ImportError:
-        import speculor
+    """The demo family shipped inside the package (`speculor.models.shipped()`), every draft."""
+    from speculor.models import shipped
 
-        root = Path(speculor.__file__).parent / "models"
-        drafts = {
-            path.name: os.fspath(path) for path in sorted(root.glob("draft-*")) if (path / "config.json").exists()
-        }
-        if not (root / "target" / "config.json").exists() or not drafts:
-            raise ImportError(f"no shipped family: neither speculor.models.shipped() nor models under {root}") from None
-        return Family("shipped", os.fspath(root / "target"), drafts)
     family = shipped()
-    target = family.target if hasattr(family, "target") else family["target"]
-    drafts = family.drafts if hasattr(family, "drafts") else family["drafts"]
-    return Family("shipped", os.fspath(target), {name: os.fspath(path) for name, path in dict(drafts).items()})
+    drafts = {name: os.fspath(path) for name, path in family.drafts.items()}
+    return Family("shipped", os.fspath(family.target), drafts)
 
 
 def run_prompts(
