@@ -114,6 +114,26 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _PhaseClock:
+    """Times the draft and verify phases without forcing a device sync inside the step: CUDA events on a GPU (read
+    after the step's one host read has completed them), the host clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.on_gpu = device.type == "cuda"
+
+    def mark(self) -> torch.cuda.Event | float:
+        if self.on_gpu:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start: torch.cuda.Event | float, end: torch.cuda.Event | float) -> float:
+        if isinstance(start, float) and isinstance(end, float):
+            return end - start
+        return start.elapsed_time(end) / 1000
+
+
 class Decoding:
     """One generation in progress: iterate it for `Delta`s; `result` is complete once iteration ends."""
 
@@ -172,10 +192,11 @@ class Decoding:
         """One target forward: draft (unless decoding alone), verify, accept. Returns the tokens this step yields."""
         request, stats = self.request, self.stats
         device = self.target.device
+        clock = _PhaseClock(device)
         drafts = torch.empty(0, dtype=torch.long, device=device)
         draft_probs = None
+        draft_started = clock.mark()
         if self.proposer is not None and remaining > 1:
-            began = time.perf_counter()
             # Never draft past max_new_tokens: the step can emit γ + 1 tokens.
             gamma = min(request.gamma.next_gamma(), remaining - 1)
             proposal = self.proposer.propose(
@@ -183,9 +204,7 @@ class Decoding:
             )
             drafts, draft_probs = proposal.tokens, proposal.probs
             stats.draft_forwards += proposal.forwards
-            _synchronize(device)
-            stats.draft_seconds += time.perf_counter() - began
-        began = time.perf_counter()
+        verify_started = clock.mark()
         pending = torch.tensor(context[self.target.cache_length :], dtype=torch.long, device=device)
         logits = self.target.forward(torch.cat([pending, drafts]))[-(drafts.numel() + 1) :, : self.vocab_size]
         if request.params.greedy:
@@ -193,9 +212,11 @@ class Decoding:
         else:
             target_probs = probabilities(logits, request.params)
             accepted, next_token = stochastic_accept(drafts, draft_probs, target_probs, generator)
-        # The single host read of the step.
+        verify_ended = clock.mark()
+        # The single host read of the step; on a GPU it also completes the timing events above.
         values = torch.cat([drafts, accepted.view(1), next_token.view(1)]).tolist()
-        stats.verify_seconds += time.perf_counter() - began
+        stats.draft_seconds += clock.seconds(draft_started, verify_started)
+        stats.verify_seconds += clock.seconds(verify_started, verify_ended)
         drafted, count = len(values) - 2, values[-2]
         stats.record_step(drafted, count)
         if self.proposer is not None and drafted:
