@@ -16,7 +16,7 @@ from speculor.errors import SpeculorError
 from speculor.loading import DTYPES
 
 # Modules that add a subcommand through `register(subparsers)`.
-COMMAND_MODULES = ("speculor.cli", "speculor.train", "speculor.demo", "speculor.bench", "speculor.server")
+COMMAND_MODULES = ("speculor.cli", "speculor.train", "speculor.demo", "speculor.bench", "speculor.server.command")
 
 console = Console(stderr=True, highlight=False)
 

@@ -10,8 +10,10 @@ offline generation on a separately loaded decoder.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from openai import AsyncOpenAI, BadRequestError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import LlamaForCausalLM
 
+import speculor.server.command
 from speculor import SpeculativeDecoder
 from speculor.cli import main
 from speculor.models import shipped
@@ -537,3 +540,13 @@ def test_serve_command_takes_target_draft_and_gamma_from_a_config_and_binds_loca
     assert (served.name, served.gamma) == (str(model_dirs["target"]), 2)
     assert served.decoder.draft.name == str(model_dirs["draft"])
     assert (started["host"], started["port"]) == ("127.0.0.1", 8000)
+
+
+def test_the_command_line_works_without_the_web_packages(monkeypatch, capsys):
+    """The GPU image has no FastAPI: listing subcommands must not import it, and `serve` must say what is missing."""
+    for name in ("fastapi", "uvicorn", "starlette", "prometheus_client", "speculor.server.app"):
+        monkeypatch.setitem(sys.modules, name, None)
+    importlib.reload(speculor.server)
+    importlib.reload(speculor.server.command)
+    assert main(["serve", "--target", "anything"]) == 2
+    assert "needs fastapi, uvicorn" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from speculor.cli import add_model_arguments, apply_config_file, console
+from speculor.errors import SpeculorError
 
 # The model id clients send to the shipped family (its directory path would be an awkward name).
 SHIPPED_MODEL_NAME = "speculor-shipped"
@@ -38,10 +39,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from speculor.server.app import create_app
+    except ImportError as error:
+        raise SpeculorError(
+            f"`speculor serve` needs fastapi, uvicorn, pydantic and prometheus_client installed ({error})"
+        ) from error
     from speculor.api import SpeculativeDecoder
-    from speculor.server.app import create_app
 
     apply_config_file(args)
     if args.target is None and args.config:
