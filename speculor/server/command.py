@@ -73,7 +73,9 @@ def run_serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
     )
     drafting = args.draft or (f"prompt lookup, n-grams up to {args.ngram}" if args.ngram else "none")
-    console.print(f"serving {app.state.served.name!r} on http://{args.host}:{args.port}/v1 (draft: {drafting})")
+    console.print(
+        f"serving {app.state.served.name!r} on http://{args.host}:{args.port}/v1 (draft: {drafting})", soft_wrap=True
+    )
     uvicorn.run(
         app,
         host=args.host,
