@@ -158,6 +158,9 @@ def summarize(result: ConfigResult, baseline: ConfigResult) -> dict:
         "ms_per_token_median": 1000
         * _percentiles([run.stats["wall_seconds"] / max(run.stats["new_tokens"], 1) for run in runs])[0],
         "speedup_median": _percentiles(speedups)[0] if speedups else None,
+        "speedup_by_prompt": speedups,
+        "draft_ms_per_forward": _milliseconds_per(runs, "draft_seconds", "draft_forwards"),
+        "verify_ms_per_forward": _milliseconds_per(runs, "verify_seconds", "target_forwards"),
         "cost_ratio": c,
         "predicted_speedup": predicted,
         "greedy_identical": None,
@@ -167,6 +170,11 @@ def summarize(result: ConfigResult, baseline: ConfigResult) -> dict:
         identical = sum(run.token_ids == baseline_by_prompt[run.prompt_index].token_ids for run in runs)
         row.update(greedy_identical=identical, greedy_checked=len(runs))
     return row
+
+
+def _milliseconds_per(runs: Sequence[PromptRun], seconds_key: str, count_key: str) -> float | None:
+    count = _total(runs, count_key)
+    return 1000 * _total(runs, seconds_key) / count if count else None
 
 
 def best_fixed(rows: Sequence[dict], temperature: float, drafter: str | None = None) -> dict | None:
@@ -197,6 +205,7 @@ def adaptive_comparisons(rows: Sequence[dict]) -> list[dict]:
         fixed = best_fixed(rows, row["temperature"], row["drafter"])
         if fixed is None:
             continue
+        paired = zip(row["speedup_by_prompt"], fixed["speedup_by_prompt"], strict=True)
         comparisons.append(
             {
                 "label": row["label"],
@@ -204,6 +213,8 @@ def adaptive_comparisons(rows: Sequence[dict]) -> list[dict]:
                 "best_fixed_label": fixed["label"],
                 "best_fixed_speedup_median": fixed["speedup_median"],
                 "beats_best_fixed": row["speedup_median"] > fixed["speedup_median"],
+                "prompts_won": sum(mine > theirs for mine, theirs in paired),
+                "prompts": len(row["speedup_by_prompt"]),
             }
         )
     return comparisons
@@ -270,6 +281,8 @@ TABLE_COLUMNS = (
     ("tok/s p50 [p10–p90]", _throughput),
     ("TTFT ms", lambda row: _number(row["ttft_ms_median"], 1)),
     ("ms/tok", lambda row: _number(row["ms_per_token_median"])),
+    ("draft ms", lambda row: _number(row["draft_ms_per_forward"])),
+    ("verify ms", lambda row: _number(row["verify_ms_per_forward"])),
     ("c", lambda row: _number(row["cost_ratio"], 3)),
     ("speedup", lambda row: _number(row["speedup_median"]) + "x"),
     ("pred.", lambda row: _number(row["predicted_speedup"]) + ("x" if row["predicted_speedup"] else "")),
@@ -296,7 +309,8 @@ CSV_FIELDS = (
     "label", "drafter", "draft", "ngram", "policy", "gamma", "temperature", "prompts", "new_tokens", "tar",
     "mean_accepted_length", "acceptance_by_position", "alpha", "mean_gamma", "tokens_per_second_median",
     "tokens_per_second_p10", "tokens_per_second_p90", "ttft_ms_median", "ms_per_token_median", "speedup_median",
-    "cost_ratio", "predicted_speedup", "greedy_identical", "greedy_checked",
+    "draft_ms_per_forward", "verify_ms_per_forward", "cost_ratio", "predicted_speedup", "greedy_identical",
+    "greedy_checked",
 )  # fmt: skip
 
 
@@ -426,7 +440,8 @@ def report_markdown(meta: dict, rows: Sequence[dict], best: dict) -> str:
             verdict = "beats" if item["beats_best_fixed"] else "does not beat"
             lines.append(
                 f"- {item['label']}: {item['speedup_median']:.2f}x {verdict} {item['best_fixed_label']} "
-                f"({item['best_fixed_speedup_median']:.2f}x)"
+                f"({item['best_fixed_speedup_median']:.2f}x); faster on {item['prompts_won']} of {item['prompts']} "
+                "prompts"
             )
     checked = [row for row in rows if row["greedy_checked"] is not None]
     if checked:
@@ -447,11 +462,13 @@ def report_markdown(meta: dict, rows: Sequence[dict], best: dict) -> str:
         "",
         markdown_table(rows),
         "",
-        "E = mean accepted length (tokens per target forward); TAR = accepted / drafted; α = per-token"
-        " acceptance, accepted / (accepted + rejections); c = draft step time / target step time of the baseline;"
-        " pred. = E(α, γ̄) / (γ̄·c + 1) with γ̄ the mean drafted per drafting step (Leviathan et al.; draft models"
-        " only); speedup = median over prompts of tokens/s against the target alone on the same prompt; greedy ≡ ="
-        " generations identical to the target alone.",
+        "E = mean accepted length (tokens per target forward); draft ms / verify ms = time per draft forward / per"
+        " target forward (a verify forward scores γ + 1 tokens, the baseline's one); TAR = accepted / drafted;"
+        " α = per-token acceptance, accepted / (accepted + rejections); c = draft step time / target step time of"
+        " the baseline; pred. = E(α, γ̄) / (γ̄·c + 1) with γ̄ the mean drafted per drafting step (Leviathan et al.;"
+        " draft models only; it assumes a verify forward costs what one baseline step does); speedup = median over"
+        " prompts of tokens/s against the target alone on the same prompt; greedy ≡ = generations identical to the"
+        " target alone.",
         "",
         "## Plots",
         "",

@@ -72,6 +72,10 @@ def test_summary_matches_hand_computed_values():
     assert row["acceptance_by_position"] == [1.0, 0.5]
     # tok/s 15 and 50 against 10 and 20: speedups 1.5 and 2.5.
     assert row["speedup_median"] == pytest.approx(2.0)
+    assert row["speedup_by_prompt"] == pytest.approx([1.5, 2.5])
+    # 0.08 s over 8 draft forwards; 2 s over 4 target forwards.
+    assert row["draft_ms_per_forward"] == pytest.approx(10.0)
+    assert row["verify_ms_per_forward"] == pytest.approx(500.0)
     assert row["tokens_per_second_median"] == pytest.approx(32.5)
     # 0.01 s per draft forward over 0.1 s per target forward.
     assert row["cost_ratio"] == pytest.approx(0.1)
@@ -107,12 +111,13 @@ def test_best_config_and_vllm_equivalent():
 def test_adaptive_rows_are_compared_with_the_best_fixed_gamma_of_their_drafter():
     baseline, result = made_up_results()
     fixed = summarize(result, baseline)
-    leviathan = dict(fixed, policy="leviathan", label="lev", speedup_median=2.2)
-    confidence = dict(fixed, policy="confidence", label="conf", speedup_median=1.1)
+    leviathan = dict(fixed, policy="leviathan", label="lev", speedup_median=2.2, speedup_by_prompt=[1.6, 2.4])
+    confidence = dict(fixed, policy="confidence", label="conf", speedup_median=1.1, speedup_by_prompt=[1.0, 1.2])
     verdicts = {
-        item["label"]: item["beats_best_fixed"] for item in adaptive_comparisons([fixed, leviathan, confidence])
+        item["label"]: (item["beats_best_fixed"], item["prompts_won"], item["prompts"])
+        for item in adaptive_comparisons([fixed, leviathan, confidence])
     }
-    assert verdicts == {"lev": True, "conf": False}
+    assert verdicts == {"lev": (True, 1, 2), "conf": (False, 0, 2)}
 
 
 @pytest.fixture
