@@ -30,12 +30,7 @@ from rich.table import Table
 
 from speculor.analysis import alpha_from_counts, cost_ratio, predicted_speedup
 
-POLICY_NAMES = {
-    "target": "target alone",
-    "fixed": "fixed γ",
-    "confidence": "confidence threshold",
-    "leviathan": "Leviathan γ",
-}
+ADAPTIVE_POLICY_NAMES = {"confidence": "confidence threshold", "leviathan": "Leviathan γ"}
 
 
 @dataclass(frozen=True)
@@ -60,7 +55,7 @@ class BenchConfig:
     def label(self) -> str:
         if self.policy == "target":
             return f"target alone, T={self.temperature:g}"
-        how = f"γ={self.gamma}" if self.policy == "fixed" else f"{POLICY_NAMES[self.policy]} (γ≤{self.gamma})"
+        how = f"γ={self.gamma}" if self.policy == "fixed" else f"{ADAPTIVE_POLICY_NAMES[self.policy]} (γ≤{self.gamma})"
         return f"{self.drafter}, {how}, T={self.temperature:g}"
 
 
@@ -99,20 +94,14 @@ def _percentiles(values: Sequence[float]) -> tuple[float, float, float]:
     return float(p50), float(p10), float(p90)
 
 
-def target_step_seconds(baseline: ConfigResult) -> float:
-    """Mean time of one target forward when decoding alone."""
-    forwards = _total(baseline.runs, "target_forwards")
-    return _total(baseline.runs, "verify_seconds") / forwards if forwards else 0.0
-
-
 def measured_cost_ratio(result: ConfigResult, baseline: ConfigResult) -> float | None:
     """c for a configuration (None for the target alone). A draft step is one draft-model forward; a proposer
     without a model (prompt lookup) takes one step per target forward."""
     draft_steps = _total(result.runs, "draft_forwards") or _total(result.runs, "target_forwards")
-    target_seconds = target_step_seconds(baseline)
-    if result.config.policy == "target" or not draft_steps or target_seconds <= 0:
+    target_steps, target_seconds = _total(baseline.runs, "target_forwards"), _total(baseline.runs, "verify_seconds")
+    if result.config.policy == "target" or not draft_steps or not target_steps or target_seconds <= 0:
         return None
-    return cost_ratio(_total(result.runs, "draft_seconds"), int(draft_steps), target_seconds, 1)
+    return cost_ratio(_total(result.runs, "draft_seconds"), int(draft_steps), target_seconds, int(target_steps))
 
 
 def summarize(result: ConfigResult, baseline: ConfigResult) -> dict:
