@@ -6,6 +6,8 @@ each forward, which the static-cache fast runner removes for the Llama family.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
@@ -29,6 +31,9 @@ class HFRunner:
         self._length = 0
         self._vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._max_length = _context_length(model)
+        # transformers renamed `past_key_values` to `cache` during 5.x; pass whichever this version's model takes.
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -71,7 +76,7 @@ class HFRunner:
         positions = torch.arange(self._length, self._length + count, device=token_ids.device)
         output = self.model(
             input_ids=token_ids.view(1, -1),
-            past_key_values=self._cache,
+            **{self._cache_argument: self._cache},
             use_cache=True,
             position_ids=positions.view(1, -1),
             logits_to_keep=logits_to_keep,
