@@ -7,8 +7,9 @@ on a laptop CPU, so that tests, benchmarks, the demo and users have a real targe
 The drafts differ in the one thing that decides speculative decoding on small models, depth against width at a
 similar size: `draft-4x128` (deep and narrow) and `draft-1x192` (shallow and wide) have about 1.8M and 2.0M
 parameters and the same 40 s of training. `draft-3x128` is one layer shallower; `draft-4x128-long` is the deep
-shape distilled for longer (90 s), and is the best draft: it has the highest greedy acceptance rate (numbers in
-benchmarks/RESULTS.md, section "Shipped family").
+shape distilled for longer (90 s), and is the best draft. Greedy acceptance rates with the target on the 164
+HumanEval prompts (γ = 4, 128 tokens): draft-4x128-long 0.734, draft-4x128 0.658, draft-3x128 0.485, draft-1x192
+0.301 (benchmarks/RESULTS.md, section "Shipped family").
 """
 
 from __future__ import annotations
