@@ -634,7 +634,8 @@ def _load_teacher(directory: str, device: torch.device) -> tuple[PreTrainedToken
     return tokenizer, teacher.to(device).eval()
 
 
-DEFAULT_FAMILY = ("target:8x384", "draft-deep:4x128", "draft-wide:1x256", "draft-mid:2x192")
+# The shapes of the shipped family (speculor/models), each trained for --seconds.
+DEFAULT_FAMILY = ("target:8x384", "draft-4x128:4x128", "draft-3x128:3x128", "draft-1x192:1x192")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import torch
+
 from speculor.cli import main
 from speculor.demo import DEMO_PROMPTS
 
 
 def test_demo_exits_zero_and_prints_its_table(capsys):
+    threads = torch.get_num_threads()
     assert main(["demo", "--device", "cpu", "--max-new-tokens", "12"]) == 0
+    torch.set_num_threads(threads)
     output = capsys.readouterr().out
     assert "target alone vs speculative, greedy" in output
     assert output.count("prompt ") >= len(DEMO_PROMPTS)
