@@ -18,6 +18,7 @@ from speculor.sampling import SamplingParams
 from speculor.text import TextTracker
 
 ModelSource = str | os.PathLike | PreTrainedModel
+LOADER_OPTIONS = ("ngram", "device", "dtype", "runner", "fixed_width")
 
 
 class SpeculativeDecoder:
@@ -26,6 +27,10 @@ class SpeculativeDecoder:
 
     `device` defaults to CUDA when available; `dtype` to bfloat16 on a GPU and float32 on the CPU. `runner` picks
     the model runner: "auto" (the fast static-cache runner where the architecture supports it), "fast" or "hf".
+
+    `fixed_width=W` (fast runner only) runs every target step — a one-token decode as well as a verify — at W tokens,
+    so both round alike and greedy speculative output equals the target alone bit for bit even in bf16, where a
+    near-tie can otherwise flip an argmax. It caps γ at W − 1 and costs W tokens of work per decode step.
     """
 
     def __init__(
@@ -37,6 +42,7 @@ class SpeculativeDecoder:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         runner: str = "auto",
+        fixed_width: int | None = None,
     ) -> None:
         if draft is not None and ngram is not None:
             raise SpeculorError("give either a draft model or ngram prompt lookup, not both")
@@ -54,7 +60,10 @@ class SpeculativeDecoder:
             self.vocab_size = min(len(self.tokenizer), self.target.logits_width)
         else:
             self.vocab_size = self.target.logits_width
-        self.target_runner = make_runner(self.target.model, runner)
+        if fixed_width is not None and (not isinstance(fixed_width, int) or fixed_width < 1):
+            raise SpeculorError(f"fixed_width must be an integer ≥ 1, got {fixed_width!r}")
+        self.fixed_width = fixed_width
+        self.target_runner = make_runner(self.target.model, runner, fixed_width=fixed_width)
         self.draft_runner = make_runner(self.draft.model, runner) if self.draft is not None else None
         self.eos_ids = eos_token_ids(self.target.model)
 
@@ -109,6 +118,10 @@ class SpeculativeDecoder:
         if isinstance(gamma, int):
             if isinstance(gamma, bool) or gamma < 1:
                 raise SpeculorError(f"gamma must be an integer ≥ 1, got {gamma!r}")
+            if self.fixed_width is not None and gamma + 1 > self.fixed_width:
+                raise SpeculorError(
+                    f"gamma {gamma} needs verify steps of {gamma + 1} tokens, more than fixed_width={self.fixed_width}"
+                )
             policy = FixedGamma(gamma)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) for s in stops):
@@ -127,6 +140,7 @@ class SpeculativeDecoder:
             stop=tuple(stops),
             ignore_eos=ignore_eos,
             seed=seed,
+            max_gamma=self.fixed_width - 1 if self.fixed_width is not None else None,
         )
         proposer = self._proposer() if use_draft else None
         return Decoding(self.target_runner, proposer, self.vocab_size, TextTracker(self.tokenizer, stops), request)
@@ -160,5 +174,7 @@ def generate(
     target: ModelSource, draft: ModelSource | None, prompt: str | Sequence[int], **options
 ) -> GenerationResult:
     """One-shot helper: load the pair (`ngram`, `device`, `dtype`, `runner` go to the loader), generate, return."""
-    loader_options = {key: options.pop(key) for key in ("ngram", "device", "dtype", "runner") if key in options}
+    loader_options = {
+        key: options.pop(key) for key in ("ngram", "device", "dtype", "runner", "fixed_width") if key in options
+    }
     return SpeculativeDecoder(target, draft, **loader_options).generate(prompt, **options)

@@ -61,6 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="best_config.json written by `speculor bench` (draft and gamma)")
     parser.add_argument("--compare", action="store_true", help="also run the target alone and compare")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    parser.add_argument(
+        "--fixed-width",
+        type=int,
+        help="run every target step at this many tokens so verify and decode round alike (fast runner; γ < width)",
+    )
     parser.set_defaults(handler=run_generate)
 
 
@@ -101,7 +106,13 @@ def run_generate(args: argparse.Namespace) -> int:
     apply_config_file(args)
     prompt = parse_token_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
     decoder = SpeculativeDecoder(
-        args.target, args.draft, ngram=args.ngram, device=args.device, dtype=args.dtype, runner=args.runner
+        args.target,
+        args.draft,
+        ngram=args.ngram,
+        device=args.device,
+        dtype=args.dtype,
+        runner=args.runner,
+        fixed_width=args.fixed_width,
     )
     options = generation_options(args)
     decoding = decoder.decoding(prompt, **options)

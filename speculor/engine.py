@@ -107,6 +107,7 @@ class DecodeRequest:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     seed: int | None = None
+    max_gamma: int | None = None  # a cap from the target runner (fixed-width steps), applied to adaptive policies
 
 
 def _synchronize(device: torch.device) -> None:
@@ -198,7 +199,7 @@ class Decoding:
         draft_started = clock.mark()
         if self.proposer is not None and remaining > 1:
             # Never draft past max_new_tokens: the step can emit γ + 1 tokens.
-            gamma = min(request.gamma.next_gamma(), remaining - 1)
+            gamma = min(request.gamma.next_gamma(), remaining - 1, request.max_gamma or remaining)
             proposal = self.proposer.propose(
                 context, gamma, request.params, generator, request.gamma.confidence_threshold
             )
