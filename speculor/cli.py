@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 from rich.markup import escape
+from transformers.utils import logging as transformers_logging
 
 from speculor.errors import SpeculorError
 from speculor.loading import DTYPES
@@ -149,7 +150,7 @@ def run_generate(args: argparse.Namespace) -> int:
         line += f", speedup {report['speedup']:.2f}x vs target alone"
         if "identical" in report:
             line += f", identical={report['identical']}"
-    console.print(f"[dim]{line}[/dim]")
+    console.print(f"[dim]{line}[/dim]", soft_wrap=True)
     return 0
 
 
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The command line prints its own progress; transformers' per-file weight-loading bars would only clutter it.
+    transformers_logging.disable_progress_bar()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
