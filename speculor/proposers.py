@@ -127,13 +127,16 @@ class PromptLookupProposer:
 
 
 def find_continuation(context: np.ndarray, max_ngram: int, gamma: int) -> list[int]:
-    """The up to `gamma` tokens that followed the most recent earlier match of the context's final n-gram."""
+    """The up to `gamma` tokens that followed the most recent earlier match of the context's final n-gram, trying
+    n from `max_ngram` down to 1. Candidates are the earlier positions of the last token, found in one pass; longer
+    matches are then checked only there, so a step costs O(context) rather than O(context × n)."""
     length = len(context)
+    ends = np.flatnonzero(context[: length - 1] == context[-1])
     for size in range(min(max_ngram, length - 1), 0, -1):
-        pattern = context[length - size :]
-        windows = np.lib.stride_tricks.sliding_window_view(context[: length - 1], size)
-        hits = np.flatnonzero((windows == pattern).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + size
+        matches = ends[ends >= size - 1]
+        for back in range(1, size):
+            matches = matches[context[matches - back] == context[length - 1 - back]]
+        if matches.size:
+            start = int(matches[-1]) + 1
             return context[start : start + gamma].tolist()
     return []
