@@ -173,8 +173,6 @@ class SpeculativeDecoder:
 def generate(
     target: ModelSource, draft: ModelSource | None, prompt: str | Sequence[int], **options
 ) -> GenerationResult:
-    """One-shot helper: load the pair (`ngram`, `device`, `dtype`, `runner` go to the loader), generate, return."""
-    loader_options = {
-        key: options.pop(key) for key in ("ngram", "device", "dtype", "runner", "fixed_width") if key in options
-    }
+    """One-shot helper: load the pair (the `LOADER_OPTIONS` among `options` go to the loader), generate, return."""
+    loader_options = {key: options.pop(key) for key in LOADER_OPTIONS if key in options}
     return SpeculativeDecoder(target, draft, **loader_options).generate(prompt, **options)
