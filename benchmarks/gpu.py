@@ -307,11 +307,11 @@ def capture_modes(model: PreTrainedModel, prompt: torch.Tensor, settings: Settin
     return found
 
 
-def kernel_profile(model: PreTrainedModel, prompt: torch.Tensor, settings: Settings) -> dict:
+def kernel_profile(model: PreTrainedModel, prompt: torch.Tensor, kernels: str) -> dict:
     """Where a one-token step's device time goes: the eager step under torch.profiler (a graph replays the same
     kernels), kernels counted and summed by name. Device time summed over kernels, set against the captured
     step's wall time, shows how much of a step is launch gaps rather than work."""
-    runner = FastRunner(model, capture="eager", max_cache_length=1024)
+    runner = FastRunner(model, capture="eager", max_cache_length=1024, kernels=kernels)
     runner.prefill(prompt)
     for _ in range(3):
         runner.forward(prompt[:1])
@@ -319,14 +319,32 @@ def kernel_profile(model: PreTrainedModel, prompt: torch.Tensor, settings: Setti
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profiler:
         runner.forward(prompt[:1])
-        synchronize(settings.device)
-    kernels = [entry for entry in profiler.key_averages() if entry.device_type == torch.autograd.DeviceType.CUDA]
-    times = {entry.key: (entry.self_device_time_total, entry.count) for entry in kernels}
-    top = sorted(times.items(), key=lambda item: -item[1][0])[:8]
+        synchronize(prompt.device)
+    found = [entry for entry in profiler.key_averages() if entry.device_type == torch.autograd.DeviceType.CUDA]
+    times = {entry.key: (entry.self_device_time_total, entry.count) for entry in found}
+    top = sorted(times.items(), key=lambda item: -item[1][0])[:12]
     return {
         "kernels_per_step": sum(count for _, count in times.values()),
         "kernel_time_ms": sum(time_us for time_us, _ in times.values()) / 1e3,
         "top": [{"kernel": name[:90], "ms": time_us / 1e3, "count": count} for name, (time_us, count) in top],
+    }
+
+
+def loop_profile(decoder: SpeculativeDecoder, prompt: torch.Tensor, new_tokens: int = 32) -> dict:
+    """Where the decode loop's host time goes between captured steps: one AR generation under torch.profiler,
+    the host-side operations by self CPU time (the graph replay itself is one launch)."""
+    options = dict(max_new_tokens=new_tokens, ignore_eos=True)
+    decoder.generate(prompt.tolist(), **options)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        result = decoder.generate(prompt.tolist(), **options)
+    operations = sorted(profiler.key_averages(), key=lambda entry: -entry.self_cpu_time_total)[:12]
+    return {
+        "steps": result.stats.target_forwards,
+        "wall_ms_per_step": result.stats.wall_seconds / result.stats.target_forwards * 1e3,
+        "top_host_operations": [
+            {"operation": entry.key[:60], "count": entry.count, "us_per_step": entry.self_cpu_time_total / new_tokens}
+            for entry in operations
+        ],
     }
 
 
@@ -348,6 +366,7 @@ def logits_agreement(config: LlamaConfig, settings: Settings) -> dict:
 
     reference = logits(HFRunner(model))
     fast32 = logits(FastRunner(model, max_cache_length=1024))
+    plain32 = logits(FastRunner(model, max_cache_length=1024, kernels="torch"))
     model.to(torch.bfloat16)
     hf16 = logits(HFRunner(model))
     fast16 = logits(FastRunner(model, max_cache_length=1024))
@@ -355,6 +374,7 @@ def logits_agreement(config: LlamaConfig, settings: Settings) -> dict:
     free_memory()
     return {
         "float32_fast_vs_hf": error(fast32, reference),
+        "float32_fast_torch_kernels_vs_hf": error(plain32, reference),
         "bfloat16_hf_vs_float32": error(hf16, reference),
         "bfloat16_fast_vs_float32": error(fast16, reference),
         "bfloat16_fast_vs_hf_bfloat16": error(fast16, hf16),
@@ -373,32 +393,45 @@ def part_b(settings: Settings, floors: dict) -> dict:
         hf_rate = hf_decode_rate(model, prompt, settings.random_new_tokens, device)
         decoder = SpeculativeDecoder(model, device=device, dtype=settings.dtype, runner="fast")
         options = dict(max_new_tokens=settings.random_new_tokens, ignore_eos=True)
-        decoder.generate(prompt.tolist(), **options)
-        speculor_rate = decode_rate([decoder.generate(prompt.tolist(), **options) for _ in range(2)])
-        fast = FastRunner(model, max_cache_length=1024)
-        hf = HFRunner(model)
-        pair = {"fast": (fast, settings.step_repeats), "hf": (hf, settings.hf_step_repeats)}
-        steps = {k: interleaved_step_milliseconds(pair, prompt, k) for k in VERIFY_WIDTHS}
+        plain = SpeculativeDecoder(model, device=device, dtype=settings.dtype, runner="fast")
+        plain.target_runner = FastRunner(model, kernels="torch")
+        rates: dict[str, list[GenerationResult]] = {"fused": [], "plain": []}
+        for _ in range(3):  # alternate the two, so that drift hits both alike; the first round warms up
+            for variant, each in (("fused", decoder), ("plain", plain)):
+                rates[variant].append(each.generate(prompt.tolist(), **options))
+        runners = {
+            "fast": (FastRunner(model, max_cache_length=1024), settings.step_repeats),
+            "fast_torch_kernels": (FastRunner(model, max_cache_length=1024, kernels="torch"), settings.step_repeats),
+            "hf": (HFRunner(model), settings.hf_step_repeats),
+        }
+        steps = {k: interleaved_step_milliseconds(runners, prompt, k) for k in VERIFY_WIDTHS}
+        speculor_rate = decode_rate(rates["fused"][1:])
         entry = {
             "hf_generate_tokens_per_second": hf_rate,
             "speculor_ar_tokens_per_second": speculor_rate,
-            "fast_step_ms": {k: steps[k]["fast"] for k in VERIFY_WIDTHS},
-            "hf_step_ms": {k: steps[k]["hf"] for k in VERIFY_WIDTHS},
-        }
+            "speculor_ar_torch_kernels_tokens_per_second": decode_rate(rates["plain"][1:]),
+            "fused_kernels": runners["fast"][0].fused is not None,
+        } | {f"{runner}_step_ms": {k: steps[k][runner] for k in VERIFY_WIDTHS} for runner in runners}
         floor = floors.get(name, {}).get("floor_tokens_per_second")
         if floor:
             entry["hf_share_of_floor"] = hf_rate / floor
             entry["speculor_ar_share_of_floor"] = speculor_rate / floor
         if device.type == "cuda" and name == SHAPE_PAIRS[0][0]:
             try:
-                entry["kernel_profile"] = kernel_profile(model, prompt, settings)
-            except Exception as error:  # the profiler is a diagnostic; its failure must not cost the numbers
-                entry["kernel_profile"] = {"error": f"{type(error).__name__}: {error}"}
+                entry["loop_profile"] = loop_profile(decoder, prompt)
+            except Exception as error:  # a diagnostic, as below
+                entry["loop_profile"] = {"error": f"{type(error).__name__}: {error}"}
+            for kernels in ("auto", "torch"):
+                key = "kernel_profile" if kernels == "auto" else "kernel_profile_torch_kernels"
+                try:
+                    entry[key] = kernel_profile(model, prompt, kernels)
+                except Exception as error:  # the profiler is a diagnostic; its failure must not cost the numbers
+                    entry[key] = {"error": f"{type(error).__name__}: {error}"}
         # torch.compile of the 32-layer shape alone would take minutes of the budget; the others show the trend.
         if settings.compare_capture and name != SHAPE_PAIRS[0][0]:
             entry["capture_modes"] = capture_modes(model, prompt, settings)
         found["shapes"][name] = entry
-        del model, decoder, fast, hf
+        del model, decoder, plain, runners
         free_memory()
     found["cost_ratios"] = {}
     for target_name, draft_name in SHAPE_PAIRS:
@@ -744,21 +777,31 @@ def markdown_b(b: dict) -> list[str]:
     lines = [
         "**b** random weights (bf16 on a GPU), decode tok/s (share of the floor); ms per step by tokens per step",
         "",
-        f"| shape | HF generate | speculor AR | runner | {widths} |",
-        "|---|---|---|---|" + "---|" * len(VERIFY_WIDTHS),
+        f"| shape | HF generate | speculor AR | speculor AR, torch kernels | runner | {widths} |",
+        "|---|---|---|---|---|" + "---|" * len(VERIFY_WIDTHS),
     ]
     for name, shape in b["shapes"].items():
-        for runner in ("fast", "hf"):
+        for runner in ("fast", "fast_torch_kernels", "hf"):
             steps = " | ".join(number(shape[f"{runner}_step_ms"][k], 2) for k in VERIFY_WIDTHS)
+            floor_share = shape.get("speculor_ar_share_of_floor")
+            plain_rate = shape["speculor_ar_torch_kernels_tokens_per_second"]
+            plain_share = floor_share * plain_rate / shape["speculor_ar_tokens_per_second"] if floor_share else None
             rates = (
                 f"{number(shape['hf_generate_tokens_per_second'])} ({percent(shape.get('hf_share_of_floor'))}) | "
-                f"{number(shape['speculor_ar_tokens_per_second'])} "
-                f"({percent(shape.get('speculor_ar_share_of_floor'))})"
+                f"{number(shape['speculor_ar_tokens_per_second'])} ({percent(floor_share)}) | "
+                f"{number(plain_rate)} ({percent(plain_share)})"
                 if runner == "fast"
-                else " | "
+                else " | | "
             )
             lines.append(f"| {name if runner == 'fast' else ''} | {rates} | {runner} | {steps} |")
     lines.append("")
+    fused = any(shape.get("fused_kernels") for shape in b["shapes"].values())
+    lines.append(f"fast runner kernels: {'fused Triton' if fused else 'plain torch (no Triton or no CUDA)'}")
+    overheads = ", ".join(
+        f"{name} {1e3 / shape['speculor_ar_tokens_per_second'] - shape['fast_step_ms'][1]:.2f} ms"
+        for name, shape in b["shapes"].items()
+    )
+    lines.append(f"decode loop overhead per token (AR time per token − captured k=1 step): {overheads}")
     for pair, ratios in b["cost_ratios"].items():
         lines.append(f"cost ratio c ({pair}, k=1): fast runner {ratios['fast']:.3f}, HF runner {ratios['hf']:.3f}")
     for name, shape in b["shapes"].items():
@@ -773,18 +816,27 @@ def markdown_b(b: dict) -> list[str]:
             )
             lines.append(f"step modes, {name}, k=1: {described}")
     for name, shape in b["shapes"].items():
-        profile = shape.get("kernel_profile")
-        if profile and "error" not in profile:
+        for key, runner in (("kernel_profile", "fast"), ("kernel_profile_torch_kernels", "fast_torch_kernels")):
+            profile = shape.get(key)
+            if profile and "error" not in profile:
+                top = "; ".join(
+                    f"{item['kernel'][:50]} {item['ms']:.3f} ms ×{item['count']}" for item in profile["top"][:8]
+                )
+                lines.append(
+                    f"{name} ({runner}) eager k=1 step under the profiler: {profile['kernels_per_step']} kernels, "
+                    f"{profile['kernel_time_ms']:.2f} ms of kernel time (captured step: "
+                    f"{shape[f'{runner}_step_ms'][1]:.2f} ms); top: {top}"
+                )
+            elif profile:
+                lines.append(f"{name} ({runner}) profiler failed: {profile['error'][:160]}")
+    for name, shape in b["shapes"].items():
+        loop = shape.get("loop_profile")
+        if loop and "error" not in loop:
             top = "; ".join(
-                f"{item['kernel'][:50]} {item['ms']:.3f} ms ×{item['count']}" for item in profile["top"][:5]
+                f"{item['operation']} ×{item['count']} {item['us_per_step']:.0f} µs/step"
+                for item in loop["top_host_operations"][:8]
             )
-            lines.append(
-                f"{name} eager k=1 step under the profiler: {profile['kernels_per_step']} kernels, "
-                f"{profile['kernel_time_ms']:.2f} ms of kernel time (captured step: {shape['fast_step_ms'][1]:.2f} "
-                f"ms); top: {top}"
-            )
-        elif profile:
-            lines.append(f"{name} profiler failed: {profile['error'][:160]}")
+            lines.append(f"{name} decode loop under the profiler ({loop['wall_ms_per_step']:.2f} ms/step): {top}")
     agreement = b["logits_agreement"]
     lines += [
         "logits vs transformers (1B shape, prefill then 5 tokens): "

@@ -24,6 +24,8 @@ the step is bound by reading the weights) and a full-cache attention span.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from transformers import PreTrainedModel
 
@@ -32,6 +34,7 @@ from speculor.runners.hf import _context_length
 from speculor.runners.llama import LlamaWeights, StaticCache, forward_tokens, unsupported_reason
 
 CAPTURE_MODES = ("graph", "compile", "eager")
+KERNEL_CHOICES = ("auto", "triton", "torch")
 DEFAULT_MAX_CACHE_LENGTH = 4096
 SMALLEST_SPAN = 128
 
@@ -42,7 +45,9 @@ class FastRunner:
     `max_cache_length` caps the preallocated cache (and so `max_length`) below the model's context length, since
     e.g. a 128k-token cache of an 8B model would take 16 GB. `capture` picks the step mode: "graph" (CUDA only),
     "compile" (CUDA only) or "eager"; None means "graph" on CUDA and "eager" elsewhere. `fixed_width` runs every
-    step at that width (see the module docstring); steps of more tokens are then refused.
+    step at that width (see the module docstring); steps of more tokens are then refused. `kernels` picks how the
+    small per-layer operations run: "triton" (fused kernels of `speculor.runners.triton_ops`, CUDA only), "torch"
+    (plain PyTorch) or "auto" (Triton when on CUDA with Triton installed).
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class FastRunner:
         max_cache_length: int = DEFAULT_MAX_CACHE_LENGTH,
         capture: str | None = None,
         fixed_width: int | None = None,
+        kernels: str = "auto",
     ) -> None:
         if max_cache_length < 1:
             raise SpeculorError(f"max_cache_length must be ≥ 1, got {max_cache_length}")
@@ -70,6 +76,7 @@ class FastRunner:
         if capture != "eager" and device.type != "cuda":
             raise SpeculorError(f"capture mode {capture!r} needs a CUDA device; the model is on {device}")
         self.capture = capture
+        self.fused = fused_kernels(kernels, device)
         self.fixed_width = fixed_width
         # A padded step writes (masked, later overwritten) keys past the sequence end: room for them at the end.
         capacity = self._max_length + (fixed_width - 1 if fixed_width else 0)
@@ -110,7 +117,8 @@ class FastRunner:
         if count:
             self._check_room(count)
             positions = torch.arange(count, device=self.device)
-            forward_tokens(self.weights, self.cache, token_ids.to(self.device), positions, self._span(count), False)
+            tokens = token_ids.to(self.device)
+            forward_tokens(self.weights, self.cache, tokens, positions, self._span(count), False, self.fused)
             self._length = count
 
     @torch.inference_mode()
@@ -127,7 +135,8 @@ class FastRunner:
         self._token_buffer[:count].copy_(token_ids, non_blocking=True)
         if self.capture == "eager":
             positions = torch.arange(start, start + width, device=self.device)
-            logits = forward_tokens(self.weights, self.cache, self._token_buffer[:width], positions, span, True)
+            tokens = self._token_buffer[:width]
+            logits = forward_tokens(self.weights, self.cache, tokens, positions, span, True, self.fused)
         else:
             self._start.fill_(start)
             logits = self._replay(width, span)
@@ -155,15 +164,15 @@ class FastRunner:
     def _static_step(self, count: int, span: int) -> torch.Tensor:
         """One step over the static buffers: tokens `_token_buffer[:count]` at positions `_start + 0..count-1`."""
         positions = self._start + self.cache.slots[:count]
-        logits = forward_tokens(self.weights, self.cache, self._token_buffer[:count], positions, span, True)
+        tokens = self._token_buffer[:count]
+        logits = forward_tokens(self.weights, self.cache, tokens, positions, span, True, self.fused)
         assert logits is not None
         return logits
 
     def _compile(self):
         """`torch.compile` with its own CUDA graphs: the cache must keep its address across replays, and every
         (k, span) shape is one more specialization, so the recompilation limit is raised to hold them all."""
-        for tensor in (self.cache.keys, self.cache.values):
-            torch._dynamo.mark_static_address(tensor)
+        torch._dynamo.mark_static_address(self.cache.kv)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         return torch.compile(self._static_step, mode="reduce-overhead")
 
@@ -192,3 +201,21 @@ class FastRunner:
         with torch.cuda.graph(graph, pool=self._graph_pool):
             output = self._static_step(count, span)
         return graph, output
+
+
+def fused_kernels(choice: str, device: torch.device) -> ModuleType | None:
+    """The fused-kernel module for `choice` on `device` ("auto", "triton" or "torch"; see `FastRunner`), or None
+    for plain PyTorch. Triton is imported only here, so a CPU install never needs it."""
+    if choice not in KERNEL_CHOICES:
+        raise SpeculorError(f"unknown kernels {choice!r}: choose one of {', '.join(KERNEL_CHOICES)}")
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        raise SpeculorError(f"kernels='triton' needs a CUDA device; the model is on {device}")
+    try:
+        from speculor.runners import triton_ops
+    except ImportError as error:
+        if choice == "triton":
+            raise SpeculorError(f"kernels='triton' needs Triton, which failed to import: {error}") from error
+        return None
+    return triton_ops

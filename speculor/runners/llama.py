@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,7 @@ class LlamaWeights:
     scaling: float
     eps: float
     activation: Callable[[torch.Tensor], torch.Tensor]
+    activation_name: str
     inv_freq: torch.Tensor
     rope_scaling: float
 
@@ -134,6 +136,7 @@ class LlamaWeights:
             scaling=attention.scaling,
             eps=backbone.norm.variance_epsilon,
             activation=backbone.layers[0].mlp.act_fn,
+            activation_name=str(getattr(config, "hidden_act", "")),
             inv_freq=backbone.rotary_emb.inv_freq,
             rope_scaling=backbone.rotary_emb.attention_scaling,
         )
@@ -258,6 +261,7 @@ def forward_tokens(
     positions: torch.Tensor,
     span: int,
     with_logits: bool,
+    fused: ModuleType | None = None,
 ) -> torch.Tensor | None:
     """Run `token_ids` (k,) at `positions` (k,) through the model: write their keys/values into the cache and
     attend over its first `span` slots (span > every position). Returns float32 logits (k, vocab) or None.
@@ -265,28 +269,46 @@ def forward_tokens(
     Shapes depend only on k and span, and the positions are a tensor, so one capture serves every step of that
     shape: the same code runs eagerly (CPU, prefill) and inside a CUDA graph. Per layer and token it launches
     about a dozen kernels, since at decode time each launch costs more than the arithmetic of a small one.
+    `fused` is `speculor.runners.triton_ops` (CUDA) to do the norms, the rotary embedding with the cache write,
+    the activation and a step's attention in fused kernels (about half the launches), or None for plain PyTorch.
     """
     tokens = token_ids.shape[0]
     heads, kv_heads, head_dim = weights.heads, weights.kv_heads, weights.head_dim
+    eps, width = weights.eps, weights.intermediate_size
+    norm = fused.rms_norm if fused is not None else rms_norm
     hidden = F.embedding(token_ids, weights.embed)
-    cos, signed_sin = cache.cos[positions][:, None], cache.signed_sin[positions][:, None]
-    mask = causal_mask(cache, positions, span, heads // kv_heads, hidden.dtype)
+    if fused is None:
+        cos, signed_sin = cache.cos[positions][:, None], cache.signed_sin[positions][:, None]
+    fused_attention = fused is not None and (heads // kv_heads) * tokens <= fused.ATTENTION_MAX_ROWS
+    mask = None if fused_attention else causal_mask(cache, positions, span, heads // kv_heads, hidden.dtype)
     for index, layer in enumerate(weights.layers):
-        normed = rms_norm(hidden, layer.input_norm, weights.eps)
+        normed = norm(hidden, layer.input_norm, eps)
         qkv = F.linear(normed, layer.qkv, layer.qkv_bias).view(tokens, heads + 2 * kv_heads, head_dim)
         query, key = qkv[:, :heads], qkv[:, heads : heads + kv_heads]
-        if layer.q_norm is not None and layer.k_norm is not None:
-            query.copy_(rms_norm(query, layer.q_norm, weights.eps))
-            key.copy_(rms_norm(key, layer.k_norm, weights.eps))
-        rotate_in_place(qkv[:, : heads + kv_heads], cos, signed_sin)
         layer_cache = cache.kv[index]
-        layer_cache.index_copy_(2, positions, qkv[:, heads:].view(tokens, 2, kv_heads, head_dim).permute(1, 2, 0, 3))
-        attended = attend(query, layer_cache[0, :, :span], layer_cache[1, :, :span], mask, weights.scaling)
+        if fused is not None:
+            fused.rope_and_store(
+                qkv, cache.cos, cache.signed_sin, positions, layer_cache, heads, layer.q_norm, layer.k_norm, eps
+            )
+        else:
+            if layer.q_norm is not None and layer.k_norm is not None:
+                query.copy_(rms_norm(query, layer.q_norm, eps))
+                key.copy_(rms_norm(key, layer.k_norm, eps))
+            rotate_in_place(qkv[:, : heads + kv_heads], cos, signed_sin)
+            keys_values = qkv[:, heads:].view(tokens, 2, kv_heads, head_dim).permute(1, 2, 0, 3)
+            layer_cache.index_copy_(2, positions, keys_values)
+        if fused_attention:
+            attended = fused.attention(query, layer_cache, positions, span, weights.scaling)
+        else:
+            attended = attend(query, layer_cache[0, :, :span], layer_cache[1, :, :span], mask, weights.scaling)
         hidden = linear_residual(hidden, attended, layer.o, layer.o_bias)
-        normed = rms_norm(hidden, layer.post_norm, weights.eps)
+        normed = norm(hidden, layer.post_norm, eps)
         gate_up = F.linear(normed, layer.gate_up, layer.gate_up_bias)
-        gated = weights.activation(gate_up[:, : weights.intermediate_size]) * gate_up[:, weights.intermediate_size :]
+        if fused is not None and weights.activation_name in ("silu", "swish"):
+            gated = fused.silu_and_multiply(gate_up, width)
+        else:
+            gated = weights.activation(gate_up[:, :width]) * gate_up[:, width:]
         hidden = linear_residual(hidden, gated, layer.down, layer.down_bias)
     if not with_logits:
         return None
-    return F.linear(rms_norm(hidden, weights.final_norm, weights.eps), weights.lm_head).float()
+    return F.linear(norm(hidden, weights.final_norm, eps), weights.lm_head).float()

@@ -1,0 +1,379 @@
+"""Fused Triton kernels for the fast runner's small per-layer operations (CUDA only; imported lazily).
+
+Why: at one token per step an 8B model's matrix products already run near the memory-bandwidth floor, and what
+is left is a few hundred small kernels per step, each paying a minimum duration of a few microseconds
+(benchmarks/RESULTS.md, GPU section). These kernels each do in one launch what plain PyTorch does in several:
+
+- `rms_norm`: one program per row, float32 inside, rounded once (as `F.rms_norm`, whose CUDA kernel takes about
+  twice as long on a 4096-wide row).
+- `rope_and_store`: for every token, the optional per-head q/k RMSNorm (Qwen3), the rotary embedding of queries
+  and keys, and the write of keys and values into the static cache at the token's position: one launch instead of
+  about six (norms, roll, multiply, multiply-add, index copy).
+- `silu_and_multiply`: the gated MLP's activation and product, one launch instead of two.
+
+Each computes in float32 and rounds once to the model dtype, so in float32 the results equal the PyTorch path's to
+rounding (tests/test_triton_ops.py runs these kernels in Triton's CPU interpreter against it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(inputs, weight, outputs, input_row_stride, output_row_stride, width, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    columns = tl.arange(0, BLOCK)
+    inside = columns < width
+    values = tl.load(inputs + row * input_row_stride + columns, mask=inside, other=0.0).to(tl.float32)
+    scale = tl.rsqrt(tl.sum(values * values, axis=0) / width + eps)
+    gains = tl.load(weight + columns, mask=inside, other=0.0).to(tl.float32)
+    normed = values * scale * gains
+    tl.store(outputs + row * output_row_stride + columns, normed.to(outputs.dtype.element_ty), mask=inside)
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of `hidden` (rows may be strided; the last dimension must be contiguous)."""
+    width = hidden.shape[-1]
+    rows = hidden.reshape(-1, width) if hidden.stride(-1) == 1 else hidden.contiguous().view(-1, width)
+    out = torch.empty(rows.shape, dtype=hidden.dtype, device=hidden.device)
+    block = triton.next_power_of_2(width)
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows, weight, out, rows.stride(0), out.stride(0), width, eps, BLOCK=block, num_warps=_warps(block)
+    )
+    return out.view(hidden.shape)
+
+
+@triton.jit
+def _rope_and_store_kernel(
+    qkv,
+    cos_table,
+    sin_table,
+    positions,
+    cache,
+    q_norm,
+    k_norm,
+    token_stride,
+    head_stride,
+    cache_half_stride,
+    cache_head_stride,
+    cache_slot_stride,
+    table_stride,
+    heads,
+    kv_heads,
+    half,
+    eps,
+    HALF_BLOCK: tl.constexpr,
+    HAS_QK_NORM: tl.constexpr,
+):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    offsets = tl.arange(0, HALF_BLOCK)
+    inside = offsets < half
+    row = qkv + token * token_stride + head * head_stride
+    low = tl.load(row + offsets, mask=inside, other=0.0).to(tl.float32)
+    high = tl.load(row + half + offsets, mask=inside, other=0.0).to(tl.float32)
+    position = tl.load(positions + token)
+    is_value = head >= heads + kv_heads
+    if is_value:
+        slot = cache + cache_half_stride + (head - heads - kv_heads) * cache_head_stride + position * cache_slot_stride
+        tl.store(slot + offsets, low.to(cache.dtype.element_ty), mask=inside)
+        tl.store(slot + half + offsets, high.to(cache.dtype.element_ty), mask=inside)
+    else:
+        if HAS_QK_NORM:
+            is_query = head < heads
+            gain_low = tl.where(
+                is_query,
+                tl.load(q_norm + offsets, mask=inside, other=0.0),
+                tl.load(k_norm + offsets, mask=inside, other=0.0),
+            ).to(tl.float32)
+            gain_high = tl.where(
+                is_query,
+                tl.load(q_norm + half + offsets, mask=inside, other=0.0),
+                tl.load(k_norm + half + offsets, mask=inside, other=0.0),
+            ).to(tl.float32)
+            scale = tl.rsqrt((tl.sum(low * low, axis=0) + tl.sum(high * high, axis=0)) / (2 * half) + eps)
+            low = low * scale * gain_low
+            high = high * scale * gain_high
+        angles = position * table_stride
+        cos_low = tl.load(cos_table + angles + offsets, mask=inside, other=0.0).to(tl.float32)
+        cos_high = tl.load(cos_table + angles + half + offsets, mask=inside, other=0.0).to(tl.float32)
+        sin_low = tl.load(sin_table + angles + offsets, mask=inside, other=0.0).to(tl.float32)
+        sin_high = tl.load(sin_table + angles + half + offsets, mask=inside, other=0.0).to(tl.float32)
+        rotated_low = low * cos_low + high * sin_low
+        rotated_high = high * cos_high + low * sin_high
+        if head < heads:
+            tl.store(row + offsets, rotated_low.to(qkv.dtype.element_ty), mask=inside)
+            tl.store(row + half + offsets, rotated_high.to(qkv.dtype.element_ty), mask=inside)
+        else:
+            slot = cache + (head - heads) * cache_head_stride + position * cache_slot_stride
+            tl.store(slot + offsets, rotated_low.to(cache.dtype.element_ty), mask=inside)
+            tl.store(slot + half + offsets, rotated_high.to(cache.dtype.element_ty), mask=inside)
+
+
+def rope_and_store(
+    qkv: torch.Tensor,
+    cos_table: torch.Tensor,
+    signed_sin_table: torch.Tensor,
+    positions: torch.Tensor,
+    layer_cache: torch.Tensor,
+    heads: int,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    eps: float,
+) -> None:
+    """Rotate the queries of `qkv` (tokens, heads + 2·kv_heads, head_dim) in place and write the rotated keys and
+    the values into `layer_cache` (2, kv_heads, capacity, head_dim) at `positions`; with `q_norm`/`k_norm`, RMSNorm
+    each query/key head first. `cos_table`/`signed_sin_table` are the cache's (capacity, head_dim) rotary tables,
+    the sine's first half negated (see `StaticCache`)."""
+    tokens, all_heads, head_dim = qkv.shape
+    kv_heads = layer_cache.shape[1]
+    half = head_dim // 2
+    has_norm = q_norm is not None and k_norm is not None
+    _rope_and_store_kernel[(tokens, all_heads)](
+        qkv,
+        cos_table,
+        signed_sin_table,
+        positions,
+        layer_cache,
+        q_norm if has_norm else qkv,
+        k_norm if has_norm else qkv,
+        qkv.stride(0),
+        qkv.stride(1),
+        layer_cache.stride(0),
+        layer_cache.stride(1),
+        layer_cache.stride(2),
+        cos_table.stride(0),
+        heads,
+        kv_heads,
+        half,
+        eps,
+        HALF_BLOCK=triton.next_power_of_2(half),
+        HAS_QK_NORM=has_norm,
+        num_warps=1,
+    )
+
+
+@triton.jit
+def _silu_and_multiply_kernel(gate_up, out, width, row_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = columns < width
+    gate = tl.load(gate_up + row * row_stride + columns, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(gate_up + row * row_stride + width + columns, mask=inside, other=0.0).to(tl.float32)
+    product = gate * tl.sigmoid(gate) * up
+    tl.store(out + row * width + columns, product.to(out.dtype.element_ty), mask=inside)
+
+
+def silu_and_multiply(gate_up: torch.Tensor, width: int) -> torch.Tensor:
+    """silu(gate) · up for `gate_up` (tokens, 2·width) holding gate then up, as `LlamaMLP` computes it."""
+    tokens = gate_up.shape[0]
+    out = torch.empty((tokens, width), dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, triton.next_power_of_2(width))
+    grid = (tokens, triton.cdiv(width, block))
+    _silu_and_multiply_kernel[grid](gate_up, out, width, gate_up.stride(0), BLOCK=block, num_warps=_warps(block))
+    return out
+
+
+def _warps(block: int) -> int:
+    """Enough warps that each thread holds a few elements of a `block`-wide row."""
+    return max(1, min(16, block // 256))
+
+
+# The decode attention handles steps whose folded query rows (query heads per key/value head × tokens) fit one
+# tile; a longer step (a prefill) uses PyTorch's scaled_dot_product_attention instead.
+ATTENTION_MAX_ROWS = 128
+_KEYS_PER_TILE = 64
+# Splits of the key range per key/value head: enough programs to occupy the GPU at batch 1 (flash-decoding).
+_TARGET_PROGRAMS = 128
+
+
+@triton.jit
+def _attention_kernel(
+    query,
+    cache,
+    positions,
+    out,
+    partial_out,
+    partial_lse,
+    tokens,
+    group,
+    rows,
+    head_dim,
+    span,
+    tiles_per_split,
+    query_token_stride,
+    cache_half_stride,
+    cache_head_stride,
+    cache_slot_stride,
+    scale_log2,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    kv_heads = tl.num_programs(0)
+    row = tl.arange(0, BLOCK_M)
+    dim = tl.arange(0, BLOCK_D)
+    row_inside = row < rows
+    dim_inside = dim < head_dim
+    token = row % tokens
+    head = kv_head * group + row // tokens
+    query_tile = tl.load(
+        query + token[:, None] * query_token_stride + head[:, None] * head_dim + dim[None, :],
+        mask=row_inside[:, None] & dim_inside[None, :],
+        other=0.0,
+    )
+    last_key = tl.load(positions + token, mask=row_inside, other=-1)
+    keys = cache + kv_head * cache_head_stride
+    values = keys + cache_half_stride
+    running_max = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    accumulated = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    # A while loop, not `for … in range(tiles_per_split)`: Triton's CPU interpreter cannot take a runtime bound in
+    # range() under NumPy ≥ 2.4, and a split holds only a few tiles, so software pipelining gains little here.
+    tile = split * tiles_per_split
+    last_tile = tile + tiles_per_split
+    while tile < last_tile:
+        slot = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        slot_inside = slot < span
+        key_tile = tl.load(
+            keys + slot[None, :] * cache_slot_stride + dim[:, None],
+            mask=dim_inside[:, None] & slot_inside[None, :],
+            other=0.0,
+        )
+        scores = tl.dot(query_tile, key_tile, input_precision="ieee") if IEEE else tl.dot(query_tile, key_tile)
+        allowed = slot[None, :] <= last_key[:, None]
+        scores = tl.where(allowed, scores * scale_log2, -1.0e30)
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        weights = tl.where(allowed, tl.exp2(scores - new_max[:, None]), 0.0)
+        correction = tl.exp2(running_max - new_max)
+        running_sum = running_sum * correction + tl.sum(weights, axis=1)
+        value_tile = tl.load(
+            values + slot[:, None] * cache_slot_stride + dim[None, :],
+            mask=slot_inside[:, None] & dim_inside[None, :],
+            other=0.0,
+        )
+        if IEEE:
+            update = tl.dot(weights, value_tile, input_precision="ieee")
+        else:
+            update = tl.dot(weights.to(value_tile.dtype), value_tile)
+        accumulated = accumulated * correction[:, None] + update
+        running_max = new_max
+        tile += 1
+    safe_sum = tl.maximum(running_sum, 1.0e-30)  # zero only in padding rows and splits wholly past a position
+    if SINGLE_SPLIT:
+        result = accumulated / safe_sum[:, None]
+        tl.store(
+            out + token[:, None] * (kv_heads * group * head_dim) + head[:, None] * head_dim + dim[None, :],
+            result.to(out.dtype.element_ty),
+            mask=row_inside[:, None] & dim_inside[None, :],
+        )
+    else:
+        base = (split * kv_heads + kv_head) * BLOCK_M
+        tl.store(partial_out + (base + row[:, None]) * BLOCK_D + dim[None, :], accumulated / safe_sum[:, None])
+        tl.store(partial_lse + base + row, running_max + tl.log2(safe_sum))
+
+
+@triton.jit
+def _combine_splits_kernel(
+    partial_out,
+    partial_lse,
+    out,
+    tokens,
+    group,
+    head_dim,
+    splits,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    kv_head = tl.program_id(0)
+    row = tl.program_id(1)
+    kv_heads = tl.num_programs(0)
+    split = tl.arange(0, BLOCK_S)
+    dim = tl.arange(0, BLOCK_D)
+    split_inside = split < splits
+    base = (split * kv_heads + kv_head) * BLOCK_M + row
+    lse = tl.load(partial_lse + base, mask=split_inside, other=-1.0e30)
+    weights = tl.where(split_inside, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)
+    parts = tl.load(partial_out + base[:, None] * BLOCK_D + dim[None, :], mask=split_inside[:, None], other=0.0)
+    result = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    token = row % tokens
+    head = kv_head * group + row // tokens
+    tl.store(
+        out + token * (kv_heads * group * head_dim) + head * head_dim + dim,
+        result.to(out.dtype.element_ty),
+        mask=dim < head_dim,
+    )
+
+
+def attention(
+    query: torch.Tensor, layer_cache: torch.Tensor, positions: torch.Tensor, span: int, scaling: float
+) -> torch.Tensor:
+    """Causal attention of a step's queries (tokens, heads, head_dim) over the first `span` slots of `layer_cache`
+    (2, kv_heads, capacity, head_dim), each query seeing the slots up to its position; (tokens, heads·head_dim).
+
+    Grouped-query heads are folded into their key/value head's rows, so each cached key is read once per step, and
+    the key range is split over several programs whose partial results a second kernel combines (flash-decoding):
+    at batch 1 that is what spreads the work over the GPU. Splits depend only on `span`, so shapes stay fixed for
+    graph capture. Needs `group · tokens` ≤ ATTENTION_MAX_ROWS.
+    """
+    tokens, heads, head_dim = query.shape
+    kv_heads = layer_cache.shape[1]
+    group = heads // kv_heads
+    rows = group * tokens
+    block_m = max(16, triton.next_power_of_2(rows))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    tiles = triton.cdiv(span, _KEYS_PER_TILE)
+    splits = max(1, min(tiles, _TARGET_PROGRAMS // kv_heads))
+    tiles_per_split = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, tiles_per_split)
+    out = torch.empty((tokens, heads * head_dim), dtype=query.dtype, device=query.device)
+    partial_out = torch.empty((splits, kv_heads, block_m, block_d), dtype=torch.float32, device=query.device)
+    partial_lse = torch.empty((splits, kv_heads, block_m), dtype=torch.float32, device=query.device)
+    _attention_kernel[(kv_heads, splits)](
+        query,
+        layer_cache,
+        positions,
+        out,
+        partial_out,
+        partial_lse,
+        tokens,
+        group,
+        rows,
+        head_dim,
+        span,
+        tiles_per_split,
+        query.stride(0),
+        layer_cache.stride(0),
+        layer_cache.stride(1),
+        layer_cache.stride(2),
+        scaling * 1.4426950408889634,
+        BLOCK_M=block_m,
+        BLOCK_N=_KEYS_PER_TILE,
+        BLOCK_D=block_d,
+        SINGLE_SPLIT=splits == 1,
+        IEEE=query.dtype == torch.float32,
+        num_warps=4,
+    )
+    if splits > 1:
+        _combine_splits_kernel[(kv_heads, rows)](
+            partial_out,
+            partial_lse,
+            out,
+            tokens,
+            group,
+            head_dim,
+            splits,
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(splits),
+            num_warps=1,
+        )
+    return out
