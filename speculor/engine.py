@@ -117,22 +117,27 @@ def _synchronize(device: torch.device) -> None:
 
 class _PhaseClock:
     """Times the draft and verify phases without forcing a device sync inside the step: CUDA events on a GPU (read
-    after the step's one host read has completed them), the host clock elsewhere."""
+    after the step's one host read has completed them), the host clock elsewhere. A step makes three marks
+    (`DRAFT`, `VERIFY`, `DONE`); on a GPU the same three events are recorded again each step, since creating
+    events costs driver calls every step."""
+
+    DRAFT, VERIFY, DONE = range(3)
 
     def __init__(self, device: torch.device) -> None:
         self.on_gpu = device.type == "cuda"
+        self._events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if self.on_gpu else []
+        self._times = [0.0, 0.0, 0.0]
 
-    def mark(self) -> torch.cuda.Event | float:
+    def mark(self, phase: int) -> None:
         if self.on_gpu:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
+            self._events[phase].record()
+        else:
+            self._times[phase] = time.perf_counter()
 
-    def seconds(self, start: torch.cuda.Event | float, end: torch.cuda.Event | float) -> float:
-        if isinstance(start, float) and isinstance(end, float):
-            return end - start
-        return start.elapsed_time(end) / 1000
+    def seconds(self, start: int, end: int) -> float:
+        if self.on_gpu:
+            return self._events[start].elapsed_time(self._events[end]) / 1000
+        return self._times[end] - self._times[start]
 
 
 class Decoding:
@@ -150,6 +155,10 @@ class Decoding:
         self.generated: list[int] = []
         self.finish_reason = "length"
         self.result: GenerationResult | None = None
+        self.clock = _PhaseClock(target.device)
+        # The last step's emitted token as it already sits on the device, with its value and index in the context:
+        # the next step feeds it to the target without another host-to-device copy.
+        self._last_token: tuple[torch.Tensor, int, int] | None = None
 
     def __iter__(self) -> Iterator[Delta]:
         request, stats = self.request, self.stats
@@ -191,12 +200,11 @@ class Decoding:
 
     def _step(self, context: list[int], remaining: int, generator: torch.Generator | None) -> list[int]:
         """One target forward: draft (unless decoding alone), verify, accept. Returns the tokens this step yields."""
-        request, stats = self.request, self.stats
+        request, stats, clock = self.request, self.stats, self.clock
         device = self.target.device
-        clock = _PhaseClock(device)
-        drafts = torch.empty(0, dtype=torch.long, device=device)
+        drafts = None
         draft_probs = None
-        draft_started = clock.mark()
+        clock.mark(clock.DRAFT)
         if self.proposer is not None and remaining > 1:
             # Never draft past max_new_tokens: the step can emit γ + 1 tokens.
             gamma = min(request.gamma.next_gamma(), remaining - 1, request.max_gamma or remaining)
@@ -205,24 +213,39 @@ class Decoding:
             )
             drafts, draft_probs = proposal.tokens, proposal.probs
             stats.draft_forwards += proposal.forwards
-        verify_started = clock.mark()
-        pending = torch.tensor(context[self.target.cache_length :], dtype=torch.long, device=device)
-        logits = self.target.forward(torch.cat([pending, drafts]))[-(drafts.numel() + 1) :, : self.vocab_size]
+        clock.mark(clock.VERIFY)
+        pending = self._pending_tokens(context)
+        if drafts is None:
+            drafts = torch.empty(0, dtype=torch.long, device=device)
+            logits = self.target.forward(pending)[-1:, : self.vocab_size]
+        else:
+            logits = self.target.forward(torch.cat([pending, drafts]))[-(drafts.numel() + 1) :, : self.vocab_size]
         if request.params.greedy:
             accepted, next_token = greedy_accept(drafts, logits)
         else:
             target_probs = probabilities(logits, request.params)
             accepted, next_token = stochastic_accept(drafts, draft_probs, target_probs, generator)
-        verify_ended = clock.mark()
+        clock.mark(clock.DONE)
         # The single host read of the step; on a GPU it also completes the timing events above.
         values = torch.cat([drafts, accepted.view(1), next_token.view(1)]).tolist()
-        stats.draft_seconds += clock.seconds(draft_started, verify_started)
-        stats.verify_seconds += clock.seconds(verify_started, verify_ended)
+        stats.draft_seconds += clock.seconds(clock.DRAFT, clock.VERIFY)
+        stats.verify_seconds += clock.seconds(clock.VERIFY, clock.DONE)
         drafted, count = len(values) - 2, values[-2]
+        self._last_token = (next_token.view(1), values[-1], len(context) + count)
         stats.record_step(drafted, count)
         if self.proposer is not None and drafted:
             request.gamma.observe(drafted, count)
         return [*values[:count], values[-1]]
+
+    def _pending_tokens(self, context: list[int]) -> torch.Tensor:
+        """The committed tokens the target has not seen yet: after a step, just the token it emitted last, which is
+        still on the device; otherwise (the first step) copied from the context."""
+        start = self.target.cache_length
+        if self._last_token is not None and start == len(context) - 1:
+            token, value, index = self._last_token
+            if index == start and context[start] == value:
+                return token
+        return torch.tensor(context[start:], dtype=torch.long, device=self.target.device)
 
     def _accept_tokens(self, emitted: list[int], remaining: int) -> tuple[list[int], str]:
         """Append emitted tokens one by one, stopping at EOS (kept, as Hugging Face does), at a stop string (the

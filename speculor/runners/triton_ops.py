@@ -28,7 +28,8 @@ def _rms_norm_kernel(inputs, weight, outputs, input_row_stride, output_row_strid
     columns = tl.arange(0, BLOCK)
     inside = columns < width
     values = tl.load(inputs + row * input_row_stride + columns, mask=inside, other=0.0).to(tl.float32)
-    scale = tl.rsqrt(tl.sum(values * values, axis=0) / width + eps)
+    # The float arguments are cast: under torch.compile they arrive as float64 scalars.
+    scale = tl.rsqrt((tl.sum(values * values, axis=0) / width + eps).to(tl.float32))
     gains = tl.load(weight + columns, mask=inside, other=0.0).to(tl.float32)
     normed = values * scale * gains
     tl.store(outputs + row * output_row_stride + columns, normed.to(outputs.dtype.element_ty), mask=inside)
@@ -94,7 +95,8 @@ def _rope_and_store_kernel(
                 tl.load(q_norm + half + offsets, mask=inside, other=0.0),
                 tl.load(k_norm + half + offsets, mask=inside, other=0.0),
             ).to(tl.float32)
-            scale = tl.rsqrt((tl.sum(low * low, axis=0) + tl.sum(high * high, axis=0)) / (2 * half) + eps)
+            squares = tl.sum(low * low, axis=0) + tl.sum(high * high, axis=0)
+            scale = tl.rsqrt((squares / (2 * half) + eps).to(tl.float32))
             low = low * scale * gain_low
             high = high * scale * gain_high
         angles = position * table_stride
@@ -249,7 +251,7 @@ def _attention_kernel(
         )
         scores = tl.dot(query_tile, key_tile, input_precision="ieee") if IEEE else tl.dot(query_tile, key_tile)
         allowed = slot[None, :] <= last_key[:, None]
-        scores = tl.where(allowed, scores * scale_log2, -1.0e30)
+        scores = tl.where(allowed, (scores * scale_log2).to(tl.float32), -1.0e30)
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         weights = tl.where(allowed, tl.exp2(scores - new_max[:, None]), 0.0)
         correction = tl.exp2(running_max - new_max)
