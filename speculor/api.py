@@ -18,7 +18,7 @@ from speculor.sampling import SamplingParams
 from speculor.text import TextTracker
 
 ModelSource = str | os.PathLike | PreTrainedModel
-LOADER_OPTIONS = ("ngram", "device", "dtype", "runner", "fixed_width")
+LOADER_OPTIONS = ("ngram", "device", "dtype", "runner", "fixed_width", "kernels")
 
 
 class SpeculativeDecoder:
@@ -31,6 +31,9 @@ class SpeculativeDecoder:
     `fixed_width=W` (fast runner only) runs every target step — a one-token decode as well as a verify — at W tokens,
     so both round alike and greedy speculative output equals the target alone bit for bit even in bf16, where a
     near-tie can otherwise flip an argmax. It caps γ at W − 1 and costs W tokens of work per decode step.
+
+    `kernels` picks how the fast runner does its small per-layer operations: "triton" (fused kernels, CUDA), "torch"
+    (plain PyTorch, e.g. to rule the custom kernels out) or "auto" (Triton on CUDA when installed).
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class SpeculativeDecoder:
         dtype: str | torch.dtype | None = None,
         runner: str = "auto",
         fixed_width: int | None = None,
+        kernels: str = "auto",
     ) -> None:
         if draft is not None and ngram is not None:
             raise SpeculorError("give either a draft model or ngram prompt lookup, not both")
@@ -63,8 +67,8 @@ class SpeculativeDecoder:
         if fixed_width is not None and (not isinstance(fixed_width, int) or fixed_width < 1):
             raise SpeculorError(f"fixed_width must be an integer ≥ 1, got {fixed_width!r}")
         self.fixed_width = fixed_width
-        self.target_runner = make_runner(self.target.model, runner, fixed_width=fixed_width)
-        self.draft_runner = make_runner(self.draft.model, runner) if self.draft is not None else None
+        self.target_runner = make_runner(self.target.model, runner, fixed_width=fixed_width, kernels=kernels)
+        self.draft_runner = make_runner(self.draft.model, runner, kernels=kernels) if self.draft is not None else None
         self.eos_ids = eos_token_ids(self.target.model)
 
     @property

@@ -15,6 +15,7 @@ from transformers.utils import logging as transformers_logging
 
 from speculor.errors import SpeculorError
 from speculor.loading import DTYPES
+from speculor.runners.fast import KERNEL_CHOICES
 
 # Modules that add a subcommand through `register(subparsers)`.
 COMMAND_MODULES = ("speculor.cli", "speculor.train", "speculor.demo", "speculor.bench", "speculor.server.command")
@@ -67,6 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="run every target step at this many tokens so verify and decode round alike (fast runner; γ < width)",
     )
+    parser.add_argument(
+        "--kernels",
+        choices=KERNEL_CHOICES,
+        default="auto",
+        help="the fast runner's small per-layer operations: fused Triton kernels (CUDA), plain torch, or auto",
+    )
     parser.set_defaults(handler=run_generate)
 
 
@@ -114,6 +121,7 @@ def run_generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         runner=args.runner,
         fixed_width=args.fixed_width,
+        kernels=args.kernels,
     )
     options = generation_options(args)
     decoding = decoder.decoding(prompt, **options)

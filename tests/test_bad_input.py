@@ -119,6 +119,12 @@ def run_cli(capsys, *args):
         (["--top-p", "2", "--temperature", "1"], "top_p must be"),
         (["--top-k", "-3", "--temperature", "1"], "top_k must be"),
         (["--max-new-tokens", "100000"], "context length"),
+        pytest.param(
+            ["--kernels", "triton", "--device", "cpu"],
+            "kernels='triton' needs a CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="refused only without CUDA"),
+        ),
+        (["--kernels", "triton", "--runner", "hf"], "kernels='triton' needs the fast runner"),
     ],
 )
 def test_cli_bad_options_exit_cleanly(capsys, text_pair_dirs, extra, message):

@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
 
+from speculor.api import SpeculativeDecoder
 from speculor.errors import SpeculorError
-from speculor.runners import FastRunner, fast, llama
+from speculor.runners import FastRunner, fast, llama, make_runner
 from tests.test_fast_runner import ARCHITECTURES
 
 triton_ops = pytest.importorskip("speculor.runners.triton_ops", reason="Triton is not installed")
@@ -93,6 +95,13 @@ def test_kernel_choice_is_checked():
         FastRunner(model, kernels="triton")
     with pytest.raises(SpeculorError, match="unknown kernels 'cuda'"):
         FastRunner(model, kernels="cuda")
+    with pytest.raises(SpeculorError, match="unknown kernels 'fused'"):
+        SpeculativeDecoder(model, kernels="fused")
+    with pytest.raises(SpeculorError, match="kernels='triton' needs the fast runner"):
+        make_runner(model, "hf", kernels="triton")
+    with pytest.raises(SpeculorError, match="kernels='triton' needs the fast runner, which cannot run this model"):
+        make_runner(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)), kernels="triton")
+    assert make_runner(model, kernels="torch").fused is None
 
 
 @pytest.mark.parametrize(("tokens", "span", "programs"), [(1, 64, 128), (4, 128, 128), (5, 320, 128), (3, 320, 4)])
