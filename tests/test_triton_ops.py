@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fast_runner import ARCHITECTURES
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from speculor.api import SpeculativeDecoder
 from speculor.errors import SpeculorError
 from speculor.runners import FastRunner, fast, llama, make_runner
-from tests.test_fast_runner import ARCHITECTURES
 
 triton_ops = pytest.importorskip("speculor.runners.triton_ops", reason="Triton is not installed")
 
