@@ -514,14 +514,16 @@ def summarize(results: Sequence[GenerationResult]) -> dict:
     drafted = sum(result.stats.drafted for result in results)
     accepted = sum(result.stats.accepted for result in results)
     forwards = sum(result.stats.target_forwards for result in results)
+    draft_forwards = sum(result.stats.draft_forwards for result in results)
     tokens = sum(result.stats.new_tokens for result in results)
     return {
         "prompts": len(results),
         "tokens_per_second": decode_rate(results),
         "tar": accepted / drafted if drafted else None,
         "mean_accepted_length": tokens / forwards if forwards else None,
-        "draft_seconds_per_forward": sum(result.stats.draft_seconds for result in results)
-        / max(1, sum(result.stats.draft_forwards for result in results)),
+        "draft_seconds_per_forward": (
+            sum(result.stats.draft_seconds for result in results) / draft_forwards if draft_forwards else None
+        ),
         "verify_seconds_per_forward": sum(result.stats.verify_seconds for result in results) / max(1, forwards),
     }
 
@@ -548,10 +550,15 @@ def top2_gaps(
 
 
 def best_gamma(decoder: SpeculativeDecoder, prompts: Sequence[list[int]], settings: Settings, temperature: float):
-    """The γ with the best decode rate on the tuning prompts."""
+    """The γ with the best decode rate on the tuning prompts, each γ first run once untimed: a new step width means
+    new CUDA graphs and, with the Triton kernels, new kernel variants to compile (the attention kernel's tile height
+    follows the step's width), which on the H200 made the first γ tried look 7x slower than the others."""
+    gammas = GAMMAS[:2] if settings.quick else GAMMAS
+    for gamma in gammas:
+        run_prompts(decoder, prompts[:1], settings.new_tokens, gamma=gamma, temperature=temperature)
     rates = {
         gamma: decode_rate(run_prompts(decoder, prompts, settings.new_tokens, gamma=gamma, temperature=temperature))
-        for gamma in (GAMMAS[:2] if settings.quick else GAMMAS)
+        for gamma in gammas
     }
     return max(rates, key=rates.get), rates
 
