@@ -173,6 +173,25 @@ class SpeculativeDecoder:
         decoding = self.decoding(prompt, **options)
         return iter(decoding)
 
+    def warm_up(self, gamma: int = 4) -> None:
+        """Run once every step width that generations with this γ meet, so the first requests do not pay for them:
+        on CUDA the fast runner captures a graph per step shape and compiles Triton kernel variants on first use (in
+        a GPU tuning run the first γ tried looked 7x slower than the rest, benchmarks/RESULTS.md). The steps attend
+        over the smallest cache span; a longer span is captured when first reached, which costs milliseconds."""
+        if not isinstance(gamma, int) or gamma < 1:
+            raise SpeculorError(f"gamma must be an integer ≥ 1, got {gamma!r}")
+        widest = gamma + 1 if self.fixed_width is None else min(gamma + 1, self.fixed_width)
+        # The draft runner feeds one token a step, or two after a fully accepted step (see DraftModelProposer).
+        plans = [(self.target_runner, range(1, widest + 1)), (self.draft_runner, range(1, 3))]
+        for runner, widths in plans:
+            if runner is None:
+                continue
+            start = torch.zeros(1, dtype=torch.long, device=runner.device)
+            runner.prefill(start)
+            for width in widths:
+                runner.forward(torch.zeros(width, dtype=torch.long, device=runner.device))
+                runner.truncate(1)
+
 
 def generate(
     target: ModelSource, draft: ModelSource | None, prompt: str | Sequence[int], **options

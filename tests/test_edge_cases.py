@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speculor import SpeculativeDecoder
+from speculor import SpeculativeDecoder, SpeculorError
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +126,24 @@ def test_statistics_are_consistent(text_decoder):
     assert 0 < stats.time_to_first_token <= stats.wall_seconds
     assert stats.draft_seconds + stats.verify_seconds <= stats.wall_seconds
     assert set(stats.to_dict()) >= {"acceptance_rate", "mean_accepted_length", "tokens_per_second", "other_seconds"}
+
+
+@pytest.mark.parametrize("fixed_width", [None, 3])
+def test_warm_up_runs_every_step_width_and_changes_no_output(llama_pair, fixed_width):
+    target, draft = llama_pair
+    fresh = SpeculativeDecoder(target, draft, dtype=torch.float64, runner="fast", fixed_width=fixed_width)
+    expected = fresh.generate([5, 3, 8], max_new_tokens=12, gamma=2, ignore_eos=True).token_ids
+    warmed = SpeculativeDecoder(target, draft, dtype=torch.float64, runner="fast", fixed_width=fixed_width)
+    widths: list[int] = []
+    forward = warmed.target_runner.forward
+
+    def counting_forward(tokens: torch.Tensor) -> torch.Tensor:
+        widths.append(tokens.numel())
+        return forward(tokens)
+
+    warmed.target_runner.forward = counting_forward
+    warmed.warm_up(4)
+    assert widths == ([1, 2, 3, 4, 5] if fixed_width is None else [1, 2, 3])
+    assert warmed.generate([5, 3, 8], max_new_tokens=12, gamma=2, ignore_eos=True).token_ids == expected
+    with pytest.raises(SpeculorError, match="gamma must be an integer"):
+        warmed.warm_up(0)

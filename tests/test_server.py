@@ -531,8 +531,9 @@ def test_serve_command_reports_a_bad_model_path(tmp_path, capsys):
 
 
 def test_serve_command_takes_target_draft_and_gamma_from_a_config_and_binds_locally(model_dirs, tmp_path, monkeypatch):
-    started = {}
+    started, warmed = {}, []
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.update(app=app, **options))
+    monkeypatch.setattr(SpeculativeDecoder, "warm_up", lambda decoder, gamma: warmed.append(gamma))
     config = {"target": str(model_dirs["target"]), "draft": str(model_dirs["draft"]), "gamma": 2}
     (tmp_path / "best_config.json").write_text(json.dumps(config))
     assert main(["serve", "--config", str(tmp_path / "best_config.json"), "--device", "cpu"]) == 0
@@ -540,6 +541,7 @@ def test_serve_command_takes_target_draft_and_gamma_from_a_config_and_binds_loca
     assert (served.name, served.gamma) == (str(model_dirs["target"]), 2)
     assert served.decoder.draft.name == str(model_dirs["draft"])
     assert (started["host"], started["port"]) == ("127.0.0.1", 8000)
+    assert warmed == [2]  # step shapes are warmed before the server takes requests
 
 
 def test_the_command_line_works_without_the_web_packages(monkeypatch, capsys):

@@ -64,6 +64,7 @@ def run_serve(args: argparse.Namespace) -> int:
     decoder = SpeculativeDecoder(
         args.target, args.draft, ngram=args.ngram, device=args.device, dtype=args.dtype, runner=args.runner
     )
+    decoder.warm_up(args.gamma)
     app = create_app(
         decoder,
         gamma=args.gamma,
