@@ -44,6 +44,7 @@ from speculor.bench_report import (
     summarize,
     write_outputs,
 )
+from speculor.cli import add_kernels_argument
 from speculor.errors import SpeculorError
 from speculor.loading import DTYPES
 from speculor.prompts import load_prompt_set, render_prompt
@@ -246,6 +247,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="generate exactly --max-new-tokens per prompt (default) so every configuration does the same work",
     )
     parser.add_argument("--runner", default="auto", choices=RUNNER_KINDS, help="model runner")
+    add_kernels_argument(parser)
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--seed", type=int, default=0)
@@ -268,7 +270,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--adaptive", "--confidence-threshold", f"{args.confidence_threshold:g}"]
     parts += ["--prompts", args.prompts, "--num-prompts", str(args.num_prompts)]
     parts += ["--max-new-tokens", str(args.max_new_tokens), "--ignore-eos" if args.ignore_eos else "--no-ignore-eos"]
-    parts += ["--runner", args.runner, "--seed", str(args.seed), "--warmup", str(args.warmup)]
+    parts += ["--runner", args.runner, "--kernels", args.kernels]
+    parts += ["--seed", str(args.seed), "--warmup", str(args.warmup)]
     parts += [f"--{name}={value}" for name, value in (("device", args.device), ("dtype", args.dtype)) if value]
     parts += ["--out", args.out]
     return shlex.join(parts)
@@ -306,12 +309,13 @@ def _cpu_model() -> str:
 def run_bench(args: argparse.Namespace) -> int:
     _check_arguments(args)
     prompts = load_prompt_set(args.prompts, limit=args.num_prompts)
-    baseline_decoder = SpeculativeDecoder(args.target, device=args.device, dtype=args.dtype, runner=args.runner)
+    loader = {"device": args.device, "dtype": args.dtype, "runner": args.runner, "kernels": args.kernels}
+    baseline_decoder = SpeculativeDecoder(args.target, **loader)
     if baseline_decoder.tokenizer is None:
         raise SpeculorError(f"target {args.target!r} has no tokenizer, which the prompt sets need")
     prompt_ids = [baseline_decoder.encode(render_prompt(prompt, baseline_decoder.tokenizer)) for prompt in prompts]
     target_model = baseline_decoder.target.model
-    loading = {"device": baseline_decoder.device, "dtype": baseline_decoder.dtype, "runner": args.runner}
+    loading = loader | {"device": baseline_decoder.device, "dtype": baseline_decoder.dtype}
     drafters = [
         Drafter(draft, ngram, SpeculativeDecoder(target_model, draft, ngram=ngram, **loading))
         for draft, ngram in [*((d, None) for d in args.draft), *((None, n) for n in args.ngram)]
@@ -343,6 +347,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "warmup": args.warmup,
         "leviathan_cost_ratios": cost_ratios,
         "runner": args.runner,
+        "kernels": args.kernels,
         "runner_classes": sorted(
             {type(decoder.target_runner).__name__ for decoder in (baseline_decoder, *(d.decoder for d in drafters))}
         ),

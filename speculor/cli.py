@@ -32,6 +32,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, target_required: boo
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--runner", default="auto", choices=["auto", "fast", "hf"], help="model runner")
+    add_kernels_argument(parser)
+
+
+def add_kernels_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kernels",
+        choices=KERNEL_CHOICES,
+        default="auto",
+        help="the fast runner's small per-layer operations: fused Triton kernels (CUDA), plain torch, or auto",
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,12 +77,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--fixed-width",
         type=int,
         help="run every target step at this many tokens so verify and decode round alike (fast runner; γ < width)",
-    )
-    parser.add_argument(
-        "--kernels",
-        choices=KERNEL_CHOICES,
-        default="auto",
-        help="the fast runner's small per-layer operations: fused Triton kernels (CUDA), plain torch, or auto",
     )
     parser.set_defaults(handler=run_generate)
 

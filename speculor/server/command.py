@@ -62,7 +62,13 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.draft is None and args.ngram is None:
             args.draft = family.best_draft
     decoder = SpeculativeDecoder(
-        args.target, args.draft, ngram=args.ngram, device=args.device, dtype=args.dtype, runner=args.runner
+        args.target,
+        args.draft,
+        ngram=args.ngram,
+        device=args.device,
+        dtype=args.dtype,
+        runner=args.runner,
+        kernels=args.kernels,
     )
     decoder.warm_up(args.gamma)
     app = create_app(
