@@ -1,7 +1,13 @@
 """The GPU benchmark of speculor: one command, parts selectable, JSON and markdown out, tables printed last.
 
-    python benchmarks/gpu.py --out benchmarks/results/gpu                 # every part, on cuda (< 10 min, H100)
+    python benchmarks/gpu.py --out benchmarks/results/gpu                 # every part, on cuda (about 15 min)
+    python benchmarks/gpu.py --parts a,b,d --out OUT                      # 6.5 min on an H200 (measured)
+    python benchmarks/gpu.py --parts c --family-dir /tmp/family --out OUT  # 9 min; a rerun reuses the family
     python benchmarks/gpu.py --device cpu --quick --parts a,b,c --out /tmp/gpu-smoke   # the same code, seconds
+
+Where a machine gives a command 10 minutes, run parts a, b, d and part c as two commands (the times above were
+measured on an H200 whose host is slow at launching work: Hugging Face `generate` on the 32-layer target of part c
+runs at ~25 tok/s there, and its three paths take about half of part c).
 
 Parts (`--parts a,b,c,d`):
   a  device-to-device copy bandwidth, and the floor per token (weight bytes read per forward / bandwidth) of a
@@ -128,7 +134,7 @@ class Settings:
     compare_capture: bool
     target_shape: str = "32x576"
     new_tokens: int = 64
-    hf_new_tokens: int = 32
+    hf_new_tokens: int = 16
     hf_prompts: int = 32
     tune_prompts: int = 8
     identity_prompts: int = 32
@@ -912,7 +918,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--target-shape", default="32x576", help="part c target, LAYERSxWIDTH")
     parser.add_argument("--new-tokens", type=int, default=64, help="parts c, d: new tokens per speculor prompt")
     parser.add_argument("--hf-prompts", type=int, default=32, help="parts c, d: prompts for the HF paths")
-    parser.add_argument("--hf-new-tokens", type=int, default=32, help="parts c, d: new tokens per HF prompt")
+    parser.add_argument("--hf-new-tokens", type=int, default=16, help="parts c, d: new tokens per HF prompt")
     return parser.parse_args(argv)
 
 
