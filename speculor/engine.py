@@ -156,9 +156,9 @@ class Decoding:
         self.finish_reason = "length"
         self.result: GenerationResult | None = None
         self.clock = _PhaseClock(target.device)
-        # The last step's emitted token as it already sits on the device, with its value and index in the context:
-        # the next step feeds it to the target without another host-to-device copy.
-        self._last_token: tuple[torch.Tensor, int, int] | None = None
+        # The last step's emitted token as it already sits on the device, with its index in the context: the next
+        # step feeds it to the target without another host-to-device copy.
+        self._last_token: tuple[torch.Tensor, int] | None = None
 
     def __iter__(self) -> Iterator[Delta]:
         request, stats = self.request, self.stats
@@ -231,7 +231,7 @@ class Decoding:
         stats.draft_seconds += clock.seconds(clock.DRAFT, clock.VERIFY)
         stats.verify_seconds += clock.seconds(clock.VERIFY, clock.DONE)
         drafted, count = len(values) - 2, values[-2]
-        self._last_token = (next_token.view(1), values[-1], len(context) + count)
+        self._last_token = (next_token.view(1), len(context) + count)
         stats.record_step(drafted, count)
         if self.proposer is not None and drafted:
             request.gamma.observe(drafted, count)
@@ -241,10 +241,9 @@ class Decoding:
         """The committed tokens the target has not seen yet: after a step, just the token it emitted last, which is
         still on the device; otherwise (the first step) copied from the context."""
         start = self.target.cache_length
-        if self._last_token is not None and start == len(context) - 1:
-            token, value, index = self._last_token
-            if index == start and context[start] == value:
-                return token
+        # The index differs when the emitted tokens were cut short (a stop or max_new_tokens): then copy.
+        if self._last_token is not None and self._last_token[1] == start == len(context) - 1:
+            return self._last_token[0]
         return torch.tensor(context[start:], dtype=torch.long, device=self.target.device)
 
     def _accept_tokens(self, emitted: list[int], remaining: int) -> tuple[list[int], str]:

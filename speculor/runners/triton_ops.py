@@ -337,8 +337,11 @@ def attention(
     tiles_per_split = triton.cdiv(tiles, splits)
     splits = triton.cdiv(tiles, tiles_per_split)
     out = torch.empty((tokens, heads * head_dim), dtype=query.dtype, device=query.device)
-    partial_out = torch.empty((splits, kv_heads, block_m, block_d), dtype=torch.float32, device=query.device)
-    partial_lse = torch.empty((splits, kv_heads, block_m), dtype=torch.float32, device=query.device)
+    if splits > 1:
+        partial_out = torch.empty((splits, kv_heads, block_m, block_d), dtype=torch.float32, device=query.device)
+        partial_lse = torch.empty((splits, kv_heads, block_m), dtype=torch.float32, device=query.device)
+    else:  # one split writes `out` directly; the partial buffers are never touched
+        partial_out = partial_lse = out
     _attention_kernel[(kv_heads, splits)](
         query,
         layer_cache,
