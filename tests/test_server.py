@@ -12,23 +12,26 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 import uvicorn
-from conftest import build, tiny_llama_config, train_tiny_tokenizer
 from openai import AsyncOpenAI, BadRequestError, OpenAI
-from prometheus_client.parser import text_string_to_metric_families
-from transformers import LlamaForCausalLM
+from server_support import (
+    CONTEXT,
+    GAMMA,
+    MODEL,
+    build_model_dirs,
+    metric_samples,
+    serving,
+    sse_events,
+    wait_for,
+)
 
 import speculor.server.command
 from speculor import SpeculativeDecoder
@@ -38,15 +41,8 @@ from speculor.server import create_app
 from speculor.server.command import SHIPPED_MODEL_NAME
 from speculor.server.errors import APIError
 from speculor.server.metrics import ServerMetrics
-from speculor.server.worker import GenerationWorker, Job
+from speculor.server.worker import Generations, GenerationWorker
 
-MODEL = "tiny-pair"
-GAMMA = 3
-CONTEXT = 256  # max_position_embeddings of tiny_llama_config
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message.role }}|>{{ message.content }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 PROMPTS = ["def add(a, b):", "for item in items:", "class Point:", "import os\n", "The quick brown fox"]
 
 
@@ -62,44 +58,7 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    """A target and a draft whose tokenizer has a chat template, and a target whose tokenizer has none."""
-    root = tmp_path_factory.mktemp("server_models")
-    tokenizer = train_tiny_tokenizer()
-    target = build(LlamaForCausalLM, tiny_llama_config(vocab_size=len(tokenizer), layers=2), 20, torch.float32)
-    draft = build(LlamaForCausalLM, tiny_llama_config(vocab_size=len(tokenizer), layers=1), 21, torch.float32)
-    target.save_pretrained(root / "plain")
-    tokenizer.save_pretrained(root / "plain")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    for name, model in (("target", target), ("draft", draft)):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return {"target": root / "target", "draft": root / "draft", "plain": root / "plain"}
-
-
-@dataclass
-class Running:
-    url: str
-    server: uvicorn.Server
-    thread: threading.Thread
-
-
-@contextmanager
-def serving(app) -> Iterator[Running]:
-    """Run `app` under uvicorn on a free 127.0.0.1 port in a background thread; stop it on exit."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield Running(f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread)
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    return build_model_dirs(tmp_path_factory.mktemp("server_models"))
 
 
 @pytest.fixture(scope="module")
@@ -142,21 +101,6 @@ def chat_prompt_ids(reference: SpeculativeDecoder, messages: list[dict]) -> list
     return reference.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
 
 
-def sse_events(response: httpx.Response) -> list:
-    """Parsed `data:` payloads of a server-sent event stream; `[DONE]` stays a string."""
-    lines = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
-    return [line if line == "[DONE]" else json.loads(line) for line in lines]
-
-
-def metric_samples(base_url: str) -> dict[tuple[str, frozenset], float]:
-    text = httpx.get(f"{base_url}/metrics").text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 @pytest.fixture(scope="module")
 def shipped_server() -> Iterator[tuple[OpenAI, SpeculativeDecoder]]:
     """The shipped pair served as `speculor serve` serves it with no arguments; and an offline copy to compare."""
@@ -177,7 +121,7 @@ def test_the_shipped_pair_serves_offline_greedy_completions(shipped_server):
     stream = client.completions.create(
         model=SHIPPED_MODEL_NAME, prompt=prompt, max_tokens=10, temperature=0, stream=True
     )
-    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == expected
+    assert "".join(chunk.choices[0].text for chunk in stream) == expected
 
 
 def test_the_shipped_pair_has_no_chat_template_so_chat_is_a_clear_400(shipped_server):
@@ -210,12 +154,10 @@ def test_streamed_completion_equals_whole_answer(client):
     for prompt in PROMPTS:
         whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
         chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True))
-        assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == whole.choices[0].text
-        assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "length"
-        final = chunks[-1]
-        assert final.choices == []
-        assert final.usage == whole.usage
-        assert final.model_extra["speculative"] == whole.model_extra["speculative"]
+        assert "".join(chunk.choices[0].text for chunk in chunks) == whole.choices[0].text
+        assert [chunk.choices[0].finish_reason for chunk in chunks] == [None] * (len(chunks) - 1) + ["length"]
+        assert chunks[-1].model_extra["speculative"] == whole.model_extra["speculative"]
+        assert all(chunk.usage is None and "usage" not in chunk.model_extra for chunk in chunks)
 
 
 def test_token_id_prompts_and_one_element_batches(client, reference):
@@ -235,7 +177,14 @@ def test_chat_matches_offline_generation_on_the_chat_template(client, reference)
     assert whole.usage.prompt_tokens == len(chat_prompt_ids(reference, messages))
     assert whole.model_extra["speculative"]["drafted"] > 0
     chunks = list(
-        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True)
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == expected
@@ -299,39 +248,117 @@ LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 BAD_REQUESTS = [
     # (endpoint, raw body or JSON object, status, code, param)
     ("completions", b'{"model": "tiny-pair", "prompt": ', 400, "invalid_json", None),
+    ("completions", b"", 400, "missing_required_parameter", "model"),
+    ("chat/completions", b"  ", 400, "missing_required_parameter", "model"),
     ("completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model_not_found", "model"),
-    ("completions", {"model": MODEL}, 422, "missing_required_parameter", "prompt"),
-    ("completions", {"prompt": "hi"}, 422, "missing_required_parameter", "model"),
-    ("chat/completions", {"model": MODEL}, 422, "missing_required_parameter", "messages"),
-    ("completions", [MODEL, "hi"], 422, "invalid_body", None),
-    ("completions", {"model": MODEL, "prompt": 5}, 422, "invalid_value", "prompt"),
-    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": "many"}, 422, "invalid_value", "max_tokens"),
-    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2.5}, 422, "invalid_value", "max_tokens"),
-    ("completions", {"model": MODEL, "prompt": "hi", "temperature": "0.5"}, 422, "invalid_value", "temperature"),
-    ("completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 422, "invalid_value", "stream"),
-    ("completions", {"model": MODEL, "prompt": "hi", "stop": 3}, 422, "invalid_value", "stop"),
-    ("chat/completions", {"model": MODEL, "messages": "hi"}, 422, "invalid_value", "messages"),
-    ("chat/completions", {"model": MODEL, "messages": []}, 422, "invalid_value", "messages"),
+    ("completions", {"model": MODEL}, 400, "missing_required_parameter", "prompt"),
+    ("completions", {"prompt": "hi"}, 400, "missing_required_parameter", "model"),
+    ("completions", {"model": None, "prompt": "hi"}, 400, "missing_required_parameter", "model"),
+    ("chat/completions", {"model": MODEL}, 400, "missing_required_parameter", "messages"),
+    ("completions", [MODEL, "hi"], 400, "invalid_body", None),
+    ("completions", {"model": MODEL, "prompt": 5}, 400, "invalid_value", "prompt"),
+    ("completions", {"model": MODEL, "prompt": []}, 400, "invalid_prompt", "prompt"),
+    ("completions", {"model": MODEL, "prompt": ["a", 5]}, 400, "invalid_value", "prompt"),
+    ("completions", {"model": MODEL, "prompt": [1, True]}, 400, "invalid_value", "prompt"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": "many"}, 400, "invalid_value", "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2.5}, 400, "invalid_value", "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "temperature": "0.5"}, 400, "invalid_value", "temperature"),
+    ("completions", b'{"model": "tiny-pair", "prompt": "hi", "temperature": NaN}', 400, "invalid_value", "temperature"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "invalid_value", "stream"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stop": 3}, 400, "invalid_value", "stop"),
+    ("chat/completions", {"model": MODEL, "messages": "hi"}, 400, "invalid_value", "messages"),
+    ("chat/completions", {"model": MODEL, "messages": []}, 400, "invalid_value", "messages"),
     (
         "chat/completions",
         {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]},
-        422,
+        400,
         "invalid_value",
         "messages[0].role",
     ),
-    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 422, "invalid_value", "max_tokens"),
-    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": -5}, 422, "invalid_value", "max_tokens"),
-    ("completions", {"model": MODEL, "prompt": "hi", "temperature": -0.1}, 422, "invalid_value", "temperature"),
-    ("completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 422, "invalid_value", "top_p"),
-    ("completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, 422, "invalid_value", "top_p"),
-    ("completions", {"model": MODEL, "prompt": "hi", "top_k": -1}, 422, "invalid_value", "top_k"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": -5}, 400, "invalid_value", "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "temperature": -0.1}, 400, "invalid_value", "temperature"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "invalid_value", "top_p"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, 400, "invalid_value", "top_p"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_k": -2}, 400, "invalid_value", "top_k"),
+    ("completions", {"model": MODEL, "prompt": "hi", "seed": 2**64}, 400, "invalid_value", "seed"),
+    ("completions", {"model": MODEL, "prompt": "hi", "seed": -(2**63) - 1}, 400, "invalid_value", "seed"),
     ("completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "unsupported_parameter", "n"),
     ("completions", {"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, "unsupported_parameter", "logprobs"),
-    ("completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "unsupported_parameter", "prompt"),
-    ("completions", {"model": MODEL, "prompt": ""}, 400, "invalid_prompt", "prompt"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logprobs": 0}, 400, "unsupported_parameter", "logprobs"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logprobs": False}, 400, "unsupported_parameter", "logprobs"),
+    (
+        "chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+        400,
+        "unsupported_parameter",
+        "logprobs",
+    ),
+    (
+        "chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 0},
+        400,
+        "unsupported_parameter",
+        "top_logprobs",
+    ),
+    ("completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "unsupported_parameter", "echo"),
+    (
+        "completions",
+        {"model": MODEL, "prompt": "hi", "presence_penalty": 0.5},
+        400,
+        "unsupported_parameter",
+        "presence_penalty",
+    ),
+    (
+        "completions",
+        {"model": MODEL, "prompt": "hi", "presence_penalty": False},
+        400,
+        "unsupported_parameter",
+        "presence_penalty",
+    ),
+    (
+        "completions",
+        {"model": MODEL, "prompt": "hi", "repetition_penalty": 1.2},
+        400,
+        "unsupported_parameter",
+        "repetition_penalty",
+    ),
+    ("completions", {"model": MODEL, "prompt": "hi", "min_tokens": 5}, 400, "unsupported_parameter", "min_tokens"),
+    (
+        "completions",
+        {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 100}},
+        400,
+        "unsupported_parameter",
+        "logit_bias",
+    ),
+    (
+        "chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+        400,
+        "unsupported_parameter",
+        "response_format",
+    ),
+    (
+        "completions",
+        {"model": MODEL, "prompt": "hi", "stop_token_ids": [3]},
+        400,
+        "unknown_parameter",
+        "stop_token_ids",
+    ),
+    (
+        "completions",
+        {"model": MODEL, "prompt": "hi", "max_completion_tokens": 3},
+        400,
+        "unknown_parameter",
+        "max_completion_tokens",
+    ),
+    ("completions", {"model": MODEL, "prompt": "", "max_tokens": 2}, 400, "invalid_prompt", "prompt"),
     ("completions", {"model": MODEL, "prompt": [10**6]}, 400, "invalid_prompt", "prompt"),
+    ("completions", {"model": MODEL, "prompt": [5, -1]}, 400, "invalid_prompt", "prompt"),
+    ("completions", {"model": MODEL, "prompt": ["fine", [-1]]}, 400, "invalid_prompt", "prompt[1]"),
     ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1000}, 400, "context_length_exceeded", "max_tokens"),
     ("completions", {"model": MODEL, "prompt": LONG_TEXT}, 400, "context_length_exceeded", "prompt"),
+    ("completions", {"model": MODEL, "prompt": ["hi", LONG_TEXT]}, 400, "context_length_exceeded", "prompt[1]"),
     (
         "chat/completions",
         {"model": MODEL, "messages": [{"role": "user", "content": LONG_TEXT}]},
@@ -350,7 +377,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http, endpo
     error = response.json()["error"]
     assert (error["code"], error["param"]) == (code, param)
     assert error["message"]
-    assert error["type"] == {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error"}[status]
+    assert error["type"] == {400: "invalid_request_error", 404: "not_found_error"}[status]
     good = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "temperature": 0})
     assert good.status_code == 200
     assert good.json()["usage"]["completion_tokens"] == 2
@@ -423,13 +450,6 @@ def test_metrics_parse_and_counters_move_by_the_right_amounts(server_url, client
     assert after[("speculor_requests_running", frozenset())] == 0
 
 
-def wait_for(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the server"
-        time.sleep(0.02)
-
-
 def test_a_client_leaving_mid_stream_stops_its_generation(server_url, http):
     def cancelled() -> float:
         return metric_samples(server_url).get(
@@ -488,7 +508,14 @@ def test_a_failing_generation_answers_500_and_the_server_keeps_serving(plain_ser
 def test_shutdown_lets_in_flight_streams_finish(model_dirs):
     decoder = SpeculativeDecoder(model_dirs["plain"], device="cpu")
     with serving(create_app(decoder, model_name="alone")) as running:
-        body = {"model": "alone", "prompt": "hi", "max_tokens": 120, "temperature": 0, "stream": True}
+        body = {
+            "model": "alone",
+            "prompt": "hi",
+            "max_tokens": 120,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         with (
             httpx.Client(base_url=running.url, timeout=60) as session,
             session.stream("POST", "/v1/completions", json=body) as stream,
@@ -511,13 +538,13 @@ def test_the_worker_refuses_jobs_past_its_queue_limit_and_after_closing(referenc
         statuses = []
         for _ in range(3):
             try:
-                worker.submit(Job(reference.decoding("hi", max_new_tokens=2), 1, time.perf_counter()))
+                worker.submit(Generations([(reference.decoding("hi", max_new_tokens=2), 1)], time.perf_counter()))
                 statuses.append(200)
             except APIError as error:
                 statuses.append(error.status)
         worker.close(timeout=1)
         try:
-            worker.submit(Job(reference.decoding("hi", max_new_tokens=2), 1, time.perf_counter()))
+            worker.submit(Generations([(reference.decoding("hi", max_new_tokens=2), 1)], time.perf_counter()))
         except APIError as error:
             statuses.append(error.status)
         return statuses

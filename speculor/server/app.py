@@ -1,13 +1,16 @@
 """The FastAPI app: OpenAI's completions and chat completions endpoints over a `SpeculativeDecoder`.
 
-Request flow: FastAPI parses and checks the body against `schemas` (422 on a bad shape); the handler checks what
-needs the model (name, prompt length, chat template; 400/404) on a thread pool, builds a `Decoding` — whose own
-`SpeculorError` checks run before anything is generated — and queues it on the `GenerationWorker`. The answer is
-one JSON object, or with `stream: true` server-sent events in OpenAI's chunk format ending with `data: [DONE]`.
+Request flow: `schemas.parse_body` parses and checks the body (400 naming the field on any mistake); the handler
+checks what needs the model (name, prompt length, chat template; 400/404) on a thread pool, builds one `Decoding`
+per prompt — whose own `SpeculorError` checks run before anything is generated — and queues them on the
+`GenerationWorker`. The answer is one JSON object with a choice per prompt, or with `stream: true` server-sent
+events in OpenAI's chunk format ending with `data: [DONE]`.
 
 Every answer carries `usage` and a `speculative` object (drafted, accepted, acceptance_rate,
-mean_accepted_length). A stream always ends with one extra chunk holding them and an empty `choices` list — the
-chunk OpenAI sends for `stream_options: {"include_usage": true}` — whether or not the client asked for it.
+mean_accepted_length). In a stream, each choice's `speculative` rides on the chunk carrying its `finish_reason`,
+which every client reads; the `choices: []` usage chunk comes only when the client asks for it with
+`stream_options: {"include_usage": true}` (and then every other chunk has `usage: null`), as OpenAI does, because
+the SDKs' ordinary loop `chunk.choices[0]` fails on it.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -35,17 +39,25 @@ from speculor.engine import Decoding, GenerationResult, GenerationStats
 from speculor.errors import SpeculorError
 from speculor.server.errors import APIError, install_error_handlers
 from speculor.server.metrics import ServerMetrics
-from speculor.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
-from speculor.server.worker import FINISH_REASONS, GenerationWorker, Job
+from speculor.server.schemas import (
+    Body,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Prompt,
+    SamplingRequest,
+    parse_body,
+)
+from speculor.server.worker import FINISH_REASONS, Generations, GenerationWorker
 
 # OpenAI's default for /v1/completions when max_tokens is left out (chat defaults to the rest of the context).
 DEFAULT_COMPLETION_TOKENS = 16
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+MODEL_PATH_PREFIX = "/v1/models/"
 
 
 class ServedModel:
-    """The decoder behind the endpoints: checks a request against the model and turns it into a `Decoding`."""
+    """The decoder behind the endpoints: checks a request against the model and turns it into `Decoding`s."""
 
     def __init__(self, decoder: SpeculativeDecoder, name: str, gamma: int) -> None:
         self.decoder = decoder
@@ -54,46 +66,32 @@ class ServedModel:
         runners = [decoder.target_runner, decoder.draft_runner]
         self.context_length = min(runner.max_length for runner in runners if runner is not None)
 
-    def check(self, body: SamplingRequest) -> None:
-        """Refuse what no prompt can fix: another model's name, several choices, unimplemented options."""
-        if body.model != self.name:
+    def check_model(self, model: str) -> None:
+        if model != self.name:
             raise APIError(
                 404,
-                f"model {body.model!r} is not served here; this server has {self.name!r}",
+                f"model {model!r} is not served here; this server has {self.name!r}",
                 param="model",
                 code="model_not_found",
             )
-        if body.n != 1:
-            raise APIError(
-                400, "n > 1 is not supported: send one request per completion", param="n", code="unsupported_parameter"
-            )
-        unsupported = body.unsupported_options()
-        if unsupported:
-            raise APIError(
-                400,
-                f"{unsupported[0]!r} is not supported by this server",
-                param=unsupported[0],
-                code="unsupported_parameter",
-            )
 
-    def completion(self, body: CompletionRequest) -> tuple[Decoding, int]:
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) > 1:
-                raise APIError(
-                    400,
-                    "batched prompts are not supported: send one prompt per request",
-                    param="prompt",
-                    code="unsupported_parameter",
-                )
-            prompt = prompt[0]
+    def completion(self, body: CompletionRequest) -> list[tuple[Decoding, int]]:
+        """One decoding per prompt; an error names the prompt's position when there are several."""
+        prompts = body.prompts
+        decodings = []
+        for index, prompt in enumerate(prompts):
+            param = f"prompt[{index}]" if len(prompts) > 1 else "prompt"
+            decodings.append(self._prompt_decoding(body, prompt, param))
+        return decodings
+
+    def _prompt_decoding(self, body: CompletionRequest, prompt: Prompt, param: str) -> tuple[Decoding, int]:
         try:
             prompt_ids = self.decoder.encode(prompt)
         except SpeculorError as error:
-            raise APIError(400, str(error), param="prompt", code="invalid_prompt") from error
-        return self._decoding(body, prompt_ids, "prompt", body.max_tokens, DEFAULT_COMPLETION_TOKENS)
+            raise APIError(400, f"{param}: {error}", param=param, code="invalid_prompt") from error
+        return self._decoding(body, prompt_ids, param, body.max_tokens, DEFAULT_COMPLETION_TOKENS)
 
-    def chat(self, body: ChatCompletionRequest) -> tuple[Decoding, int]:
+    def chat(self, body: ChatCompletionRequest) -> list[tuple[Decoding, int]]:
         tokenizer = self.decoder.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise APIError(
@@ -112,7 +110,7 @@ class ServedModel:
                 400, f"the chat template rejected these messages: {error}", param="messages", code="invalid_messages"
             ) from error
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return self._decoding(body, list(prompt_ids), "messages", max_tokens, None)
+        return [self._decoding(body, list(prompt_ids), "messages", max_tokens, None)]
 
     def _decoding(
         self,
@@ -147,7 +145,7 @@ class ServedModel:
                 max_new_tokens=max_tokens,
                 gamma=self.gamma,
                 temperature=body.temperature,
-                top_k=body.top_k,
+                top_k=body.top_k_or_none,
                 top_p=body.top_p,
                 seed=body.seed,
                 stop=body.stop,
@@ -158,35 +156,41 @@ class ServedModel:
         return decoding, len(prompt_ids)
 
 
-def speculative_summary(stats: GenerationStats) -> dict[str, Any]:
+def speculative_summary(stats: Sequence[GenerationStats]) -> dict[str, Any]:
+    """Speculation counters of one or several generations, summed (the rates are of the sums)."""
+    drafted = sum(s.drafted for s in stats)
+    accepted = sum(s.accepted for s in stats)
+    forwards = sum(s.target_forwards for s in stats)
     return {
-        "drafted": stats.drafted,
-        "accepted": stats.accepted,
-        "acceptance_rate": stats.acceptance_rate,
-        "mean_accepted_length": stats.mean_accepted_length,
+        "drafted": drafted,
+        "accepted": accepted,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "mean_accepted_length": sum(s.new_tokens for s in stats) / forwards if forwards else 0.0,
     }
 
 
-def usage(result: GenerationResult, prompt_tokens: int) -> dict[str, int]:
-    completion_tokens = len(result.token_ids)
+def usage(results: Sequence[GenerationResult], prompt_tokens: Sequence[int]) -> dict[str, int]:
+    completion_tokens = sum(len(result.token_ids) for result in results)
     return {
-        "prompt_tokens": prompt_tokens,
+        "prompt_tokens": sum(prompt_tokens),
         "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "total_tokens": sum(prompt_tokens) + completion_tokens,
     }
 
 
 class ResponseFormat:
-    """The OpenAI envelope shared by both endpoints; subclasses shape the choices."""
+    """The OpenAI envelope shared by both endpoints; subclasses shape the choices. With `include_usage`, stream
+    chunks carry `usage: null` until the final usage chunk."""
 
     id_prefix = ""
     object_name = ""
     chunk_object_name = ""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, include_usage: bool = False) -> None:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
+        self.include_usage = include_usage
 
     def _envelope(self, object_name: str, choices: list[dict], **extra: Any) -> dict[str, Any]:
         return {
@@ -198,32 +202,45 @@ class ResponseFormat:
             **extra,
         }
 
-    def response(self, result: GenerationResult, prompt_tokens: int) -> dict[str, Any]:
+    def _chunk(self, choices: list[dict], **extra: Any) -> dict[str, Any]:
+        if self.include_usage:
+            extra.setdefault("usage", None)
+        return self._envelope(self.chunk_object_name, choices, **extra)
+
+    def response(self, results: list[GenerationResult], prompt_tokens: list[int]) -> dict[str, Any]:
+        choices = [
+            self.whole_choice(index, result.text or "", FINISH_REASONS[result.finish_reason])
+            for index, result in enumerate(results)
+        ]
         return self._envelope(
             self.object_name,
-            [self.whole_choice(result.text or "", FINISH_REASONS[result.finish_reason])],
-            usage=usage(result, prompt_tokens),
-            speculative=speculative_summary(result.stats),
+            choices,
+            usage=usage(results, prompt_tokens),
+            speculative=speculative_summary([result.stats for result in results]),
         )
 
     def opening_chunks(self) -> list[dict[str, Any]]:
         return []
 
-    def chunk(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
-        return self._envelope(self.chunk_object_name, [self.delta_choice(text, finish_reason)])
+    def text_chunk(self, index: int, text: str) -> dict[str, Any]:
+        return self._chunk([self.delta_choice(index, text, None)])
 
-    def usage_chunk(self, result: GenerationResult, prompt_tokens: int) -> dict[str, Any]:
-        return self._envelope(
-            self.chunk_object_name,
+    def final_chunk(self, index: int, result: GenerationResult) -> dict[str, Any]:
+        """The chunk ending choice `index`: its finish reason and its speculation counters."""
+        choice = self.delta_choice(index, "", FINISH_REASONS[result.finish_reason])
+        return self._chunk([choice], speculative=speculative_summary([result.stats]))
+
+    def usage_chunk(self, results: list[GenerationResult], prompt_tokens: list[int]) -> dict[str, Any]:
+        return self._chunk(
             [],
-            usage=usage(result, prompt_tokens),
-            speculative=speculative_summary(result.stats),
+            usage=usage(results, prompt_tokens),
+            speculative=speculative_summary([result.stats for result in results]),
         )
 
-    def whole_choice(self, text: str, finish_reason: str) -> dict[str, Any]:
+    def whole_choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
         raise NotImplementedError
 
-    def delta_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def delta_choice(self, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -231,11 +248,11 @@ class CompletionFormat(ResponseFormat):
     id_prefix = "cmpl"
     object_name = chunk_object_name = "text_completion"
 
-    def whole_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def whole_choice(self, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
-    def delta_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return self.whole_choice(text, finish_reason)
+    def delta_choice(self, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+        return self.whole_choice(index, text, finish_reason)
 
 
 class ChatFormat(ResponseFormat):
@@ -243,46 +260,47 @@ class ChatFormat(ResponseFormat):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def whole_choice(self, text: str, finish_reason: str) -> dict[str, Any]:
+    def whole_choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
         message = {"role": "assistant", "content": text}
-        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
 
     def opening_chunks(self) -> list[dict[str, Any]]:
         opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return [self._envelope(self.chunk_object_name, [opening])]
+        return [self._chunk([opening])]
 
-    def delta_choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def delta_choice(self, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
         delta = {"content": text} if text else {}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
 def server_sent_event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def event_stream(job: Job, form: ResponseFormat) -> AsyncIterator[str]:
-    """The SSE body of a streamed answer. Leaving early (the client went away) cancels the generation."""
+async def event_stream(generations: Generations, form: ResponseFormat) -> AsyncIterator[str]:
+    """The SSE body of a streamed answer. Leaving early (the client went away) cancels the generations."""
     finished = False
+    results: dict[int, GenerationResult] = {}
     try:
         for chunk in form.opening_chunks():
             yield server_sent_event(chunk)
-        while True:
-            try:
-                event = await job.next_event()
-            except APIError as error:
-                yield server_sent_event(error.body())
-                break
-            if isinstance(event, GenerationResult):
-                yield server_sent_event(form.chunk("", FINISH_REASONS[event.finish_reason]))
-                yield server_sent_event(form.usage_chunk(event, job.prompt_tokens))
-                break
-            if event.text:
-                yield server_sent_event(form.chunk(event.text))
+        try:
+            async for index, event in generations.events():
+                if isinstance(event, GenerationResult):
+                    results[index] = event
+                    yield server_sent_event(form.final_chunk(index, event))
+                elif event.text:
+                    yield server_sent_event(form.text_chunk(index, event.text))
+            if form.include_usage:
+                ordered = [results[index] for index in range(len(results))]
+                yield server_sent_event(form.usage_chunk(ordered, generations.prompt_tokens))
+        except APIError as error:
+            yield server_sent_event(error.body())
         yield "data: [DONE]\n\n"
         finished = True
     finally:
         if not finished:
-            job.cancel()
+            generations.cancel()
 
 
 async def client_disconnected(request: Request) -> None:
@@ -291,9 +309,9 @@ async def client_disconnected(request: Request) -> None:
         pass
 
 
-async def result_unless_disconnected(job: Job, request: Request) -> GenerationResult | None:
-    """The finished generation, or None when the client left first (the generation is then cancelled)."""
-    waiting = asyncio.ensure_future(job.result())
+async def results_unless_disconnected(generations: Generations, request: Request) -> list[GenerationResult] | None:
+    """The finished generations, or None when the client left first (the generations are then cancelled)."""
+    waiting = asyncio.ensure_future(generations.results())
     watching = asyncio.ensure_future(client_disconnected(request))
     try:
         done, _ = await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
@@ -301,7 +319,7 @@ async def result_unless_disconnected(job: Job, request: Request) -> GenerationRe
         watching.cancel()
         if not waiting.done():
             waiting.cancel()
-            job.cancel()
+            generations.cancel()
     return waiting.result() if waiting in done else None
 
 
@@ -350,7 +368,10 @@ class RequestCounter:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        if path.startswith(MODEL_PATH_PREFIX):
+            endpoint = MODEL_PATH_PREFIX + "{model}"
         status = 500
 
         async def noting_status(message: Message) -> None:
@@ -373,10 +394,12 @@ def create_app(
     max_waiting: int = 256,
     max_body_bytes: int = 1 << 20,
     shutdown_timeout: float = 30.0,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """An app serving `decoder` under `model_name` (default: the target's name or path), drafting `gamma` tokens
-    per step. At most `max_waiting` requests queue (then 503); bodies over `max_body_bytes` get 413. On shutdown
-    the running generation gets `shutdown_timeout` seconds to end."""
+    per step. At most `max_waiting` generations queue (then 503); bodies over `max_body_bytes` get 413. On shutdown
+    the running generation gets `shutdown_timeout` seconds to end. `cors_origins` lets browser pages from those
+    origins (or "*" for any) call the API; by default browsers get no CORS headers."""
     served = ServedModel(decoder, model_name or decoder.target.name, gamma)
     metrics = ServerMetrics()
     worker = GenerationWorker(metrics, max_waiting)
@@ -394,45 +417,61 @@ def create_app(
     app.state.worker = worker
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, limit=max_body_bytes)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(RequestCounter, metrics=metrics)
 
-    async def answer(request: Request, body: SamplingRequest, job: Job, form: ResponseFormat) -> Response:
-        worker.submit(job)
+    async def answer(
+        request: Request, body: SamplingRequest, decodings: list[tuple[Decoding, int]], form: ResponseFormat
+    ) -> Response:
+        generations = Generations(decodings, request.state.arrived)
+        worker.submit(generations)
         if body.stream:
             return StreamingResponse(
-                event_stream(job, form), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+                event_stream(generations, form), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        result = await result_unless_disconnected(job, request)
-        if result is None:
+        results = await results_unless_disconnected(generations, request)
+        if results is None:
             return APIError(499, "the client closed the request", code="client_closed_request").response()
-        return JSONResponse(form.response(result, job.prompt_tokens))
+        return JSONResponse(form.response(results, generations.prompt_tokens))
+
+    async def read_body(request: Request, schema: type[Body]) -> Body:
+        request.state.arrived = time.perf_counter()
+        body = parse_body(schema, await request.body())
+        served.check_model(body.model)
+        return body
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        arrived = time.perf_counter()
-        served.check(body)
-        decoding, prompt_tokens = await run_in_threadpool(served.completion, body)
-        return await answer(request, body, Job(decoding, prompt_tokens, arrived), CompletionFormat(served.name))
+    async def completions(request: Request) -> Response:
+        body = await read_body(request, CompletionRequest)
+        decodings = await run_in_threadpool(served.completion, body)
+        return await answer(request, body, decodings, CompletionFormat(served.name, body.include_usage))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        arrived = time.perf_counter()
-        served.check(body)
-        decoding, prompt_tokens = await run_in_threadpool(served.chat, body)
-        return await answer(request, body, Job(decoding, prompt_tokens, arrived), ChatFormat(served.name))
+    async def chat_completions(request: Request) -> Response:
+        body = await read_body(request, ChatCompletionRequest)
+        decodings = await run_in_threadpool(served.chat, body)
+        return await answer(request, body, decodings, ChatFormat(served.name, body.include_usage))
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        model = {
+    def model_card() -> dict[str, Any]:
+        return {
             "id": served.name,
             "object": "model",
             "created": started,
             "owned_by": "speculor",
             "max_model_len": served.context_length,
         }
-        return {"object": "list", "data": [model]}
 
-    @app.get("/health")
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        served.check_model(model)
+        return model_card()
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         draft = decoder.draft.name if decoder.draft is not None else None
         body = {

@@ -32,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="let browser pages from this origin call the API (repeatable; * for any); off by default",
+    )
+    parser.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on shutdown"
     )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -78,6 +84,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
+        cors_origins=args.cors_origin,
     )
     drafting = args.draft or (f"prompt lookup, n-grams up to {args.ngram}" if args.ngram else "none")
     console.print(

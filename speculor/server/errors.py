@@ -1,9 +1,9 @@
 """OpenAI-style error responses: every failure answers `{"error": {"message", "type", "param", "code"}}`.
 
-Status codes: 400 for a well-formed request the server cannot serve as asked (unparseable JSON, a prompt past the
-context, an unsupported option, no chat template), 404 for an unknown model or path, 413 for an oversized body,
-422 for a body that does not fit the schema (a missing field, a wrong type, a value outside its declared range),
-503 while overloaded or shutting down, 500 for a failure inside generation.
+Status codes: 400 for every invalid request (unparseable JSON, a missing field, a wrong type, a value out of range, a
+prompt past the context, an unsupported option, no chat template) — one status, as OpenAI answers, so the SDKs raise
+their one `BadRequestError` — 404 for an unknown model or path, 413 for an oversized body, 503 while overloaded or
+shutting down, 500 for a failure inside generation.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
@@ -69,10 +68,10 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
     param = _field_path(first.get("loc", ()))
     reasons = list(dict.fromkeys(e["msg"] for e in errors if _field_path(e.get("loc", ())) == param))
     if first.get("type") == "missing":
-        return APIError(422, f"missing required field {param!r}", param=param, code="missing_required_parameter")
+        return APIError(400, f"missing required field {param!r}", param=param, code="missing_required_parameter")
     if not param:
-        return APIError(422, f"the request body must be a JSON object: {'; '.join(reasons)}", code="invalid_body")
-    return APIError(422, f"invalid {param!r}: {'; or '.join(reasons)}", param=param, code="invalid_value")
+        return APIError(400, f"the request body must be a JSON object: {'; '.join(reasons)}", code="invalid_body")
+    return APIError(400, f"invalid {param!r}: {'; or '.join(reasons)}", param=param, code="invalid_value")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -81,10 +80,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
         return error.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        return validation_error(error.errors()).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:

@@ -1,33 +1,65 @@
 """Request bodies of the OpenAI-compatible endpoints, as pydantic models.
 
 The models check shapes and declared ranges (a missing field, a string where a number belongs, a negative
-temperature): failures become 422 responses naming the field. Checks that need the model (the prompt's length
-against the context, the chat template) happen later and become 400s. Parsing is strict, so `"0.5"` is not a number.
-Unknown fields are kept, not rejected, so clients that send newer OpenAI options still work; the few that would
-silently change the meaning of the answer are refused by `unsupported_options`.
+temperature); `parse_body` turns any failure into a 400 naming the field. Parsing is strict, so `"0.5"` is not a
+number, and a JSON `null` counts as leaving the field out (the OpenAI SDKs send null when a caller passes None).
+
+Every field the server cannot honour is refused by `refused_option`, never silently ignored: a client that asks
+for a repetition penalty must not get an answer that quietly lacks one. Only options that cannot change the
+generated text (`user`, `metadata`, …) and options set to their "off" value (`presence_penalty: 0`, `n: 1`) pass.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-# OpenAI options this server does not implement, with the values that mean "not used". Any other value is refused
-# rather than ignored, because the client would otherwise get an answer that silently differs from what it asked.
-UNSUPPORTED_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "best_of": (None, 1),
-    "echo": (None, False),
-    "suffix": (None, ""),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}),
-    "tools": (None, []),
+from speculor.server.errors import APIError, validation_error
+
+# Options that describe the caller or the bookkeeping, not the text to generate: accepted and not acted on.
+HARMLESS_OPTIONS = frozenset(
+    {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
+)
+
+# Marks an unimplemented option with no value that means "off": any value is refused.
+NO_NEUTRAL_VALUE = object()
+
+# Options this server does not implement, with the one value that leaves the answer as if the option were absent.
+# Any other value is refused with a 400 naming the option.
+NEUTRAL_VALUES: dict[str, Any] = {
+    "logprobs": NO_NEUTRAL_VALUE,
+    "top_logprobs": NO_NEUTRAL_VALUE,
+    "best_of": 1,
+    "echo": False,
+    "suffix": "",
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "repetition_penalty": 1,
+    "min_p": 0,
+    "min_tokens": 0,
+    "logit_bias": {},
+    "tools": [],
+    "tool_choice": "none",
+    "functions": [],
+    "function_call": "none",
+    "response_format": {"type": "text"},
 }
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+# The neutral `logprobs` of chat completions (a boolean there; completions' integer `logprobs` has none).
+CHAT_NEUTRAL_VALUES = {**NEUTRAL_VALUES, "logprobs": False}
+
+# The signed and unsigned 64-bit ranges together: what a torch generator accepts as a seed.
+SEED_RANGE = {"ge": -(2**63), "le": 2**64 - 1}
+
+
+Body = TypeVar("Body", bound="SamplingRequest")
+
+
+def _is_neutral(value: Any, neutral: Any) -> bool:
+    """Equal to the neutral value, without Python's `0 == False`: `logprobs: 0` is a request, `false` is not."""
+    return value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
 
 
 class StreamOptions(BaseModel):
@@ -37,33 +69,95 @@ class StreamOptions(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    """Fields shared by completions and chat completions. `top_k` and `ignore_eos` (generate exactly the tokens
-    asked for, as vLLM's extension does; for benchmarks) are extensions: OpenAI has neither."""
+    """Fields shared by completions and chat completions. `top_k` (0, or vLLM's -1, turns it off) and `ignore_eos`
+    (generate exactly the tokens asked for, as vLLM's extension does; for benchmarks) are extensions: OpenAI has
+    neither."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+    neutral_values: ClassVar[dict[str, Any]] = NEUTRAL_VALUES
 
     model: str
     temperature: Annotated[float, Field(ge=0)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] | None = None
-    seed: int | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    seed: Annotated[int, Field(**SEED_RANGE)] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1)] = 1
     ignore_eos: bool = False
 
-    def unsupported_options(self) -> list[str]:
-        """Names of unimplemented OpenAI options the request sets to something other than their neutral value."""
-        extra = self.model_extra or {}
-        return [name for name, neutral in UNSUPPORTED_OPTIONS.items() if name in extra and extra[name] not in neutral]
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {name: value for name, value in data.items() if value is not None}
+        return data
+
+    @property
+    def top_k_or_none(self) -> int | None:
+        return None if self.top_k is None or self.top_k <= 0 else self.top_k
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def refused_option(self) -> APIError | None:
+        """The error for the first option this server would have to ignore to answer, or None."""
+        if self.n != 1:
+            return APIError(
+                400, "n > 1 is not supported: send one request per completion", param="n", code="unsupported_parameter"
+            )
+        for name, value in (self.model_extra or {}).items():
+            if name in HARMLESS_OPTIONS:
+                continue
+            if name not in self.neutral_values:
+                message = f"unrecognized parameter {name!r}: this server does not implement it"
+                return APIError(400, message, param=name, code="unknown_parameter")
+            neutral = self.neutral_values[name]
+            if neutral is NO_NEUTRAL_VALUE:
+                return APIError(
+                    400, f"{name!r} is not supported by this server", param=name, code="unsupported_parameter"
+                )
+            if not _is_neutral(value, neutral):
+                message = f"{name!r} is not supported by this server; only {neutral!r} (no effect) is accepted"
+                return APIError(400, message, param=name, code="unsupported_parameter")
+        return None
+
+
+Prompt = str | list[int]
 
 
 class CompletionRequest(SamplingRequest):
-    """`prompt` is text or token ids; a list of several prompts (a batch) is refused, as n > 1 is."""
+    """`prompt` is text, token ids, or a list of either (several prompts: one choice each, in order)."""
 
-    prompt: str | TokenIds | list[str] | list[TokenIds]
+    prompt: Any
     max_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_shape(cls, prompt: Any) -> Any:
+        if isinstance(prompt, str) or _is_token_ids(prompt):
+            return prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_token_ids(p) for p in prompt):
+            return prompt
+        raise PydanticCustomError(
+            "prompt_shape",
+            "must be a string, a list of token ids (integers), or a non-empty list of strings or of token-id lists",
+        )
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        """The prompts of this request: one for a string or a list of ids, several for a list of those."""
+        if isinstance(self.prompt, str) or _is_token_ids(self.prompt):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+def _is_token_ids(value: Any) -> bool:
+    """A list of integers (booleans are not token ids). Their range is checked against the vocabulary later, where
+    the error can name it. An empty list counts, to be refused as an empty prompt."""
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 class TextPart(BaseModel):
@@ -91,6 +185,29 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     """`max_completion_tokens` is OpenAI's newer name for `max_tokens`; when both are given it wins."""
 
+    neutral_values: ClassVar[dict[str, Any]] = CHAT_NEUTRAL_VALUES
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+
+def parse_body(schema: type[Body], raw: bytes) -> Body:
+    """The request body as `schema`, or a 400 `APIError` naming what is wrong: unparseable JSON, an empty body (it
+    names the first required field), a field of the wrong type or out of range, or an option this server refuses."""
+    if not raw.strip():
+        required = [name for name, field in schema.model_fields.items() if field.is_required()]
+        raise APIError(
+            400,
+            f"the request body is empty: send a JSON object with {' and '.join(map(repr, required))}",
+            param=required[0],
+            code="missing_required_parameter",
+        )
+    try:
+        body = schema.model_validate_json(raw)
+    except ValidationError as error:
+        raise validation_error(error.errors()) from error
+    refused = body.refused_option()
+    if refused is not None:
+        raise refused
+    return body

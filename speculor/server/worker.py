@@ -1,4 +1,5 @@
-"""The one thread that runs the model: generations are served whole, one after another, in arrival order.
+"""The one thread that runs the model: generations are served whole, one after another, in arrival order (the
+prompts of one request too, in their order).
 
 Every `Decoding` of a `SpeculativeDecoder` steps the decoder's shared runners (their KV caches), so two
 generations must never interleave their steps. Serializing whole requests on a single worker thread is the
@@ -14,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator
 
 from speculor.engine import Decoding, Delta, GenerationResult, GenerationStats
 from speculor.server.errors import APIError
@@ -28,19 +30,18 @@ Event = Delta | GenerationResult | BaseException
 
 
 class Job:
-    """One generation waiting for or running on the worker, with the channel its events come back on.
+    """One generation (one prompt) of a `Generations`, waiting for or running on the worker."""
 
-    Created on the event loop; the worker posts each `Delta`, then the `GenerationResult` (or the exception that
-    ended the generation) back to that loop.
-    """
-
-    def __init__(self, decoding: Decoding, prompt_tokens: int, arrived: float) -> None:
+    def __init__(self, owner: Generations, index: int, decoding: Decoding, prompt_tokens: int) -> None:
+        self.owner = owner
+        self.index = index
         self.decoding = decoding
         self.prompt_tokens = prompt_tokens
-        self.arrived = arrived
-        self._loop = asyncio.get_running_loop()
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
+
+    @property
+    def arrived(self) -> float:
+        return self.owner.arrived
 
     def cancel(self) -> None:
         """Ask the worker to stop this generation (or skip it if it has not started). Safe from any thread."""
@@ -52,23 +53,54 @@ class Job:
 
     def post(self, event: Event) -> None:
         """Hand an event to the waiting request (called from the worker thread)."""
+        self.owner.post(self.index, event)
+
+
+class Generations:
+    """The generations one HTTP request asked for — one per prompt, in prompt order — and the channel their events
+    come back on. Created on the event loop; the worker posts each job's `Delta`s, then its `GenerationResult` (or
+    the exception that ended it) back to that loop, tagged with the job's index."""
+
+    def __init__(self, decodings: list[tuple[Decoding, int]], arrived: float) -> None:
+        self.arrived = arrived
+        self.jobs = [Job(self, index, decoding, tokens) for index, (decoding, tokens) in enumerate(decodings)]
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        return [job.prompt_tokens for job in self.jobs]
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancel()
+
+    def post(self, index: int, event: Event) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._events.put_nowait, (index, event))
         except RuntimeError:
             logger.debug("event loop closed; dropping an event of a generation nobody awaits")
 
-    async def next_event(self) -> Delta | GenerationResult:
-        """The next `Delta`, or the final `GenerationResult`; raises the error that ended the generation."""
-        event = await self._events.get()
-        if isinstance(event, BaseException):
-            raise event
-        return event
+    async def events(self) -> AsyncIterator[tuple[int, Delta | GenerationResult]]:
+        """Every job's events as they come, as (job index, event), until each job has delivered its result; raises
+        the error that ended a job (the others are then cancelled)."""
+        unfinished = len(self.jobs)
+        while unfinished:
+            index, event = await self._events.get()
+            if isinstance(event, BaseException):
+                self.cancel()
+                raise event
+            if isinstance(event, GenerationResult):
+                unfinished -= 1
+            yield index, event
 
-    async def result(self) -> GenerationResult:
-        """Wait for the whole generation, skipping the streamed pieces."""
-        while not isinstance(event := await self.next_event(), GenerationResult):
-            pass
-        return event
+    async def results(self) -> list[GenerationResult]:
+        """Wait for every job's whole generation, skipping the streamed pieces; in job order."""
+        results: dict[int, GenerationResult] = {}
+        async for index, event in self.events():
+            if isinstance(event, GenerationResult):
+                results[index] = event
+        return [results[index] for index in range(len(self.jobs))]
 
 
 class GenerationWorker:
@@ -97,17 +129,19 @@ class GenerationWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, generations: Generations) -> None:
+        """Queue every job of `generations`, or none of them (503) when the queue has no room for all."""
         with self._lock:
             if self._closing:
                 raise APIError(503, "the server is shutting down", code="server_shutting_down")
-            if self._waiting >= self.max_waiting:
+            if self._waiting + len(generations.jobs) > self.max_waiting:
                 raise APIError(
                     503, f"the server is busy: {self._waiting} requests are already waiting", code="server_overloaded"
                 )
-            self._waiting += 1
+            self._waiting += len(generations.jobs)
             self.metrics.queued.set(self._waiting)
-        self._jobs.put(job)
+            for job in generations.jobs:
+                self._jobs.put(job)
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new jobs, fail the ones still waiting, let the running one end, and stop the thread."""
