@@ -75,25 +75,120 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).norm() / expected.double().norm())
 
 
+def reference_logits(model: torch.nn.Module, sequence: list[int], count: int) -> torch.Tensor:
+    """transformers' logits for the last `count` tokens of `sequence`, from one forward over all of it (no cache)."""
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([sequence])).logits[0, -count:]
+
+
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_logits_match_transformers_through_steps_and_rollbacks(name: str) -> None:
     model = build(name)
-    fast, reference = FastRunner(model), HFRunner(model)
+    fast = FastRunner(model)
     generator = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, VOCAB, (150,), generator=generator)  # crosses the first 128-slot attention span
-    fast.prefill(prompt)
-    reference.prefill(prompt)
+    sequence = torch.randint(0, VOCAB, (150,), generator=generator).tolist()  # crosses the first 128-position span
+    fast.extend(0, torch.tensor(sequence))
     # (tokens fed, cache length to roll back to afterwards): verify-sized and decode-sized steps.
     for count, keep in [(5, 152), (1, None), (3, 154), (8, 155), (2, None), (1, 150)]:
         tokens = torch.randint(0, VOCAB, (count,), generator=generator)
-        expected, actual = reference.forward(tokens), fast.forward(tokens)
+        actual = fast.step([0], tokens.view(1, -1))
+        sequence += tokens.tolist()
         assert actual.dtype == torch.float32
-        assert actual.shape == (count, VOCAB)
-        assert relative_error(actual, expected) <= 1e-4
-        assert fast.cache_length == reference.cache_length
+        assert actual.shape == (1, count, VOCAB)
+        assert relative_error(actual[0], reference_logits(model, sequence, count)) <= 1e-4
+        assert fast.length(0) == len(sequence)
         if keep is not None:
-            fast.truncate(keep)
-            reference.truncate(keep)
+            fast.rollback(0, keep)
+            del sequence[keep:]
+
+
+def float64_model(name: str) -> torch.nn.Module:
+    return build(name).double()
+
+
+@pytest.mark.parametrize("name", ["llama3-rope", "qwen3"])
+def test_a_batched_step_equals_each_row_run_alone(name: str) -> None:
+    """Rows of different lengths, listed out of slot order, three rows padded to a bucket of four; then per-row
+    rollbacks and a step over another set of rows. Float64, so batched and alone must agree to rounding."""
+    model = float64_model(name)
+    batched = FastRunner(model, slots=5)
+    assert batched.buckets == (1, 2, 4, 5)
+    generator = torch.Generator().manual_seed(4)
+    sequences = {
+        slot: torch.randint(0, VOCAB, (length,), generator=generator).tolist()
+        for slot, length in ((0, 140), (1, 9), (2, 30), (3, 17), (4, 1))
+    }
+    for slot, sequence in sequences.items():
+        batched.extend(slot, torch.tensor(sequence))
+    untouched = batched.cache.kv[:, :, 2, :, :30].clone()
+    plan = [([4, 0, 3], 3, {4: 2, 0: 141, 3: 18}), ([0, 3, 4, 1], 2, {}), ([1], 4, {1: 10}), ([3, 1], 1, {})]
+    for rows, count, rollbacks in plan:
+        tokens = torch.randint(0, VOCAB, (len(rows), count), generator=generator)
+        logits = batched.step(rows, tokens)
+        assert logits.shape == (len(rows), count, VOCAB)
+        for row, slot in enumerate(rows):
+            alone = FastRunner(model)
+            alone.extend(0, torch.tensor(sequences[slot]))
+            assert relative_error(logits[row], alone.step([0], tokens[row : row + 1])[0]) <= 1e-12
+            sequences[slot] += tokens[row].tolist()
+            assert relative_error(logits[row], reference_logits(model, sequences[slot], count)) <= 1e-6
+            assert batched.length(slot) == len(sequences[slot])
+        for slot, length in rollbacks.items():
+            batched.rollback(slot, length)
+            del sequences[slot][length:]
+    assert torch.equal(batched.cache.kv[:, :, 2, :, :30], untouched)
+    assert batched.length(2) == 30
+
+
+def test_batched_greedy_decoding_equals_transformers_generate_per_prompt() -> None:
+    """A plain AR loop of one-token steps over three rows, each row's argmax fed back; then a slot is reset and
+    reused for a new prompt."""
+    model = float64_model("qwen2")
+    runner = FastRunner(model, slots=3)
+    prompts = {0: [5, 17, 33, 2, 90, 41, 8], 1: [60, 1, 1, 70], 2: list(range(20, 45))}
+
+    def decode(slots: list[int], new_tokens: int) -> dict[int, list[int]]:
+        outputs = {slot: [] for slot in slots}
+        for slot in slots:
+            runner.reset(slot)
+            runner.extend(slot, torch.tensor(prompts[slot][:-1]))
+        pending = torch.tensor([[prompts[slot][-1]] for slot in slots])
+        for _ in range(new_tokens):
+            pending = runner.step(slots, pending).argmax(-1)
+            for row, slot in enumerate(slots):
+                outputs[slot].append(int(pending[row, 0]))
+        return outputs
+
+    def generate(prompt: list[int], new_tokens: int) -> list[int]:
+        output = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )
+        return output[0, len(prompt) :].tolist()
+
+    outputs = decode([2, 0, 1], 12)
+    for slot, output in outputs.items():
+        assert output == generate(prompts[slot], 12)
+    assert len(set(outputs[0])) > 1  # the random model does not just repeat one token
+    prompts[1] = [3, 3, 9]
+    assert decode([1], 6)[1] == generate(prompts[1], 6)
+
+
+def test_mistakes_name_what_is_wrong() -> None:
+    runner = FastRunner(build("llama"), slots=2, max_cache_length=16)
+    with pytest.raises(SpeculorError, match=r"slot 2 does not exist: this runner has slots 0\.\.1"):
+        runner.extend(2, torch.arange(3))
+    with pytest.raises(SpeculorError, match="each slot at most once"):
+        runner.step([1, 1], torch.zeros((2, 1), dtype=torch.long))
+    with pytest.raises(SpeculorError, match="one row per slot: got \\(3, 1\\) for 2 slots"):
+        runner.step([0, 1], torch.zeros((3, 1), dtype=torch.long))
+    with pytest.raises(SpeculorError, match="slots must be an integer ≥ 1, got 0"):
+        FastRunner(build("llama"), slots=0)
+    with pytest.raises(SpeculorError, match="warm_up widths must be integers ≥ 1"):
+        runner.warm_up([0, 2])
 
 
 @pytest.mark.parametrize("name", ["llama3-rope", "qwen2", "qwen3"])
@@ -160,15 +255,28 @@ def test_window_no_shorter_than_the_cache_is_not_in_use() -> None:
 
 
 def test_cache_cap_bounds_max_length_and_overflow_is_a_clear_error() -> None:
-    runner = FastRunner(build("llama"), max_cache_length=16)
+    runner = FastRunner(build("llama"), slots=2, max_cache_length=16)
     assert runner.max_length == 16
-    runner.prefill(torch.arange(12))
-    runner.forward(torch.arange(4))
-    with pytest.raises(SpeculorError, match="cache holds 16 tokens; 16 \\+ 1 do not fit"):
-        runner.forward(torch.arange(1))
-    runner.truncate(10)
-    assert runner.cache_length == 10
-    assert runner.forward(torch.arange(6)).shape == (6, VOCAB)
+    runner.extend(1, torch.arange(12))
+    runner.step([1], torch.arange(4).view(1, 4))
+    with pytest.raises(SpeculorError, match="cache holds 16 tokens per slot; slot 1's 16 \\+ 1 do not fit"):
+        runner.step([0, 1], torch.zeros((2, 1), dtype=torch.long))
+    assert runner.length(0) == 0  # a refused step changes nothing
+    runner.rollback(1, 10)
+    assert runner.length(1) == 10
+    assert runner.step([1], torch.arange(6).view(1, 6)).shape == (1, 6, VOCAB)
+
+
+def test_single_sequence_methods_run_on_slot_zero() -> None:
+    """The methods the engine used before slots (kept until it moves over): prefill, forward, truncate."""
+    model = build("llama")
+    runner = FastRunner(model)
+    runner.prefill(torch.arange(10))
+    logits = runner.forward(torch.tensor([4, 5]))
+    assert logits.shape == (2, VOCAB)
+    assert relative_error(logits, reference_logits(model, [*range(10), 4, 5], 2)) <= 1e-4
+    runner.truncate(7)
+    assert runner.cache_length == runner.length(0) == 7
 
 
 def test_graph_capture_needs_cuda() -> None:
@@ -180,31 +288,39 @@ def test_graph_capture_needs_cuda() -> None:
 @pytest.mark.parametrize("capture", ["graph", "compile"])
 def test_captured_steps_match_eager_on_cuda(capture: str) -> None:
     model = build("qwen3").cuda()
-    captured, eager = FastRunner(model, capture=capture), FastRunner(model, capture="eager")
+    captured, eager = FastRunner(model, slots=3, capture=capture), FastRunner(model, slots=3, capture="eager")
     generator = torch.Generator().manual_seed(2)
-    prompt = torch.randint(0, VOCAB, (20,), generator=generator).cuda()
-    captured.prefill(prompt)
-    eager.prefill(prompt)
-    for count, keep in [(4, 21), (1, None), (4, 22), (4, None), (2, 23)]:
-        tokens = torch.randint(0, VOCAB, (count,), generator=generator).cuda()
-        assert relative_error(captured.forward(tokens), eager.forward(tokens)) <= 1e-5
+    for runner in (captured, eager):
+        generator.manual_seed(2)
+        for slot, length in enumerate((20, 150, 3)):
+            runner.extend(slot, torch.randint(0, VOCAB, (length,), generator=generator).cuda())
+    captured.warm_up([1, 2, 4])
+    count_after_warm_up = captured.graph_count
+    for rows, count, keep in [([0], 4, 21), ([2, 0], 1, None), ([1, 0, 2], 4, 22), ([0], 4, None), ([1, 2], 2, 23)]:
+        tokens = torch.randint(0, VOCAB, (len(rows), count), generator=generator).cuda()
+        assert relative_error(captured.step(rows, tokens), eager.step(rows, tokens)) <= 1e-5
         if keep is not None:
-            captured.truncate(keep)
-            eager.truncate(keep)
-    assert captured.graph_count == (3 if capture == "graph" else 0)
+            captured.rollback(rows[0], keep)
+            eager.rollback(rows[0], keep)
+    # Buckets 1, 2, 3 × widths 1, 2, 4 were captured up front; the steps captured nothing more.
+    assert count_after_warm_up == (9 if capture == "graph" else 0)
+    assert captured.graph_count == count_after_warm_up
 
 
 def test_fixed_width_makes_a_verified_token_bitwise_equal_to_decoding_it_alone() -> None:
     model = build("qwen3")
-    batched, alone = FastRunner(model, fixed_width=4), FastRunner(model, fixed_width=4)
+    batched, alone = FastRunner(model, slots=2, fixed_width=4), FastRunner(model, slots=2, fixed_width=4)
     generator = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, VOCAB, (30,), generator=generator)
+    other = torch.randint(0, VOCAB, (5, 4), generator=generator)
     tokens = torch.randint(0, VOCAB, (3,), generator=generator)
-    batched.prefill(prompt)
-    alone.prefill(prompt)
-    verified = batched.forward(tokens)
-    decoded = torch.cat([alone.forward(tokens[index : index + 1]) for index in range(3)])
+    for runner in (batched, alone):
+        runner.extend(0, prompt)
+        runner.extend(1, other[0])
+    # Both steps run two rows (same bucket): the verify of three tokens, and three decodes of one each.
+    verified = batched.step([1, 0], torch.stack([other[1, :3], tokens]))[1]
+    decoded = torch.cat([alone.step([0, 1], torch.stack([tokens[i : i + 1], other[i + 1, :1]]))[0] for i in range(3)])
     assert torch.equal(verified, decoded)
-    assert relative_error(verified, HFRunner(model).forward(torch.cat([prompt, tokens]))[-3:]) <= 1e-4
+    assert relative_error(verified, reference_logits(model, [*prompt.tolist(), *tokens.tolist()], 3)) <= 1e-4
     with pytest.raises(SpeculorError, match="at most fixed_width=4 tokens, got 5"):
-        batched.forward(torch.arange(5))
+        batched.step([0], torch.zeros((1, 5), dtype=torch.long))

@@ -20,14 +20,15 @@ EPS = 1e-6
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def rotate_and_store_reference(qkv, cos, signed_sin, positions, layer_cache, heads, q_norm, k_norm):
+def rotate_and_store_reference(qkv, cos, signed_sin, positions, sequences, layer_cache, heads, q_norm, k_norm):
     tokens, _, head_dim = qkv.shape
-    kv_heads = layer_cache.shape[1]
+    kv_heads = layer_cache.shape[2]
     if q_norm is not None:
         qkv[:, :heads] = F.rms_norm(qkv[:, :heads], (head_dim,), q_norm, EPS)
         qkv[:, heads : heads + kv_heads] = F.rms_norm(qkv[:, heads : heads + kv_heads], (head_dim,), k_norm, EPS)
     llama.rotate_in_place(qkv[:, : heads + kv_heads], cos[positions][:, None], signed_sin[positions][:, None])
-    layer_cache.index_copy_(2, positions, qkv[:, heads:].view(tokens, 2, kv_heads, head_dim).permute(1, 2, 0, 3))
+    token_rows = sequences.repeat_interleave(tokens // sequences.numel())
+    layer_cache[:, token_rows, :, positions] = qkv[:, heads:].view(tokens, 2, kv_heads, head_dim)
 
 
 @pytest.mark.parametrize("width", [96, 128, 200])
@@ -42,16 +43,18 @@ def test_rms_norm_matches_torch(width):
 @pytest.mark.parametrize("head_dim", [16, 24])
 @pytest.mark.parametrize("with_norm", [False, True])
 def test_rope_and_store_matches_torch(head_dim, with_norm):
+    """Two rows of three tokens each, written to cache rows 2 and 0 at their own positions."""
     generator = torch.Generator().manual_seed(head_dim + with_norm)
-    tokens, heads, kv_heads, capacity = 3, 4, 2, 32
+    tokens, heads, kv_heads, capacity = 6, 4, 2, 32
     qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=generator).to(DEVICE)
     cos, signed_sin = (torch.randn(capacity, head_dim, generator=generator).to(DEVICE) for _ in range(2))
-    positions = torch.tensor([9, 10, 11], device=DEVICE)
-    cache = torch.randn(2, kv_heads, capacity, head_dim, generator=generator).to(DEVICE)
+    positions = torch.tensor([9, 10, 11, 0, 1, 2], device=DEVICE)
+    sequences = torch.tensor([2, 0], device=DEVICE)
+    cache = torch.randn(2, 3, kv_heads, capacity, head_dim, generator=generator).to(DEVICE)
     norms = [torch.randn(head_dim, generator=generator).to(DEVICE) for _ in range(2)] if with_norm else [None, None]
     expected_qkv, expected_cache = qkv.clone(), cache.clone()
-    rotate_and_store_reference(expected_qkv, cos, signed_sin, positions, expected_cache, heads, *norms)
-    triton_ops.rope_and_store(qkv, cos, signed_sin, positions, cache, heads, *norms, EPS)
+    rotate_and_store_reference(expected_qkv, cos, signed_sin, positions, sequences, expected_cache, heads, *norms)
+    triton_ops.rope_and_store(qkv, cos, signed_sin, positions, sequences, cache, heads, *norms, EPS)
     torch.testing.assert_close(qkv[:, :heads], expected_qkv[:, :heads], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache, expected_cache, rtol=1e-5, atol=1e-5)
 
@@ -67,23 +70,30 @@ def test_fused_forward_matches_plain_forward(architecture):
     torch.manual_seed(0)
     model = ARCHITECTURES[architecture]().eval().to(DEVICE)
     weights = llama.LlamaWeights.from_model(model)
-    caches = {name: llama.StaticCache.allocate(weights, 64) for name in ("plain", "fused")}
-    prompt = torch.randint(0, weights.vocab_size, (12,)).to(DEVICE)
-    step = torch.randint(0, weights.vocab_size, (3,)).to(DEVICE)
+    caches = {name: llama.StaticCache.allocate(weights, 3, 64) for name in ("plain", "fused")}
+    prompts = {0: torch.randint(0, weights.vocab_size, (12,)).to(DEVICE), 2: torch.randint(0, 50, (5,)).to(DEVICE)}
+    step = torch.randint(0, weights.vocab_size, (2, 3)).to(DEVICE)
+    sequences = torch.tensor([2, 0], device=DEVICE)
+    positions = torch.tensor([5, 6, 7, 12, 13, 14], device=DEVICE)
 
-    def run(name, tokens, start, with_logits):
-        positions = torch.arange(start, start + tokens.numel(), device=DEVICE)
+    def run(name, tokens, positions, sequences, with_logits):
         kernels = triton_ops if name == "fused" else None
         with torch.inference_mode():
-            return llama.forward_tokens(weights, caches[name], tokens, positions, 64, with_logits, kernels)
+            return llama.forward_tokens(weights, caches[name], tokens, positions, sequences, 64, with_logits, kernels)
 
     for name in caches:
-        run(name, prompt, 0, False)
-    # A step at 12, then (rolled back) another over the same slots: the fused write must replace the stale keys.
-    outputs = {name: [run(name, step.flip(0), 12, True), run(name, step, 12, True)] for name in caches}
+        for slot, prompt in prompts.items():
+            run(name, prompt, torch.arange(prompt.numel(), device=DEVICE), slot, False)
+    # A batched step over rows 2 and 0 (lengths 5 and 12), then (rolled back) another over the same positions: the
+    # fused write must replace the stale keys.
+    outputs = {
+        name: [run(name, tokens.reshape(-1), positions, sequences, True) for tokens in (step.flip(1), step)]
+        for name in caches
+    }
     for fused, plain in zip(outputs["fused"], outputs["plain"], strict=True):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(caches["fused"].kv[..., :15, :], caches["plain"].kv[..., :15, :])
+    torch.testing.assert_close(caches["fused"].kv[:, :, 0, :, :15], caches["plain"].kv[:, :, 0, :, :15])
+    torch.testing.assert_close(caches["fused"].kv[:, :, 2, :, :8], caches["plain"].kv[:, :, 2, :, :8])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -104,18 +114,26 @@ def test_kernel_choice_is_checked():
     assert make_runner(model, kernels="torch").fused is None
 
 
-@pytest.mark.parametrize(("tokens", "span", "programs"), [(1, 64, 128), (4, 128, 128), (5, 320, 128), (3, 320, 4)])
-def test_attention_matches_sdpa(monkeypatch, tokens, span, programs):
-    """One split (span 64), several one-tile splits combined (128, 320) and splits of several tiles (320 keys over
-    at most 4 programs); the positions leave stale slots inside the span, which must stay masked."""
+@pytest.mark.parametrize(
+    ("lengths", "tokens", "programs"),
+    [((64,), 1, 128), ((120,), 4, 128), ((300, 7, 130), 5, 128), ((300, 70), 2, 16), ((300, 70), 3, 4)],
+)
+def test_attention_matches_sdpa(monkeypatch, lengths, tokens, programs):
+    """Rows of different lengths, each reading its own cache row (listed out of order) up to its own length: one
+    row in one split (64 keys) or several one-tile splits (120), three rows whose splits hold up to one tile each
+    and trailing splits with none (a row of 7 keys), splits of several tiles combined (16 programs: 4 splits), and
+    one split of every tile (4 programs). Stale cache positions past each row's last position must stay masked."""
     monkeypatch.setattr(triton_ops, "_TARGET_PROGRAMS", programs)
     generator = torch.Generator().manual_seed(tokens)
-    heads, kv_heads, head_dim, capacity = 4, 2, 24, span + 16
-    cache = torch.randn(2, kv_heads, capacity, head_dim, generator=generator).to(DEVICE)
-    query = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=generator).to(DEVICE)[:, :heads]
-    positions = torch.arange(span - 40, span - 40 + tokens, device=DEVICE)
+    rows, heads, kv_heads, head_dim, capacity = len(lengths), 4, 2, 24, 320
+    cache = torch.randn(2, rows + 1, kv_heads, capacity, head_dim, generator=generator).to(DEVICE)
+    query = torch.randn(rows * tokens, heads + 2 * kv_heads, head_dim, generator=generator).to(DEVICE)[:, :heads]
+    sequences = torch.arange(rows, 0, -1, device=DEVICE)
+    positions = torch.cat([torch.arange(length - tokens, length) for length in lengths]).to(DEVICE)
     slots = torch.arange(capacity, device=DEVICE)
-    mask = llama.causal_mask(llama.StaticCache(cache, cache, cache, slots), positions, span, 2, cache.dtype)
-    expected = llama.attend(query, cache[0, :, :span], cache[1, :, :span], mask, 0.3)
-    actual = triton_ops.attention(query, cache, positions, span, 0.3)
+    static = llama.StaticCache(cache, cache, cache, slots)
+    mask = llama.causal_mask(static, positions, rows, capacity, 2, cache.dtype)
+    gathered = cache[:, sequences]
+    expected = llama.attend(query, gathered[0], gathered[1], mask, 0.3)
+    actual = triton_ops.attention(query, cache, positions, sequences, 0.3)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

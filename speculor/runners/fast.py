@@ -1,34 +1,48 @@
-"""The fast runner: a static KV cache and fixed-shape steps replayed as CUDA graphs, for the Llama family.
+"""The fast runner: a static KV cache for several sequences and fixed-shape batched steps replayed as CUDA graphs,
+for the Llama family.
 
 Why it is fast: the Hugging Face runner pays hundreds of microseconds of Python and kernel launches per forward,
-which on a GPU is most of a small model's step and a large share of a big one's. Here the cache is preallocated
-(rollback only moves a position pointer, so `truncate` costs nothing), every step of k tokens has the same shapes
-whatever its position, and so each (k, attention span) pair is captured once as a CUDA graph and replayed: one
-launch per step. The attention span is the used part of the cache rounded up to a power of two, so a short
-sequence does not read the whole cache.
+which on a GPU is most of a small model's step and a large share of a big one's. Here the cache is preallocated,
+one row per slot plus a scratch row (rollback only moves a slot's position pointer, so it costs nothing), and a
+step feeds every listed slot k tokens at that slot's own positions, padded to a batch bucket (1, 2, 4, … up to
+`slots`) whose extra rows compute on the scratch row and are thrown away. Every step of one (bucket, k) has the same
+shapes whatever its slots and positions, which travel to the device as one small tensor, so each shape is captured
+once as a CUDA graph and replayed: one launch per step.
+
+Graph keys: with the fused Triton attention (the default on CUDA) each row reads its own cache row in place up to
+its own length, so one graph per (bucket, k) serves every length: `warm_up` captures them all and serving never
+captures. With PyTorch's attention (`kernels="torch"`, or more query rows per sequence than the Triton tile holds)
+the step attends over the used part of the cache rounded up to a power of two (its "span", so a short sequence
+does not read the whole cache), and graphs are keyed by (bucket, k, span): `warm_up` captures the smallest span,
+and a longer one is captured when a sequence first reaches it (one capture: a few eager steps, milliseconds).
 
 Capture mode: manual `torch.cuda.CUDAGraph` capture of the eager step ("graph", the default on CUDA). The
 alternative, `torch.compile(mode="reduce-overhead")` ("compile"), stays selectable for measurement. On an H200
 (benchmarks/RESULTS.md, GPU section) it ran this runner's first version 28-38% faster per step but took 3-64 s
-to compile each (k, span) shape, and a speculative run meets several; once the step's launches were cut, the
-manual graph beat that compiled step, at a capture cost of milliseconds. On the CPU the same step runs eagerly
-("eager"), which already saves most of transformers' per-call overhead.
+to compile each step shape; once the step's launches were cut, the manual graph beat that compiled step, at a
+capture cost of milliseconds. On the CPU the same step runs eagerly ("eager"), which already saves most of
+transformers' per-call overhead.
 
 Kernels: inside each step the matrix products are cuBLAS's; on CUDA the small operations between them run as
 fused Triton kernels (`speculor.runners.triton_ops`: RMSNorm, q/k norm + rotary + cache write, SiLU·up, decode
 attention), about half the launches of plain PyTorch. On an H200 that took the 8B-shaped step from 5.63 to 4.81 ms
-(benchmarks/RESULTS.md). `kernels="torch"` keeps plain PyTorch, which is also what the CPU runs.
+(benchmarks/RESULTS.md). `kernels="torch"` keeps plain PyTorch, which is also what the CPU runs; its attention
+gathers the step's cache rows into one tensor per layer.
 
 Uniform rounding (`fixed_width`): a verify step of k tokens and a decode step of 1 token run different matrix
 kernels, so in bfloat16 the same position can get slightly different logits, and at a near-tie greedy speculative
-output can differ from greedy decoding alone. With `fixed_width=W` every step is padded to W tokens and attends
-over the whole cache, so every step runs the same kernels and each row's logits depend only on its own inputs:
-decoding alone and verifying then agree bit for bit. The price is W tokens of work per decode step (small while
-the step is bound by reading the weights) and a full-cache attention span.
+output can differ from greedy decoding alone. With `fixed_width=W` every step is padded to W tokens per row and
+attends over the whole cache, so steps of one batch bucket run the same kernels and each row's logits depend only
+on its own inputs: decoding alone and verifying then agree bit for bit. The price is W tokens of work per decode
+step (small while the step is bound by reading the weights) and a full-cache attention span. Across different
+batch buckets the matrix products may still pick different kernels (a batch-invariant guarantee would need
+batch-invariant kernels).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -44,26 +58,52 @@ DEFAULT_MAX_CACHE_LENGTH = 4096
 SMALLEST_SPAN = 128
 
 
-class FastRunner:
-    """Runs a Llama-family `PreTrainedModel` through `speculor.runners.llama` on its own weights (no copy).
+def batch_buckets(slots: int) -> tuple[int, ...]:
+    """The row counts steps are padded to: powers of two below `slots`, then `slots` itself."""
+    buckets = []
+    size = 1
+    while size < slots:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, slots)
 
-    `max_cache_length` caps the preallocated cache (and so `max_length`) below the model's context length, since
-    e.g. a 128k-token cache of an 8B model would take 16 GB. `capture` picks the step mode: "graph" (CUDA only),
-    "compile" (CUDA only) or "eager"; None means "graph" on CUDA and "eager" elsewhere. `fixed_width` runs every
-    step at that width (see the module docstring); steps of more tokens are then refused. `kernels` picks how the
-    small per-layer operations run: "triton" (fused kernels of `speculor.runners.triton_ops`, CUDA only), "torch"
-    (plain PyTorch) or "auto" (Triton when on CUDA with Triton installed).
+
+@dataclass(frozen=True)
+class CapturedStep:
+    """One step shape's static inputs and output: `tokens` (bucket, width), `inputs` = (cache row of each bucket
+    row, then its start position), `logits` (bucket·width, vocab); `graph` is None under torch.compile, which keeps
+    its own graphs."""
+
+    tokens: torch.Tensor
+    inputs: torch.Tensor
+    logits: torch.Tensor | None
+    graph: torch.cuda.CUDAGraph | None
+
+
+class FastRunner:
+    """Runs a Llama-family `PreTrainedModel` through `speculor.runners.llama` on its own weights (no copy), for
+    `slots` sequences at once (see `speculor.runners.base.Runner`).
+
+    `max_cache_length` caps each slot's preallocated cache (and so `max_length`) below the model's context length,
+    since e.g. a 128k-token cache of an 8B model would take 16 GB per slot. `capture` picks the step mode: "graph"
+    (CUDA only), "compile" (CUDA only) or "eager"; None means "graph" on CUDA and "eager" elsewhere. `fixed_width`
+    runs every step at that width (see the module docstring); steps of more tokens are then refused. `kernels`
+    picks how the small per-layer operations run: "triton" (fused kernels of `speculor.runners.triton_ops`, CUDA
+    only), "torch" (plain PyTorch) or "auto" (Triton when on CUDA with Triton installed).
     """
 
     def __init__(
         self,
         model: PreTrainedModel,
         *,
+        slots: int = 1,
         max_cache_length: int = DEFAULT_MAX_CACHE_LENGTH,
         capture: str | None = None,
         fixed_width: int | None = None,
         kernels: str = "auto",
     ) -> None:
+        if not isinstance(slots, int) or slots < 1:
+            raise SpeculorError(f"slots must be an integer ≥ 1, got {slots!r}")
         if max_cache_length < 1:
             raise SpeculorError(f"max_cache_length must be ≥ 1, got {max_cache_length}")
         if fixed_width is not None and fixed_width < 1:
@@ -83,14 +123,17 @@ class FastRunner:
         self.capture = capture
         self.fused = fused_kernels(kernels, device)
         self.fixed_width = fixed_width
+        self.buckets = batch_buckets(slots)
+        self._slots = slots
+        # Padding rows of a step compute on this extra cache row, which no slot uses.
+        self._scratch_row = slots
         # A padded step writes (masked, later overwritten) keys past the sequence end: room for them at the end.
         capacity = self._max_length + (fixed_width - 1 if fixed_width else 0)
         with torch.inference_mode():
-            self.cache = StaticCache.allocate(self.weights, capacity)
-            self._token_buffer = torch.zeros(capacity, dtype=torch.long, device=device)
-            self._start = torch.zeros((), dtype=torch.long, device=device)
-        self._length = 0
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+            self.cache = StaticCache.allocate(self.weights, slots + 1, capacity)
+        self._lengths = [0] * slots
+        self._steps: dict[tuple[int, int, int | None], CapturedStep] = {}
+        self._logits_buffer: torch.Tensor | None = None
         self._graph_pool = torch.cuda.graph_pool_handle() if capture == "graph" else None
         self._compiled = self._compile() if capture == "compile" else None
 
@@ -107,105 +150,210 @@ class FastRunner:
         return self._max_length
 
     @property
-    def cache_length(self) -> int:
-        return self._length
+    def slots(self) -> int:
+        return self._slots
 
     @property
     def graph_count(self) -> int:
         """How many step shapes have been captured so far (each costs a capture and a little memory)."""
-        return len(self._graphs)
+        return sum(step.graph is not None for step in self._steps.values())
+
+    def length(self, slot: int) -> int:
+        self._check_slot(slot)
+        return self._lengths[slot]
+
+    def reset(self, slot: int) -> None:
+        self._check_slot(slot)
+        self._lengths[slot] = 0
+
+    def rollback(self, slot: int, length: int) -> None:
+        self._check_slot(slot)
+        self._lengths[slot] = min(self._lengths[slot], max(0, length))
 
     @torch.inference_mode()
-    def prefill(self, token_ids: torch.Tensor) -> None:
-        self._length = 0
+    def extend(self, slot: int, token_ids: torch.Tensor) -> None:
+        """Run eagerly (one sequence of any length: a prompt is one shape each time, not worth a graph)."""
+        self._check_slot(slot)
         count = token_ids.numel()
-        if count:
-            self._check_room(count)
-            positions = torch.arange(count, device=self.device)
-            tokens = token_ids.to(self.device)
-            forward_tokens(self.weights, self.cache, tokens, positions, self._span(count), False, self.fused)
-            self._length = count
+        if not count:
+            return
+        self._check_room(slot, count)
+        start = self._lengths[slot]
+        positions = torch.arange(start, start + count, device=self.device)
+        tokens = token_ids.to(self.device).view(-1)
+        forward_tokens(self.weights, self.cache, tokens, positions, slot, self._span(start + count), False, self.fused)
+        self._lengths[slot] = start + count
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        count = token_ids.numel()
-        if count < 1:
-            raise SpeculorError("forward needs at least one token")
-        self._check_room(count)
+    def step(self, slots: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
+        rows = len(slots)
+        if token_ids.dim() != 2 or token_ids.shape[0] != rows or token_ids.shape[1] < 1 or rows < 1:
+            raise SpeculorError(
+                f"step needs token_ids of shape (rows, k ≥ 1) with one row per slot: got {tuple(token_ids.shape)} "
+                f"for {rows} slots"
+            )
+        for slot in slots:
+            self._check_slot(slot)
+        if len(set(slots)) != rows:
+            raise SpeculorError(f"a step lists each slot at most once, got {list(slots)}")
+        count = token_ids.shape[1]
         width = self.fixed_width or count
         if count > width:
             raise SpeculorError(f"this runner runs steps of at most fixed_width={width} tokens, got {count}")
-        start = self._length
-        span = self.cache.capacity if self.fixed_width else self._span(start + count)
-        self._token_buffer[:count].copy_(token_ids, non_blocking=True)
+        for slot in slots:
+            self._check_room(slot, count)
+        bucket = next(size for size in self.buckets if size >= rows)
+        starts = [self._lengths[slot] for slot in slots]
+        inputs = [*slots, *[self._scratch_row] * (bucket - rows), *starts, *[0] * (bucket - rows)]
+        span = self.cache.capacity if self.fixed_width else self._span(max(starts) + count)
         if self.capture == "eager":
-            positions = torch.arange(start, start + width, device=self.device)
-            tokens = self._token_buffer[:width]
-            logits = forward_tokens(self.weights, self.cache, tokens, positions, span, True, self.fused)
+            tokens = torch.zeros((bucket, width), dtype=torch.long, device=self.device)
+            tokens[:rows, :count] = token_ids
+            logits = self._static_step(tokens, torch.tensor(inputs, device=self.device), span, None)
         else:
-            self._start.fill_(start)
-            logits = self._replay(width, span)
-        self._length = start + count
+            captured = self._captured_step(bucket, width, span)
+            captured.tokens[:rows, :count].copy_(token_ids, non_blocking=True)
+            # One host-to-device copy of the step's rows and positions, from pinned memory so it does not block.
+            captured.inputs.copy_(torch.tensor(inputs, pin_memory=True), non_blocking=True)
+            if captured.graph is not None:
+                captured.graph.replay()
+                logits = captured.logits
+            else:
+                logits = self._compiled(captured.tokens, captured.inputs, self._graph_span(width, span), None)
+        for slot in slots:
+            self._lengths[slot] += count
         # A copy: the graph's output buffer is overwritten by the next replay.
-        return logits[:count].clone()
+        return logits.view(bucket, width, -1)[:rows, :count].clone()
+
+    @torch.inference_mode()
+    def warm_up(self, widths: Sequence[int]) -> None:
+        """Prepare every (batch bucket, width) step shape up front, so that changing the width or the number of rows
+        never captures (or compiles a Triton kernel) in the middle of serving: graphs are captured, or under
+        "eager" on CUDA each shape runs once. Steps run on the scratch row only; no slot changes. With PyTorch's
+        attention only the smallest span is captured (see the module docstring)."""
+        widths = sorted({self.fixed_width or width for width in widths})
+        if any(not isinstance(width, int) or width < 1 for width in widths):
+            raise SpeculorError(f"warm_up widths must be integers ≥ 1, got {widths}")
+        if self.fixed_width is not None and widths and widths[-1] > self.fixed_width:
+            raise SpeculorError(f"this runner runs steps of at most fixed_width={self.fixed_width} tokens")
+        if not widths or (self.capture == "eager" and self.device.type != "cuda"):
+            return
+        span = self.cache.capacity if self.fixed_width else self._span(1)
+        self._logits_rows(self.buckets[-1] * widths[-1])
+        for bucket in self.buckets:
+            for width in widths:
+                if self.capture == "eager":
+                    tokens = torch.zeros((bucket, width), dtype=torch.long, device=self.device)
+                    self._static_step(tokens, self._scratch_inputs(bucket), span, None)
+                else:
+                    self._captured_step(bucket, width, span)
+
+    # Kept while the engine moves to the slot protocol: the single-sequence methods, on slot 0.
+    @property
+    def cache_length(self) -> int:
+        return self.length(0)
+
+    def prefill(self, token_ids: torch.Tensor) -> None:
+        self.reset(0)
+        self.extend(0, token_ids)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if token_ids.numel() < 1:
+            raise SpeculorError("forward needs at least one token")
+        return self.step([0], token_ids.view(1, -1))[0]
 
     def truncate(self, length: int) -> None:
-        self._length = min(self._length, max(0, length))
+        self.rollback(0, length)
 
-    def _check_room(self, count: int) -> None:
-        if self._length + count > self._max_length:
+    def _check_slot(self, slot: int) -> None:
+        if not isinstance(slot, int) or not 0 <= slot < self._slots:
+            raise SpeculorError(f"slot {slot!r} does not exist: this runner has slots 0..{self._slots - 1}")
+
+    def _check_room(self, slot: int, count: int) -> None:
+        if self._lengths[slot] + count > self._max_length:
             raise SpeculorError(
-                f"the fast runner's cache holds {self._max_length} tokens; {self._length} + {count} do not fit "
-                "(raise max_cache_length or shorten the request)"
+                f"the fast runner's cache holds {self._max_length} tokens per slot; slot {slot}'s "
+                f"{self._lengths[slot]} + {count} do not fit (raise max_cache_length or shorten the request)"
             )
 
     def _span(self, end: int) -> int:
-        """Cache slots attended over when the sequence ends at `end`: a power of two, so few shapes get captured."""
+        """Cache positions attended over when the longest row ends at `end`: a power of two, so few shapes get
+        captured."""
         span = SMALLEST_SPAN
         while span < end:
             span *= 2
         return min(span, self.cache.capacity)
 
-    def _static_step(self, count: int, span: int) -> torch.Tensor:
-        """One step over the static buffers: tokens `_token_buffer[:count]` at positions `_start + 0..count-1`."""
-        positions = self._start + self.cache.slots[:count]
-        tokens = self._token_buffer[:count]
-        logits = forward_tokens(self.weights, self.cache, tokens, positions, span, True, self.fused)
+    def _graph_span(self, width: int, span: int) -> int | None:
+        """The span a captured step is keyed by: None where the fused attention reads each row up to its own
+        length, so one graph serves every span."""
+        fused_attention = self.fused is not None and self._group * width <= self.fused.ATTENTION_MAX_ROWS
+        return None if fused_attention else span
+
+    @property
+    def _group(self) -> int:
+        return self.weights.heads // self.weights.kv_heads
+
+    def _scratch_inputs(self, bucket: int) -> torch.Tensor:
+        """Step inputs that put every row on the scratch cache row at position 0."""
+        return torch.tensor([self._scratch_row] * bucket + [0] * bucket, device=self.device)
+
+    def _static_step(
+        self, tokens: torch.Tensor, inputs: torch.Tensor, span: int | None, logits_out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One step over static buffers: row i's tokens `tokens[i]` go to cache row `inputs[i]` at positions
+        `inputs[bucket + i]` + 0..width-1."""
+        bucket, width = tokens.shape
+        positions = (inputs[bucket:, None] + self.cache.offsets[:width]).reshape(-1)
+        span = self.cache.capacity if span is None else span
+        logits = forward_tokens(
+            self.weights, self.cache, tokens.view(-1), positions, inputs[:bucket], span, True, self.fused, logits_out
+        )
         assert logits is not None
         return logits
 
     def _compile(self):
         """`torch.compile` with its own CUDA graphs: the cache must keep its address across replays, and every
-        (k, span) shape is one more specialization, so the recompilation limit is raised to hold them all."""
+        step shape is one more specialization, so the recompilation limit is raised to hold them all."""
         torch._dynamo.mark_static_address(self.cache.kv)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         return torch.compile(self._static_step, mode="reduce-overhead")
 
-    def _replay(self, count: int, span: int) -> torch.Tensor:
-        """Run the captured step for this shape, capturing it first if new. Returns the graph's output buffer."""
-        if self._compiled is not None:
-            return self._compiled(count, span)
-        captured = self._graphs.get((count, span))
-        if captured is None:
-            captured = self._capture(count, span)
-            self._graphs[(count, span)] = captured
-        graph, output = captured
-        graph.replay()
-        return output
+    def _logits_rows(self, rows: int) -> torch.Tensor:
+        """The first `rows` rows of the float logits buffer that every graph writes into (one buffer rather than
+        one per graph, which at 64 rows × 6 widths of a 128k vocabulary would take gigabytes). Growing it leaves
+        the graphs captured before with the old buffer, which they keep alive."""
+        if self._logits_buffer is None or self._logits_buffer.shape[0] < rows:
+            self._logits_buffer = torch.empty((rows, self.vocab_size), dtype=torch.float32, device=self.device)
+        return self._logits_buffer[:rows]
 
-    def _capture(self, count: int, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Warm up on a side stream, then capture. The warm-up writes the current step's keys and values into the
-        cache at the current positions, which the replay that follows writes again identically: no harm done."""
+    def _captured_step(self, bucket: int, width: int, span: int) -> CapturedStep:
+        """The captured step for this shape, captured first if new (on the scratch row: no slot changes)."""
+        key = (bucket, width, self._graph_span(width, span))
+        captured = self._steps.get(key)
+        if captured is None:
+            captured = self._capture(bucket, width, key[2])
+            self._steps[key] = captured
+        return captured
+
+    def _capture(self, bucket: int, width: int, span: int | None) -> CapturedStep:
+        """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture."""
+        tokens = torch.zeros((bucket, width), dtype=torch.long, device=self.device)
+        inputs = self._scratch_inputs(bucket)
+        if self._compiled is not None:
+            self._compiled(tokens, inputs, span, None)
+            return CapturedStep(tokens, inputs, None, None)
+        logits_out = self._logits_rows(bucket * width)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._static_step(count, span)
+                self._static_step(tokens, inputs, span, logits_out)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            output = self._static_step(count, span)
-        return graph, output
+            logits = self._static_step(tokens, inputs, span, logits_out)
+        return CapturedStep(tokens, inputs, logits, graph)
 
 
 def fused_kernels(choice: str, device: torch.device) -> ModuleType | None:

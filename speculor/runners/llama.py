@@ -171,30 +171,35 @@ def fuse_rows(modules: Sequence[torch.nn.Module], name: str) -> torch.Tensor | N
 
 @dataclass(frozen=True)
 class StaticCache:
-    """Keys and values for every layer in one tensor, (layers, 2, kv_heads, capacity, head_dim), so that one copy
-    writes a step's keys and values; plus the rotary tables for every position the cache can hold. Slots past the
-    runner's length are stale and masked out."""
+    """Keys and values of every layer and sequence in one tensor, (layers, 2, sequences, kv_heads, capacity,
+    head_dim), so that one indexed write stores a step's keys and values per layer; plus the rotary tables for every
+    position the cache can hold. Each sequence (a runner's slot) is one row; positions past a row's length are
+    stale and masked out."""
 
     kv: torch.Tensor
     cos: torch.Tensor
     signed_sin: torch.Tensor
-    slots: torch.Tensor
+    offsets: torch.Tensor
 
     @property
     def capacity(self) -> int:
-        return int(self.kv.shape[3])
+        return int(self.kv.shape[4])
+
+    @property
+    def sequences(self) -> int:
+        return int(self.kv.shape[2])
 
     @classmethod
-    def allocate(cls, weights: LlamaWeights, capacity: int) -> StaticCache:
+    def allocate(cls, weights: LlamaWeights, sequences: int, capacity: int) -> StaticCache:
         embed = weights.embed
-        shape = (len(weights.layers), 2, weights.kv_heads, capacity, weights.head_dim)
+        shape = (len(weights.layers), 2, sequences, weights.kv_heads, capacity, weights.head_dim)
         cos, sin = rotary_tables(weights.inv_freq, weights.rope_scaling, capacity, embed.dtype)
         half = weights.head_dim // 2
         return cls(
             kv=torch.zeros(shape, dtype=embed.dtype, device=embed.device),
             cos=cos,
             signed_sin=torch.cat((-sin[:, :half], sin[:, half:]), dim=-1),
-            slots=torch.arange(capacity, device=embed.device),
+            offsets=torch.arange(capacity, device=embed.device),
         )
 
 
@@ -229,29 +234,34 @@ def linear_residual(
     return out if bias is None else out + bias
 
 
-def causal_mask(cache: StaticCache, positions: torch.Tensor, span: int, group: int, dtype: torch.dtype):
-    """Additive mask (group·tokens, span): a query sees the slots at or before its position. Rows repeat per query
-    head of a group, matching the folding in `attend`. Built once per step, shared by every layer."""
-    allowed = cache.slots[None, :span] <= positions[:, None]
+def causal_mask(cache: StaticCache, positions: torch.Tensor, rows: int, span: int, group: int, dtype: torch.dtype):
+    """Additive mask (rows, 1, group·k, span) for `positions` (rows·k,), k tokens per row: a query sees the cache
+    positions at or before its own. Query rows repeat per query head of a group, matching the folding in `attend`.
+    Built once per step, shared by every layer."""
+    allowed = cache.offsets[:span] <= positions.view(rows, -1, 1)
+    zero = torch.zeros((), dtype=dtype, device=positions.device)
     blocked = torch.full((), float("-inf"), dtype=dtype, device=positions.device)
-    return torch.where(allowed, torch.zeros((), dtype=dtype, device=positions.device), blocked).repeat(group, 1)
+    return torch.where(allowed, zero, blocked).repeat(1, group, 1)[:, None]
 
 
 def attend(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """Attention of (tokens, heads, head_dim) queries over one layer's cached (kv_heads, span, head_dim).
+    """Attention of (rows·k, heads, head_dim) queries, k tokens per row, over each row's cached (rows, kv_heads,
+    span, head_dim) keys and values.
 
     Grouped-query attention without repeating keys: the query heads that share a key/value head are folded into
-    that head's rows, so one SDPA call reads each cached key once; `mask` comes from `causal_mask`. Shapes depend
-    only on (tokens, span), so the call can be captured in a graph.
+    that head's query rows, so one SDPA call reads each cached key once; `mask` comes from `causal_mask`. Shapes
+    depend only on (rows, k, span), so the call can be captured in a graph.
     """
     tokens, heads, head_dim = query.shape
-    kv_heads = keys.shape[0]
-    group = heads // kv_heads
-    folded = query.view(tokens, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, kv_heads, -1, head_dim)
-    out = F.scaled_dot_product_attention(folded, keys[None], values[None], attn_mask=mask, scale=scaling)
-    return out.view(kv_heads, group, tokens, head_dim).permute(2, 0, 1, 3).reshape(tokens, heads * head_dim)
+    rows, kv_heads = keys.shape[:2]
+    group, per_row = heads // kv_heads, tokens // rows
+    folded = query.view(rows, per_row, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    folded = folded.reshape(rows, kv_heads, group * per_row, head_dim)
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scaling)
+    out = out.view(rows, kv_heads, group, per_row, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(tokens, heads * head_dim)
 
 
 def forward_tokens(
@@ -259,28 +269,39 @@ def forward_tokens(
     cache: StaticCache,
     token_ids: torch.Tensor,
     positions: torch.Tensor,
+    sequences: torch.Tensor | int,
     span: int,
     with_logits: bool,
     fused: ModuleType | None = None,
+    logits_out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Run `token_ids` (k,) at `positions` (k,) through the model: write their keys/values into the cache and
-    attend over its first `span` slots (span > every position). Returns float32 logits (k, vocab) or None.
+    """Run `token_ids` (rows·k,) at `positions` (rows·k,) through the model, row by row: the k tokens of row i go
+    to the cache row `sequences[i]` ((rows,) tensor; an int means one row, which then reads its cache through views
+    rather than a gather). Writes their keys/values into the cache and attends over each row's first `span`
+    positions (span > every position). Returns float32 logits (rows·k, vocab) — in `logits_out` when given — or None.
 
-    Shapes depend only on k and span, and the positions are a tensor, so one capture serves every step of that
-    shape: the same code runs eagerly (CPU, prefill) and inside a CUDA graph. Per layer and token it launches
-    about a dozen kernels, since at decode time each launch costs more than the arithmetic of a small one.
-    `fused` is `speculor.runners.triton_ops` (CUDA) to do the norms, the rotary embedding with the cache write,
-    the activation and a step's attention in fused kernels (about half the launches), or None for plain PyTorch.
+    Shapes depend only on (rows, k, span) and the positions and rows are tensors, so one capture serves every step
+    of that shape: the same code runs eagerly (CPU, prefill) and inside a CUDA graph. Per layer it launches about a
+    dozen kernels, since at decode time each launch costs more than the arithmetic of a small one. `fused` is
+    `speculor.runners.triton_ops` (CUDA) to do the norms, the rotary embedding with the cache write, the activation
+    and a step's attention in fused kernels (about half the launches; the attention then reads each row's cache
+    in place, up to that row's own length, whatever `span`), or None for plain PyTorch.
     """
     tokens = token_ids.shape[0]
     heads, kv_heads, head_dim = weights.heads, weights.kv_heads, weights.head_dim
-    eps, width = weights.eps, weights.intermediate_size
+    eps, width, group = weights.eps, weights.intermediate_size, weights.heads // weights.kv_heads
+    single = sequences if isinstance(sequences, int) else None
+    if single is not None:
+        sequences = torch.full((1,), single, dtype=torch.long, device=token_ids.device)
+    rows = sequences.shape[0]
+    per_row = tokens // rows
     norm = fused.rms_norm if fused is not None else rms_norm
     hidden = F.embedding(token_ids, weights.embed)
+    fused_attention = fused is not None and group * per_row <= fused.ATTENTION_MAX_ROWS
     if fused is None:
         cos, signed_sin = cache.cos[positions][:, None], cache.signed_sin[positions][:, None]
-    fused_attention = fused is not None and (heads // kv_heads) * tokens <= fused.ATTENTION_MAX_ROWS
-    mask = None if fused_attention else causal_mask(cache, positions, span, heads // kv_heads, hidden.dtype)
+        token_rows = sequences[:, None].expand(rows, per_row).reshape(-1) if single is None else None
+    mask = None if fused_attention else causal_mask(cache, positions, rows, span, group, hidden.dtype)
     for index, layer in enumerate(weights.layers):
         normed = norm(hidden, layer.input_norm, eps)
         qkv = F.linear(normed, layer.qkv, layer.qkv_bias).view(tokens, heads + 2 * kv_heads, head_dim)
@@ -288,19 +309,35 @@ def forward_tokens(
         layer_cache = cache.kv[index]
         if fused is not None:
             fused.rope_and_store(
-                qkv, cache.cos, cache.signed_sin, positions, layer_cache, heads, layer.q_norm, layer.k_norm, eps
+                qkv,
+                cache.cos,
+                cache.signed_sin,
+                positions,
+                sequences,
+                layer_cache,
+                heads,
+                layer.q_norm,
+                layer.k_norm,
+                eps,
             )
         else:
             if layer.q_norm is not None and layer.k_norm is not None:
                 query.copy_(rms_norm(query, layer.q_norm, eps))
                 key.copy_(rms_norm(key, layer.k_norm, eps))
             rotate_in_place(qkv[:, : heads + kv_heads], cos, signed_sin)
-            keys_values = qkv[:, heads:].view(tokens, 2, kv_heads, head_dim).permute(1, 2, 0, 3)
-            layer_cache.index_copy_(2, positions, keys_values)
+            keys_values = qkv[:, heads:].view(tokens, 2, kv_heads, head_dim)
+            if single is not None:
+                layer_cache[:, single].index_copy_(2, positions, keys_values.permute(1, 2, 0, 3))
+            else:
+                layer_cache[:, token_rows, :, positions] = keys_values
         if fused_attention:
-            attended = fused.attention(query, layer_cache, positions, span, weights.scaling)
+            attended = fused.attention(query, layer_cache, positions, sequences, weights.scaling)
         else:
-            attended = attend(query, layer_cache[0, :, :span], layer_cache[1, :, :span], mask, weights.scaling)
+            if single is not None:
+                rows_cache = layer_cache[:, single, :, :span][:, None]
+            else:
+                rows_cache = layer_cache[:, sequences, :, :span]
+            attended = attend(query, rows_cache[0], rows_cache[1], mask, weights.scaling)
         hidden = linear_residual(hidden, attended, layer.o, layer.o_bias)
         normed = norm(hidden, layer.post_norm, eps)
         gate_up = F.linear(normed, layer.gate_up, layer.gate_up_bias)
@@ -311,4 +348,9 @@ def forward_tokens(
         hidden = linear_residual(hidden, gated, layer.down, layer.down_bias)
     if not with_logits:
         return None
-    return F.linear(norm(hidden, weights.final_norm, eps), weights.lm_head).float()
+    normed = norm(hidden, weights.final_norm, eps)
+    if logits_out is None:
+        return F.linear(normed, weights.lm_head).float()
+    if normed.dtype == torch.float32:
+        return torch.mm(normed, weights.lm_head.t(), out=logits_out)
+    return logits_out.copy_(F.linear(normed, weights.lm_head))

@@ -53,15 +53,18 @@ def _rope_and_store_kernel(
     cos_table,
     sin_table,
     positions,
+    sequences,
     cache,
     q_norm,
     k_norm,
     token_stride,
     head_stride,
     cache_half_stride,
+    cache_sequence_stride,
     cache_head_stride,
-    cache_slot_stride,
+    cache_position_stride,
     table_stride,
+    tokens_per_row,
     heads,
     kv_heads,
     half,
@@ -77,9 +80,11 @@ def _rope_and_store_kernel(
     low = tl.load(row + offsets, mask=inside, other=0.0).to(tl.float32)
     high = tl.load(row + half + offsets, mask=inside, other=0.0).to(tl.float32)
     position = tl.load(positions + token)
+    sequence_cache = cache + tl.load(sequences + token // tokens_per_row) * cache_sequence_stride
     is_value = head >= heads + kv_heads
     if is_value:
-        slot = cache + cache_half_stride + (head - heads - kv_heads) * cache_head_stride + position * cache_slot_stride
+        head_cache = sequence_cache + cache_half_stride + (head - heads - kv_heads) * cache_head_stride
+        slot = head_cache + position * cache_position_stride
         tl.store(slot + offsets, low.to(cache.dtype.element_ty), mask=inside)
         tl.store(slot + half + offsets, high.to(cache.dtype.element_ty), mask=inside)
     else:
@@ -110,7 +115,7 @@ def _rope_and_store_kernel(
             tl.store(row + offsets, rotated_low.to(qkv.dtype.element_ty), mask=inside)
             tl.store(row + half + offsets, rotated_high.to(qkv.dtype.element_ty), mask=inside)
         else:
-            slot = cache + (head - heads) * cache_head_stride + position * cache_slot_stride
+            slot = sequence_cache + (head - heads) * cache_head_stride + position * cache_position_stride
             tl.store(slot + offsets, rotated_low.to(cache.dtype.element_ty), mask=inside)
             tl.store(slot + half + offsets, rotated_high.to(cache.dtype.element_ty), mask=inside)
 
@@ -120,6 +125,7 @@ def rope_and_store(
     cos_table: torch.Tensor,
     signed_sin_table: torch.Tensor,
     positions: torch.Tensor,
+    sequences: torch.Tensor,
     layer_cache: torch.Tensor,
     heads: int,
     q_norm: torch.Tensor | None,
@@ -127,11 +133,12 @@ def rope_and_store(
     eps: float,
 ) -> None:
     """Rotate the queries of `qkv` (tokens, heads + 2·kv_heads, head_dim) in place and write the rotated keys and
-    the values into `layer_cache` (2, kv_heads, capacity, head_dim) at `positions`; with `q_norm`/`k_norm`, RMSNorm
-    each query/key head first. `cos_table`/`signed_sin_table` are the cache's (capacity, head_dim) rotary tables,
-    the sine's first half negated (see `StaticCache`)."""
+    the values into `layer_cache` (2, sequences, kv_heads, capacity, head_dim) at `positions`, the tokens split
+    evenly over the rows of `sequences` (row i's tokens go to cache row `sequences[i]`); with `q_norm`/`k_norm`,
+    RMSNorm each query/key head first. `cos_table`/`signed_sin_table` are the cache's (capacity, head_dim) rotary
+    tables, the sine's first half negated (see `StaticCache`)."""
     tokens, all_heads, head_dim = qkv.shape
-    kv_heads = layer_cache.shape[1]
+    kv_heads = layer_cache.shape[2]
     half = head_dim // 2
     has_norm = q_norm is not None and k_norm is not None
     _rope_and_store_kernel[(tokens, all_heads)](
@@ -139,6 +146,7 @@ def rope_and_store(
         cos_table,
         signed_sin_table,
         positions,
+        sequences,
         layer_cache,
         q_norm if has_norm else qkv,
         k_norm if has_norm else qkv,
@@ -147,7 +155,9 @@ def rope_and_store(
         layer_cache.stride(0),
         layer_cache.stride(1),
         layer_cache.stride(2),
+        layer_cache.stride(3),
         cos_table.stride(0),
+        tokens // sequences.shape[0],
         heads,
         kv_heads,
         half,
@@ -184,11 +194,12 @@ def _warps(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
-# The decode attention handles steps whose folded query rows (query heads per key/value head × tokens) fit one
-# tile; a longer step (a prefill) uses PyTorch's scaled_dot_product_attention instead.
+# The decode attention handles steps whose folded query rows per sequence (query heads per key/value head × tokens
+# per sequence) fit one tile; a longer step (a prefill) uses PyTorch's scaled_dot_product_attention instead.
 ATTENTION_MAX_ROWS = 128
 _KEYS_PER_TILE = 64
-# Splits of the key range per key/value head: enough programs to occupy the GPU at batch 1 (flash-decoding).
+# Programs to aim for: at small batches each sequence's key range is split over several programs (flash-decoding)
+# so that the GPU is occupied; at large batches the sequences alone occupy it and one split needs no combine.
 _TARGET_PROGRAMS = 128
 
 
@@ -197,19 +208,20 @@ def _attention_kernel(
     query,
     cache,
     positions,
+    sequences,
     out,
     partial_out,
     partial_lse,
-    tokens,
+    tokens_per_row,
     group,
-    rows,
+    query_rows,
     head_dim,
-    span,
-    tiles_per_split,
+    splits,
     query_token_stride,
     cache_half_stride,
+    cache_sequence_stride,
     cache_head_stride,
-    cache_slot_stride,
+    cache_position_stride,
     scale_log2,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -219,33 +231,39 @@ def _attention_kernel(
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
+    sequence_row = tl.program_id(2)
     kv_heads = tl.num_programs(0)
     row = tl.arange(0, BLOCK_M)
     dim = tl.arange(0, BLOCK_D)
-    row_inside = row < rows
+    row_inside = row < query_rows
     dim_inside = dim < head_dim
-    token = row % tokens
-    head = kv_head * group + row // tokens
+    token = sequence_row * tokens_per_row + row % tokens_per_row
+    head = kv_head * group + row // tokens_per_row
     query_tile = tl.load(
         query + token[:, None] * query_token_stride + head[:, None] * head_dim + dim[None, :],
         mask=row_inside[:, None] & dim_inside[None, :],
         other=0.0,
     )
     last_key = tl.load(positions + token, mask=row_inside, other=-1)
-    keys = cache + kv_head * cache_head_stride
+    # This sequence's own length (its last token's position + 1) bounds the keys read, whatever the cache holds.
+    row_length = tl.load(positions + sequence_row * tokens_per_row + tokens_per_row - 1) + 1
+    keys = cache + tl.load(sequences + sequence_row) * cache_sequence_stride + kv_head * cache_head_stride
     values = keys + cache_half_stride
     running_max = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     accumulated = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    # A while loop, not `for … in range(tiles_per_split)`: Triton's CPU interpreter cannot take a runtime bound in
-    # range() under NumPy ≥ 2.4, and a split holds only a few tiles, so software pipelining gains little here.
+    # The sequence's tiles are spread evenly over the splits; trailing splits of a short sequence get none.
+    tiles = tl.cdiv(row_length, BLOCK_N)
+    tiles_per_split = tl.cdiv(tiles, splits)
+    # A while loop, not `for … in range(…)`: Triton's CPU interpreter cannot take a runtime bound in range() under
+    # NumPy ≥ 2.4, and a split holds only a few tiles, so software pipelining gains little here.
     tile = split * tiles_per_split
-    last_tile = tile + tiles_per_split
+    last_tile = tl.minimum(tile + tiles_per_split, tiles)
     while tile < last_tile:
         slot = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        slot_inside = slot < span
+        slot_inside = slot < row_length
         key_tile = tl.load(
-            keys + slot[None, :] * cache_slot_stride + dim[:, None],
+            keys + slot[None, :] * cache_position_stride + dim[:, None],
             mask=dim_inside[:, None] & slot_inside[None, :],
             other=0.0,
         )
@@ -257,7 +275,7 @@ def _attention_kernel(
         correction = tl.exp2(running_max - new_max)
         running_sum = running_sum * correction + tl.sum(weights, axis=1)
         value_tile = tl.load(
-            values + slot[:, None] * cache_slot_stride + dim[None, :],
+            values + slot[:, None] * cache_position_stride + dim[None, :],
             mask=slot_inside[:, None] & dim_inside[None, :],
             other=0.0,
         )
@@ -277,7 +295,7 @@ def _attention_kernel(
             mask=row_inside[:, None] & dim_inside[None, :],
         )
     else:
-        base = (split * kv_heads + kv_head) * BLOCK_M
+        base = ((sequence_row * splits + split) * kv_heads + kv_head) * BLOCK_M
         tl.store(partial_out + (base + row[:, None]) * BLOCK_D + dim[None, :], accumulated / safe_sum[:, None])
         tl.store(partial_lse + base + row, running_max + tl.log2(safe_sum))
 
@@ -287,7 +305,7 @@ def _combine_splits_kernel(
     partial_out,
     partial_lse,
     out,
-    tokens,
+    tokens_per_row,
     group,
     head_dim,
     splits,
@@ -297,17 +315,18 @@ def _combine_splits_kernel(
 ):
     kv_head = tl.program_id(0)
     row = tl.program_id(1)
+    sequence_row = tl.program_id(2)
     kv_heads = tl.num_programs(0)
     split = tl.arange(0, BLOCK_S)
     dim = tl.arange(0, BLOCK_D)
     split_inside = split < splits
-    base = (split * kv_heads + kv_head) * BLOCK_M + row
+    base = ((sequence_row * splits + split) * kv_heads + kv_head) * BLOCK_M + row
     lse = tl.load(partial_lse + base, mask=split_inside, other=-1.0e30)
     weights = tl.where(split_inside, tl.exp2(lse - tl.max(lse, axis=0)), 0.0)
     parts = tl.load(partial_out + base[:, None] * BLOCK_D + dim[None, :], mask=split_inside[:, None], other=0.0)
     result = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)
-    token = row % tokens
-    head = kv_head * group + row // tokens
+    token = sequence_row * tokens_per_row + row % tokens_per_row
+    head = kv_head * group + row // tokens_per_row
     tl.store(
         out + token * (kv_heads * group * head_dim) + head * head_dim + dim,
         result.to(out.dtype.element_ty),
@@ -316,49 +335,53 @@ def _combine_splits_kernel(
 
 
 def attention(
-    query: torch.Tensor, layer_cache: torch.Tensor, positions: torch.Tensor, span: int, scaling: float
+    query: torch.Tensor, layer_cache: torch.Tensor, positions: torch.Tensor, sequences: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """Causal attention of a step's queries (tokens, heads, head_dim) over the first `span` slots of `layer_cache`
-    (2, kv_heads, capacity, head_dim), each query seeing the slots up to its position; (tokens, heads·head_dim).
+    """Causal attention of a step's queries (rows·k, heads, head_dim), k tokens per row, each row over its own
+    cache row `sequences[i]` of `layer_cache` (2, sequences, kv_heads, capacity, head_dim), each query seeing the
+    positions up to its own; returns (rows·k, heads·head_dim).
 
-    Grouped-query heads are folded into their key/value head's rows, so each cached key is read once per step, and
-    the key range is split over several programs whose partial results a second kernel combines (flash-decoding):
-    at batch 1 that is what spreads the work over the GPU. Splits depend only on `span`, so shapes stay fixed for
-    graph capture. Needs `group · tokens` ≤ ATTENTION_MAX_ROWS.
+    The cache is read in place through `sequences` (no gathered copy) and only up to each row's own length, read
+    on the device from `positions`, so one launch shape serves every length and batch composition: the grid depends
+    only on the number of rows, k and the cache's capacity, which keeps it fixed for graph capture. Grouped-query
+    heads are folded into their key/value head's query rows, so each cached key is read once per step; at small
+    batches each row's keys are split over several programs whose partial results a second kernel combines
+    (flash-decoding). Needs `group · k` ≤ ATTENTION_MAX_ROWS.
     """
     tokens, heads, head_dim = query.shape
-    kv_heads = layer_cache.shape[1]
+    kv_heads, capacity = layer_cache.shape[2], layer_cache.shape[3]
+    rows = sequences.shape[0]
+    tokens_per_row = tokens // rows
     group = heads // kv_heads
-    rows = group * tokens
-    block_m = max(16, triton.next_power_of_2(rows))
+    query_rows = group * tokens_per_row
+    block_m = max(16, triton.next_power_of_2(query_rows))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    tiles = triton.cdiv(span, _KEYS_PER_TILE)
-    splits = max(1, min(tiles, _TARGET_PROGRAMS // kv_heads))
-    tiles_per_split = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, tiles_per_split)
+    splits = max(1, min(triton.cdiv(capacity, _KEYS_PER_TILE), _TARGET_PROGRAMS // (kv_heads * rows)))
     out = torch.empty((tokens, heads * head_dim), dtype=query.dtype, device=query.device)
     if splits > 1:
-        partial_out = torch.empty((splits, kv_heads, block_m, block_d), dtype=torch.float32, device=query.device)
-        partial_lse = torch.empty((splits, kv_heads, block_m), dtype=torch.float32, device=query.device)
+        partial_shape = (rows, splits, kv_heads, block_m)
+        partial_out = torch.empty((*partial_shape, block_d), dtype=torch.float32, device=query.device)
+        partial_lse = torch.empty(partial_shape, dtype=torch.float32, device=query.device)
     else:  # one split writes `out` directly; the partial buffers are never touched
         partial_out = partial_lse = out
-    _attention_kernel[(kv_heads, splits)](
+    _attention_kernel[(kv_heads, splits, rows)](
         query,
         layer_cache,
         positions,
+        sequences,
         out,
         partial_out,
         partial_lse,
-        tokens,
+        tokens_per_row,
         group,
-        rows,
+        query_rows,
         head_dim,
-        span,
-        tiles_per_split,
+        splits,
         query.stride(0),
         layer_cache.stride(0),
         layer_cache.stride(1),
         layer_cache.stride(2),
+        layer_cache.stride(3),
         scaling * 1.4426950408889634,
         BLOCK_M=block_m,
         BLOCK_N=_KEYS_PER_TILE,
@@ -368,11 +391,11 @@ def attention(
         num_warps=4,
     )
     if splits > 1:
-        _combine_splits_kernel[(kv_heads, rows)](
+        _combine_splits_kernel[(kv_heads, query_rows, rows)](
             partial_out,
             partial_lse,
             out,
-            tokens,
+            tokens_per_row,
             group,
             head_dim,
             splits,
