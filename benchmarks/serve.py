@@ -129,6 +129,7 @@ async def ask(client: httpx.AsyncClient, prompt: str, max_tokens: int, ignore_eo
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
+        "stream_options": {"include_usage": True},
         "ignore_eos": ignore_eos,
     }
     started = time.perf_counter()
