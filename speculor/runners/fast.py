@@ -68,16 +68,18 @@ def batch_buckets(slots: int) -> tuple[int, ...]:
     return (*buckets, slots)
 
 
-@dataclass(frozen=True)
+@dataclass
 class CapturedStep:
-    """One step shape's static inputs and output: `tokens` (bucket, width), `inputs` = (cache row of each bucket
-    row, then its start position), `logits` (bucket·width, vocab); `graph` is None under torch.compile, which keeps
-    its own graphs."""
+    """One step shape's static inputs and output: `tokens` (bucket, width); `inputs` = (the cache row of each bucket
+    row, then how far the row's length advances: k for a real row, 0 for padding); `logits` (bucket·width, vocab);
+    `graph` is None under torch.compile, which keeps its own graphs. `rows` remembers which (slots, k) `inputs`
+    holds, so that a run of steps over the same slots sends nothing but tokens to the device."""
 
     tokens: torch.Tensor
     inputs: torch.Tensor
     logits: torch.Tensor | None
     graph: torch.cuda.CUDAGraph | None
+    rows: tuple[tuple[int, ...], int] | None = None
 
 
 class FastRunner:
@@ -132,6 +134,11 @@ class FastRunner:
         with torch.inference_mode():
             self.cache = StaticCache.allocate(self.weights, slots + 1, capacity)
         self._lengths = [0] * slots
+        # The lengths again on the device, scratch row last (always 0): a step reads its rows' start positions there
+        # and advances them itself, so that only a rollback, reset or extend (which mark `_stale`) makes the next
+        # step send lengths to the device.
+        self._device_lengths = torch.zeros(slots + 1, dtype=torch.long, device=device)
+        self._stale = False
         self._steps: dict[tuple[int, int, int | None], CapturedStep] = {}
         self._logits_buffer: torch.Tensor | None = None
         self._graph_pool = torch.cuda.graph_pool_handle() if capture == "graph" else None
@@ -165,10 +172,13 @@ class FastRunner:
     def reset(self, slot: int) -> None:
         self._check_slot(slot)
         self._lengths[slot] = 0
+        self._stale = True
 
     def rollback(self, slot: int, length: int) -> None:
         self._check_slot(slot)
-        self._lengths[slot] = min(self._lengths[slot], max(0, length))
+        if length < self._lengths[slot]:
+            self._lengths[slot] = max(0, length)
+            self._stale = True
 
     @torch.inference_mode()
     def extend(self, slot: int, token_ids: torch.Tensor) -> None:
@@ -183,6 +193,7 @@ class FastRunner:
         tokens = token_ids.to(self.device).view(-1)
         forward_tokens(self.weights, self.cache, tokens, positions, slot, self._span(start + count), False, self.fused)
         self._lengths[slot] = start + count
+        self._stale = True
 
     @torch.inference_mode()
     def step(self, slots: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
@@ -203,18 +214,23 @@ class FastRunner:
         for slot in slots:
             self._check_room(slot, count)
         bucket = next(size for size in self.buckets if size >= rows)
-        starts = [self._lengths[slot] for slot in slots]
-        inputs = [*slots, *[self._scratch_row] * (bucket - rows), *starts, *[0] * (bucket - rows)]
-        span = self.cache.capacity if self.fixed_width else self._span(max(starts) + count)
+        span = (
+            self.cache.capacity if self.fixed_width else self._span(max(map(self._lengths.__getitem__, slots)) + count)
+        )
+        if self._stale:
+            self._send(self._device_lengths, [*self._lengths, 0])
+            self._stale = False
+        rows_key = (tuple(slots), count)
         if self.capture == "eager":
             tokens = torch.zeros((bucket, width), dtype=torch.long, device=self.device)
             tokens[:rows, :count] = token_ids
-            logits = self._static_step(tokens, torch.tensor(inputs, device=self.device), span, None)
+            logits = self._static_step(tokens, self._step_inputs(bucket, *rows_key), span, None)
         else:
             captured = self._captured_step(bucket, width, span)
             captured.tokens[:rows, :count].copy_(token_ids, non_blocking=True)
-            # One host-to-device copy of the step's rows and positions, from pinned memory so it does not block.
-            captured.inputs.copy_(torch.tensor(inputs, pin_memory=True), non_blocking=True)
+            if captured.rows != rows_key:
+                self._send(captured.inputs, self._step_inputs(bucket, *rows_key).tolist())
+                captured.rows = rows_key
             if captured.graph is not None:
                 captured.graph.replay()
                 logits = captured.logits
@@ -244,7 +260,7 @@ class FastRunner:
             for width in widths:
                 if self.capture == "eager":
                     tokens = torch.zeros((bucket, width), dtype=torch.long, device=self.device)
-                    self._static_step(tokens, self._scratch_inputs(bucket), span, None)
+                    self._static_step(tokens, self._step_inputs(bucket, [], 0), span, None)
                 else:
                     self._captured_step(bucket, width, span)
 
@@ -294,21 +310,34 @@ class FastRunner:
     def _group(self) -> int:
         return self.weights.heads // self.weights.kv_heads
 
-    def _scratch_inputs(self, bucket: int) -> torch.Tensor:
-        """Step inputs that put every row on the scratch cache row at position 0."""
-        return torch.tensor([self._scratch_row] * bucket + [0] * bucket, device=self.device)
+    def _step_inputs(self, bucket: int, slots: Sequence[int], count: int) -> torch.Tensor:
+        """A step's `CapturedStep.inputs` for these slots, padded to `bucket` rows on the scratch row."""
+        padding = bucket - len(slots)
+        values = [*slots, *[self._scratch_row] * padding, *[count] * len(slots), *[0] * padding]
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _send(self, target: torch.Tensor, values: list[int]) -> None:
+        """Copy `values` into the device tensor `target` without blocking the host (from pinned memory on CUDA)."""
+        if target.device.type == "cuda":
+            target.copy_(torch.tensor(values, dtype=torch.long, pin_memory=True), non_blocking=True)
+        else:
+            target.copy_(torch.tensor(values, dtype=torch.long))
 
     def _static_step(
         self, tokens: torch.Tensor, inputs: torch.Tensor, span: int | None, logits_out: torch.Tensor | None
     ) -> torch.Tensor:
-        """One step over static buffers: row i's tokens `tokens[i]` go to cache row `inputs[i]` at positions
-        `inputs[bucket + i]` + 0..width-1."""
+        """One step over static buffers: row i's tokens `tokens[i]` go to cache row `inputs[i]` from that row's
+        device length on, which then advances by `inputs[bucket + i]`."""
         bucket, width = tokens.shape
-        positions = (inputs[bucket:, None] + self.cache.offsets[:width]).reshape(-1)
+        rows, advances = inputs[:bucket], inputs[bucket:]
+        starts = self._device_lengths[rows]
+        positions = (starts[:, None] + self.cache.offsets[:width]).reshape(-1)
         span = self.cache.capacity if span is None else span
         logits = forward_tokens(
-            self.weights, self.cache, tokens.view(-1), positions, inputs[:bucket], span, True, self.fused, logits_out
+            self.weights, self.cache, tokens.view(-1), positions, rows, span, True, self.fused, logits_out
         )
+        # Padding rows advance by 0, so the scratch row's length stays 0 however many of them there are.
+        self._device_lengths.index_put_((rows,), starts + advances)
         assert logits is not None
         return logits
 
@@ -316,6 +345,7 @@ class FastRunner:
         """`torch.compile` with its own CUDA graphs: the cache must keep its address across replays, and every
         step shape is one more specialization, so the recompilation limit is raised to hold them all."""
         torch._dynamo.mark_static_address(self.cache.kv)
+        torch._dynamo.mark_static_address(self._device_lengths)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         return torch.compile(self._static_step, mode="reduce-overhead")
 
@@ -339,7 +369,7 @@ class FastRunner:
     def _capture(self, bucket: int, width: int, span: int | None) -> CapturedStep:
         """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture."""
         tokens = torch.zeros((bucket, width), dtype=torch.long, device=self.device)
-        inputs = self._scratch_inputs(bucket)
+        inputs = self._step_inputs(bucket, [], 0)
         if self._compiled is not None:
             self._compiled(tokens, inputs, span, None)
             return CapturedStep(tokens, inputs, None, None)
