@@ -6,9 +6,11 @@ policy. Adaptive policies live here too so that the engine never needs to know w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from speculor.analysis import optimal_gamma
+from speculor.analysis import expected_accepted_length, optimal_gamma
 from speculor.errors import SpeculorError
 
 
@@ -118,3 +120,83 @@ class LeviathanGamma:
     @property
     def confidence_threshold(self) -> float | None:
         return None
+
+
+AUTO_MAX_GAMMA = 6
+
+
+@dataclass
+class StepCosts:
+    """Seconds per step measured on this machine at warm-up: `target[(bucket, k)]` for a target step of k tokens on
+    `bucket` rows, `draft[bucket]` for a one-token draft step (empty for a draft-free proposer). Buckets are powers
+    of two; a batch is charged its bucket's cost, the smallest measured bucket that holds it."""
+
+    target: dict[tuple[int, int], float]
+    draft: dict[int, float] = field(default_factory=dict)
+
+    def _bucket(self, batch: int) -> int:
+        buckets = sorted({bucket for bucket, _ in self.target})
+        return next((bucket for bucket in buckets if bucket >= batch), buckets[-1])
+
+    def step_seconds(self, batch: int, gamma: int) -> float:
+        """Predicted seconds of one engine step of `batch` rows drafting γ tokens each: γ draft steps and one
+        target step of γ + 1 tokens."""
+        bucket = self._bucket(batch)
+        widest = max(k for b, k in self.target if b == bucket)
+        verify = self.target[(bucket, min(gamma + 1, widest))]
+        return gamma * self.draft.get(bucket, 0.0) + verify
+
+    @property
+    def widest(self) -> int:
+        return max(k for _, k in self.target)
+
+
+class LoadAwareGamma:
+    """One γ per step for a whole batch — 0, no speculation, included — chosen to maximise the expected tokens per
+    second: Σ_rows E(α_row, min(γ, cap_row)) / step_seconds(batch, γ), with E Leviathan's expected tokens per target
+    forward, α each row's running acceptance estimate and the step costs measured at warm-up (`StepCosts`).
+
+    Under a light load a verify of γ + 1 tokens per row costs about what one token costs and speculation wins; as
+    the batch grows the verify becomes compute-bound, its cost grows with γ, and the best γ falls to 0. Every choice
+    is a step shape captured at warm-up, so switching never leaves the captured graphs."""
+
+    def __init__(self, costs: StepCosts, max_gamma: int = AUTO_MAX_GAMMA) -> None:
+        if max_gamma < 0:
+            raise SpeculorError(f"max_gamma must be ≥ 0, got {max_gamma!r}")
+        self.costs = costs
+        self.max_gamma = min(max_gamma, costs.widest - 1)
+
+    def choose(self, alphas: Sequence[float], caps: Sequence[int]) -> int:
+        """The best γ for rows with acceptance estimates `alphas` that may draft at most `caps` tokens each."""
+        batch = len(alphas)
+        best_gamma, best_rate = 0, batch / self.costs.step_seconds(batch, 0)
+        for gamma in range(1, min(self.max_gamma, max(caps, default=0)) + 1):
+            tokens = sum(
+                expected_accepted_length(alpha, min(gamma, cap)) for alpha, cap in zip(alphas, caps, strict=True)
+            )
+            rate = tokens / self.costs.step_seconds(batch, gamma)
+            if rate > best_rate:
+                best_gamma, best_rate = gamma, rate
+        return best_gamma
+
+
+class AcceptanceEstimate:
+    """A running per-token acceptance estimate α from decayed counts, as `LeviathanGamma` keeps it: every accepted
+    draft a success, every step that ended at a rejected draft one failure, starting from `prior` worth `weight`
+    trials."""
+
+    def __init__(self, prior: float = 0.6, weight: float = 2.0, decay: float = 0.9) -> None:
+        self._successes = prior * weight
+        self._trials = weight
+        self.decay = decay
+
+    @property
+    def alpha(self) -> float:
+        return min(self._successes / self._trials, 0.999)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        rejected = 1 if accepted < drafted else 0
+        self._successes = self.decay * self._successes + accepted
+        self._trials = self.decay * self._trials + accepted + rejected

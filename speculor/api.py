@@ -8,17 +8,18 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from speculor.adaptive import FixedGamma, GammaPolicy
-from speculor.engine import DecodeRequest, Decoding, Delta, GenerationResult
+from speculor.adaptive import AUTO_MAX_GAMMA, FixedGamma, GammaPolicy, LoadAwareGamma, StepCosts
+from speculor.calibration import measure_step_costs
+from speculor.engine import DEFAULT_PREFILL_CHUNK, BatchEngine, DecodeRequest, Decoding, Delta, GenerationResult
 from speculor.errors import SpeculorError
 from speculor.loading import eos_token_ids, load_model, resolve_device, resolve_dtype, shared_vocab_size
 from speculor.proposers import DraftModelProposer, PromptLookupProposer, Proposer
 from speculor.runners import make_runner
 from speculor.sampling import SamplingParams
-from speculor.text import TextTracker
 
 ModelSource = str | os.PathLike | PreTrainedModel
-LOADER_OPTIONS = ("ngram", "device", "dtype", "runner", "fixed_width", "kernels")
+LOADER_OPTIONS = ("ngram", "device", "dtype", "runner", "fixed_width", "kernels", "max_batch_size")
+DEFAULT_MAX_BATCH_SIZE = 8
 
 
 class SpeculativeDecoder:
@@ -34,6 +35,11 @@ class SpeculativeDecoder:
 
     `kernels` picks how the fast runner does its small per-layer operations: "triton" (fused kernels, CUDA), "torch"
     (plain PyTorch, e.g. to rule the custom kernels out) or "auto" (Triton on CUDA when installed).
+
+    `max_batch_size` is how many sequences generate together (each runner keeps that many KV-cache slots, allocated
+    up front: on the fast runner slots × max cache length × the model's key/value bytes per token). A prompt list
+    longer than that runs as a rolling batch. `prefill_chunk` bounds the prompt tokens prefilled per engine step, so
+    a long prompt joining a running batch delays the other rows by one chunk at a time.
     """
 
     def __init__(
@@ -47,6 +53,8 @@ class SpeculativeDecoder:
         runner: str = "auto",
         fixed_width: int | None = None,
         kernels: str = "auto",
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         if draft is not None and ngram is not None:
             raise SpeculorError("give either a draft model or ngram prompt lookup, not both")
@@ -67,8 +75,19 @@ class SpeculativeDecoder:
         if fixed_width is not None and (not isinstance(fixed_width, int) or fixed_width < 1):
             raise SpeculorError(f"fixed_width must be an integer ≥ 1, got {fixed_width!r}")
         self.fixed_width = fixed_width
-        self.target_runner = make_runner(self.target.model, runner, fixed_width=fixed_width, kernels=kernels)
-        self.draft_runner = make_runner(self.draft.model, runner, kernels=kernels) if self.draft is not None else None
+        if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
+            raise SpeculorError(f"max_batch_size must be an integer ≥ 1, got {max_batch_size!r}")
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise SpeculorError(f"prefill_chunk must be an integer ≥ 1, got {prefill_chunk!r}")
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk
+        self.target_runner = make_runner(
+            self.target.model, runner, fixed_width=fixed_width, kernels=kernels, slots=max_batch_size
+        )
+        self.draft_runner = None
+        if self.draft is not None:
+            self.draft_runner = make_runner(self.draft.model, runner, kernels=kernels, slots=max_batch_size)
+        self.step_costs: StepCosts | None = None
         self.eos_ids = eos_token_ids(self.target.model)
 
     @property
@@ -81,6 +100,11 @@ class SpeculativeDecoder:
         if self.ngram is not None:
             return PromptLookupProposer(self.ngram, self.device)
         return None
+
+    @property
+    def auto_max_gamma(self) -> int:
+        """The largest γ the load-aware policy considers: `AUTO_MAX_GAMMA`, or less under fixed-width steps."""
+        return AUTO_MAX_GAMMA if self.fixed_width is None else min(AUTO_MAX_GAMMA, self.fixed_width - 1)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt given as text (needs a tokenizer) or as ids (checked against the vocabulary)."""
@@ -99,12 +123,12 @@ class SpeculativeDecoder:
             raise SpeculorError("the prompt is empty")
         return ids
 
-    def decoding(
+    def request(
         self,
         prompt: str | Sequence[int],
         *,
         max_new_tokens: int = 64,
-        gamma: int | GammaPolicy = 4,
+        gamma: int | GammaPolicy | None = None,
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -112,21 +136,29 @@ class SpeculativeDecoder:
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool = False,
         speculative: bool | None = None,
-    ) -> Decoding:
-        """A checked, ready-to-iterate generation. `speculative=False` runs the target alone even when a draft is
-        loaded (for baselines on the same runner)."""
+        logprobs: int | None = None,
+    ) -> DecodeRequest:
+        """A checked request, ready for an engine (`new_engine().add(...)`). `gamma=None` (the default) lets the
+        engine choose γ each step for the whole batch from the measured step costs and the running acceptance
+        (`LoadAwareGamma`; 0 = no speculation under a heavy load); an int or a `GammaPolicy` fixes this request's
+        own. `speculative=False` runs the target alone even when a draft is loaded (for baselines on the same
+        runner). `logprobs=N` reports the target's log-probability of each token and its N best alternatives."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise SpeculorError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
         policy = gamma
         if isinstance(gamma, int):
             if isinstance(gamma, bool) or gamma < 1:
-                raise SpeculorError(f"gamma must be an integer ≥ 1, got {gamma!r}")
+                raise SpeculorError(f"gamma must be an integer ≥ 1 (or None for the load-aware policy), got {gamma!r}")
             if self.fixed_width is not None and gamma + 1 > self.fixed_width:
                 raise SpeculorError(
                     f"gamma {gamma} needs verify steps of {gamma + 1} tokens, more than fixed_width={self.fixed_width}"
                 )
             policy = FixedGamma(gamma)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise SpeculorError(f"seed must be an integer, got {seed!r}")
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0):
+            raise SpeculorError(f"logprobs must be an integer ≥ 0 (alternatives per token), got {logprobs!r}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) for s in stops):
             raise SpeculorError(f"stop must be a string or a list of strings, got {stop!r}")
@@ -134,8 +166,7 @@ class SpeculativeDecoder:
             raise SpeculorError("stop strings need a tokenizer, and this model has none")
         prompt_ids = self.encode(prompt)
         self._check_length(len(prompt_ids), max_new_tokens)
-        use_draft = self.speculative if speculative is None else speculative and self.speculative
-        request = DecodeRequest(
+        return DecodeRequest(
             prompt_ids=prompt_ids,
             max_new_tokens=max_new_tokens,
             params=params,
@@ -145,9 +176,9 @@ class SpeculativeDecoder:
             ignore_eos=ignore_eos,
             seed=seed,
             max_gamma=self.fixed_width - 1 if self.fixed_width is not None else None,
+            speculative=self.speculative if speculative is None else bool(speculative) and self.speculative,
+            logprobs=logprobs,
         )
-        proposer = self._proposer() if use_draft else None
-        return Decoding(self.target_runner, proposer, self.vocab_size, TextTracker(self.tokenizer, stops), request)
 
     def _check_length(self, prompt_length: int, max_new_tokens: int) -> None:
         runners = [("target", self.target.name, self.target_runner)]
@@ -160,42 +191,97 @@ class SpeculativeDecoder:
                     f"model {name!r} context length of {runner.max_length} tokens"
                 )
 
-    def generate(self, prompt: str | Sequence[int], **options) -> GenerationResult:
-        """Generate a completion; see `decoding` for the options. Returns text, generated ids and statistics."""
-        decoding = self.decoding(prompt, **options)
-        for _ in decoding:
-            pass
-        assert decoding.result is not None
-        return decoding.result
+    def new_engine(self) -> BatchEngine:
+        """An engine over this decoder's runners, for request-level control (add, step, abort). The runners' slots
+        are shared: step one engine of a decoder at a time. Measures the step costs first if nothing has yet."""
+        if self.speculative and self.step_costs is None:
+            self.calibrate()
+        load_aware = LoadAwareGamma(self.step_costs, self.auto_max_gamma) if self.step_costs is not None else None
+        return BatchEngine(
+            self.target_runner,
+            self._proposer(),
+            self.vocab_size,
+            self.tokenizer,
+            load_aware=load_aware,
+            prefill_chunk=self.prefill_chunk,
+        )
+
+    def decoding(self, prompt: str | Sequence[int], **options) -> Decoding:
+        """A checked, ready-to-iterate generation of one prompt (options as in `request`)."""
+        request = self.request(prompt, **options)
+        return Decoding(self.new_engine(), request)
+
+    def generate(
+        self, prompt: str | Sequence[int] | Sequence[str | Sequence[int]], **options
+    ) -> GenerationResult | list[GenerationResult]:
+        """Generate a completion (options as in `request`): text, generated ids and statistics. Given a list of
+        prompts (strings or token-id lists), returns a list of results in the same order, generated as a batch of up
+        to `max_batch_size` rows at a time; rows that finish make room for the next prompts at once."""
+        if isinstance(prompt, str) or not _is_prompt_list(prompt):
+            decoding = self.decoding(prompt, **options)
+            for _ in decoding:
+                pass
+            assert decoding.result is not None
+            return decoding.result
+        requests = [self.request(one, **options) for one in prompt]
+        if not requests:
+            raise SpeculorError("the list of prompts is empty")
+        return run_batch(self.new_engine(), requests)
 
     def stream(self, prompt: str | Sequence[int], **options) -> Iterator[Delta]:
         """Yield `Delta`s (new token ids and new text) as tokens are accepted. Checks happen before the first yield."""
         decoding = self.decoding(prompt, **options)
         return iter(decoding)
 
-    def warm_up(self, gamma: int = 4) -> None:
-        """Run once every step width that generations with this γ meet, so the first requests do not pay for them:
-        on CUDA the fast runner captures a graph per step shape and compiles Triton kernel variants on first use (in
-        a GPU tuning run the first γ tried looked 7x slower than the rest, benchmarks/RESULTS.md). The steps attend
-        over the smallest cache span; a longer span is captured when first reached, which costs milliseconds."""
-        if not isinstance(gamma, int) or gamma < 1:
+    def calibrate(self) -> None:
+        """Measure what target and draft steps cost at every batch bucket and step width the load-aware γ policy
+        may choose (`step_costs`). Runs with no request in flight; a fraction of a second on small models."""
+        widths = range(1, self.auto_max_gamma + 2)
+        self.step_costs = measure_step_costs(self.target_runner, self.draft_runner, widths)
+
+    def warm_up(self, gamma: int | None = None) -> None:
+        """Run every step shape that generations meet before the first request, so none pays for it: on CUDA the
+        fast runner captures a graph per (batch bucket, width) and compiles Triton kernel variants on first use (in
+        a GPU tuning run the first γ tried looked 7x slower than the rest, benchmarks/RESULTS.md). `gamma` is the
+        largest fixed γ requests will use (default: the load-aware policy's largest). Then measures the step costs
+        (`calibrate`)."""
+        if gamma is not None and (not isinstance(gamma, int) or isinstance(gamma, bool) or gamma < 1):
             raise SpeculorError(f"gamma must be an integer ≥ 1, got {gamma!r}")
-        widest = gamma + 1 if self.fixed_width is None else min(gamma + 1, self.fixed_width)
+        widest = max(gamma or 0, self.auto_max_gamma) + 1
+        if self.fixed_width is not None:
+            widest = min(widest, self.fixed_width)
         # The draft runner feeds one token a step, or two after a fully accepted step (see DraftModelProposer).
-        plans = [(self.target_runner, range(1, widest + 1)), (self.draft_runner, range(1, 3))]
-        for runner, widths in plans:
-            if runner is None:
-                continue
-            start = torch.zeros(1, dtype=torch.long, device=runner.device)
-            runner.prefill(start)
-            for width in widths:
-                runner.forward(torch.zeros(width, dtype=torch.long, device=runner.device))
-                runner.truncate(1)
+        for runner, widths in ((self.target_runner, range(1, widest + 1)), (self.draft_runner, range(1, 3))):
+            if runner is not None and hasattr(runner, "warm_up"):
+                runner.warm_up(list(widths))
+        if self.speculative:
+            self.calibrate()
+
+
+def _is_prompt_list(prompt: object) -> bool:
+    """A list of prompts holds strings or id lists; a list of ints is one prompt."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and not isinstance(prompt[0], int)
+
+
+def run_batch(engine: BatchEngine, requests: Sequence[DecodeRequest]) -> list[GenerationResult]:
+    """Run `requests` on `engine` to completion, admitting them in order as slots free up; results in order."""
+    results: list[GenerationResult | None] = [None] * len(requests)
+    order: dict[int, int] = {}
+    waiting = list(enumerate(requests))
+    waiting.reverse()
+    while waiting or engine.running:
+        while waiting and engine.free_slots:
+            index, request = waiting.pop()
+            order[engine.add(request)] = index
+        for event in engine.step():
+            if event.result is not None:
+                results[order.pop(event.request_id)] = event.result
+    return [result for result in results if result is not None]
 
 
 def generate(
     target: ModelSource, draft: ModelSource | None, prompt: str | Sequence[int], **options
-) -> GenerationResult:
+) -> GenerationResult | list[GenerationResult]:
     """One-shot helper: load the pair (the `LOADER_OPTIONS` among `options` go to the loader), generate, return."""
     loader_options = {key: options.pop(key) for key in LOADER_OPTIONS if key in options}
     return SpeculativeDecoder(target, draft, **loader_options).generate(prompt, **options)

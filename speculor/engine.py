@@ -1,32 +1,57 @@
-"""The speculative decoding loop: propose → verify → accept → resync → emit → stop, with its statistics.
+"""The speculative decoding loop, for a batch of rows: propose → verify → accept → resync → emit → stop.
 
 This is the one place where γ (the number of drafted tokens per step) is used. Decoding the target alone is the
-same loop with no proposer: every step then verifies zero drafts and emits one token.
+same loop with no proposer: every step then verifies zero drafts and emits one token per row.
 
-Cache invariant between steps: the committed context is prompt + emitted tokens; the newest token is not yet in
-any cache ("pending"), so every runner and proposer holds exactly `len(context) - 1` tokens or fewer.
+`BatchEngine` is request-level: `add` a request (it takes a free slot of the runners), call `step` to advance every
+running row by one target forward, `abort` a row. A step drafts for all rows at once (each row drafts its own γ;
+shorter proposals are padded), runs one target forward over all rows, accepts per row (vectorised, one host read per
+step), then emits per row, handling EOS, stop strings and max_new_tokens. New rows are prefilled inside `step` in
+chunks of at most `prefill_chunk` tokens per step, so a long prompt delays the running rows by one chunk's prefill at
+a time, never its whole prefill. A single generation (`Decoding`) is a batch of one on the same loop.
+
+Cache invariant between steps: a row's committed context is prompt + emitted tokens; the newest token is not yet in
+any cache ("pending"), so the target holds exactly `len(context) - 1` tokens of the row, the draft that many or fewer.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
-from speculor.adaptive import GammaPolicy
+from speculor.adaptive import AcceptanceEstimate, GammaPolicy, LoadAwareGamma
+from speculor.errors import SpeculorError
 from speculor.proposers import Proposer
 from speculor.runners.base import Runner
-from speculor.sampling import SamplingParams, probabilities
+from speculor.sampling import (
+    ACCEPT_STREAM,
+    TARGET_STREAM,
+    RowSampling,
+    SamplingParams,
+    counter_uniform,
+    row_probabilities,
+    sample,
+)
 from speculor.text import TextTracker
 from speculor.verify import greedy_accept, stochastic_accept
+
+DEFAULT_PREFILL_CHUNK = 512
 
 
 @dataclass
 class GenerationStats:
-    """Counters and timings of one generate call. TAR = accepted / drafted; mean accepted length = tokens emitted
-    per target forward, the bonus token included."""
+    """Counters and timings of one generation.
+
+    `drafted` counts the drafted tokens the target verified, `accepted` those it accepted; TAR = accepted / drafted;
+    mean accepted length = tokens emitted per target forward, the bonus token included. A step cut short by EOS, a
+    stop string or max_new_tokens counts only the drafts up to the cut, so the counters always add up:
+    `new_tokens == accepted + tokens chosen by the target`, with at most one target-chosen token per forward.
+    `gamma_steps` maps each γ this row drafted to how many steps drafted it (0 = a step without speculation)."""
 
     drafted: int = 0
     accepted: int = 0
@@ -35,6 +60,7 @@ class GenerationStats:
     draft_forwards: int = 0
     accepted_by_position: list[int] = field(default_factory=list)
     drafted_by_position: list[int] = field(default_factory=list)
+    gamma_steps: dict[int, int] = field(default_factory=dict)
     wall_seconds: float = 0.0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -67,10 +93,11 @@ class GenerationStats:
         )
         return data
 
-    def record_step(self, drafted: int, accepted: int) -> None:
+    def record_step(self, gamma: int, drafted: int, accepted: int) -> None:
         self.drafted += drafted
         self.accepted += accepted
         self.target_forwards += 1
+        self.gamma_steps[gamma] = self.gamma_steps.get(gamma, 0) + 1
         for counts in (self.drafted_by_position, self.accepted_by_position):
             counts.extend([0] * (drafted - len(counts)))
         for position in range(drafted):
@@ -81,7 +108,8 @@ class GenerationStats:
 
 @dataclass
 class GenerationResult:
-    """`token_ids` holds the generated ids only; `text` is None when the model has no tokenizer."""
+    """`token_ids` holds the generated ids only; `text` is None when the model has no tokenizer. `finish_reason` is
+    "eos", "stop", "length" or "abort"."""
 
     text: str | None
     token_ids: list[int]
@@ -89,25 +117,52 @@ class GenerationResult:
     finish_reason: str = "length"
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The target's log-probability of an emitted token (from its raw logits, before temperature, top-k or top-p)
+    and the `top` most likely tokens at that position with theirs, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class Delta:
-    """One streamed piece: the new token ids and the text now safe to show."""
+    """One streamed piece: the new token ids, the text now safe to show, and the tokens' log-probabilities when the
+    request asked for them."""
 
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
 class DecodeRequest:
+    """One generation, checked. `gamma` None lets the engine pick γ for the whole batch each step (`LoadAwareGamma`);
+    a `GammaPolicy` gives this row its own. `seed` None draws a fresh one. `logprobs` asks for the target's
+    log-probability of each token plus that many alternatives (None: none)."""
+
     prompt_ids: list[int]
     max_new_tokens: int
     params: SamplingParams
-    gamma: GammaPolicy
+    gamma: GammaPolicy | None
     eos_ids: frozenset[int]
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     seed: int | None = None
-    max_gamma: int | None = None  # a cap from the target runner (fixed-width steps), applied to adaptive policies
+    max_gamma: int | None = None  # a cap from the target runner (fixed-width steps), applied to every policy
+    speculative: bool = True
+    logprobs: int | None = None
+
+
+@dataclass
+class RowEvent:
+    """What one step did for one request: the new tokens and text, and the final result on the row's last event."""
+
+    request_id: int
+    delta: Delta
+    result: GenerationResult | None = None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -140,129 +195,363 @@ class _PhaseClock:
         return self._times[end] - self._times[start]
 
 
-class Decoding:
-    """One generation in progress: iterate it for `Delta`s; `result` is complete once iteration ends."""
+@dataclass
+class _Row:
+    """A request in flight: its slot in the runners, its committed context and its bookkeeping."""
+
+    request_id: int
+    slot: int
+    request: DecodeRequest
+    tracker: TextTracker
+    seed: int
+    context: list[int]
+    started: float
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    generated: list[int] = field(default_factory=list)
+    prefilled: int = 0
+    finish_reason: str = "length"
+    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
+
+    @property
+    def ready(self) -> bool:
+        return self.prefilled == len(self.request.prompt_ids) - 1
+
+
+class BatchEngine:
+    """Runs many generations over one target runner (and optionally a proposer) whose slots they share. Only one
+    thread may call it. `load_aware` picks γ for rows whose request leaves it to the engine (None: such rows draft
+    `AUTO_FALLBACK_GAMMA`)."""
+
+    AUTO_FALLBACK_GAMMA = 4
 
     def __init__(
-        self, target: Runner, proposer: Proposer | None, vocab_size: int, tracker: TextTracker, request: DecodeRequest
+        self,
+        target: Runner,
+        proposer: Proposer | None,
+        vocab_size: int,
+        tokenizer: PreTrainedTokenizerBase | None,
+        *,
+        load_aware: LoadAwareGamma | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
+        if prefill_chunk < 1:
+            raise SpeculorError(f"prefill_chunk must be ≥ 1, got {prefill_chunk}")
         self.target = target
         self.proposer = proposer
         self.vocab_size = vocab_size
-        self.tracker = tracker
-        self.request = request
-        self.stats = GenerationStats()
-        self.generated: list[int] = []
-        self.finish_reason = "length"
-        self.result: GenerationResult | None = None
-        self.clock = _PhaseClock(target.device)
-        # The last step's emitted token as it already sits on the device, with its index in the context: the next
-        # step feeds it to the target without another host-to-device copy.
-        self._last_token: tuple[torch.Tensor, int] | None = None
+        self.tokenizer = tokenizer
+        self.load_aware = load_aware
+        self.prefill_chunk = prefill_chunk
+        self.device = target.device
+        self.clock = _PhaseClock(self.device)
+        self.last_gamma = 0
+        self.last_batch_size = 0
+        self._free = list(range(target.slots))
+        self._rows: dict[int, _Row] = {}
+        self._next_id = 0
+        # The last step's emitted tokens as they already sit on the device, with the slots they belong to: when the
+        # next step runs the same rows, it feeds them without another host-to-device copy.
+        self._pending: tuple[tuple[int, ...], torch.Tensor] | None = None
 
-    def __iter__(self) -> Iterator[Delta]:
-        request, stats = self.request, self.stats
-        device = self.target.device
-        generator = None
-        if request.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(request.seed)
-        started = time.perf_counter()
-        context = list(request.prompt_ids)
-        self.target.prefill(torch.tensor(context[:-1], dtype=torch.long, device=device))
+    @property
+    def capacity(self) -> int:
+        return self.target.slots
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    def add(self, request: DecodeRequest) -> int:
+        """Start a request in a free slot; returns its id. Its prompt is prefilled by the coming steps."""
+        if not self._free:
+            raise SpeculorError(f"all {self.capacity} slots are busy: wait for a request to finish")
+        if not request.prompt_ids:
+            raise SpeculorError("the prompt is empty")
+        slot = self._free.pop(0)
+        request_id = self._next_id
+        self._next_id += 1
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        row = _Row(
+            request_id,
+            slot,
+            request,
+            TextTracker(self.tokenizer, list(request.stop)),
+            seed,
+            list(request.prompt_ids),
+            time.perf_counter(),
+        )
+        self.target.reset(slot)
         if self.proposer is not None:
-            self.proposer.start(context)
-        _synchronize(device)
-        stats.prefill_seconds = time.perf_counter() - started
-        try:
-            while True:
-                remaining = request.max_new_tokens - len(self.generated)
-                emitted = self._step(context, remaining, generator)
-                delta_ids, text = self._accept_tokens(emitted, remaining)
-                context.extend(delta_ids)
-                if not stats.time_to_first_token:
-                    stats.time_to_first_token = time.perf_counter() - started
-                done = self.finish_reason != "length" or len(self.generated) >= request.max_new_tokens
-                if done:
-                    text += self.tracker.finish(self.generated)
-                stats.new_tokens = len(self.generated)
-                stats.wall_seconds = time.perf_counter() - started
-                yield Delta(delta_ids, text)
-                if done:
-                    break
-                committed = len(context) - 1
-                self.target.truncate(committed)
-                if self.proposer is not None:
-                    self.proposer.rollback(committed)
-        finally:
-            stats.new_tokens = len(self.generated)
-            stats.wall_seconds = time.perf_counter() - started
-            self.result = GenerationResult(self.tracker.text, list(self.generated), stats, self.finish_reason)
+            self.proposer.reset(slot)
+        self._rows[request_id] = row
+        return request_id
 
-    def _step(self, context: list[int], remaining: int, generator: torch.Generator | None) -> list[int]:
-        """One target forward: draft (unless decoding alone), verify, accept. Returns the tokens this step yields."""
-        request, stats, clock = self.request, self.stats, self.clock
-        device = self.target.device
-        drafts = None
-        draft_probs = None
+    def abort(self, request_id: int) -> GenerationResult:
+        """Stop a request now and free its slot; returns what it generated so far (finish reason "abort")."""
+        row = self._rows.get(request_id)
+        if row is None:
+            raise SpeculorError(f"no running request with id {request_id}")
+        row.finish_reason = "abort"
+        return self._finish(row)
+
+    def step(self) -> list[RowEvent]:
+        """Prefill (a bounded chunk of) waiting prompts, then one target forward for every ready row. Returns one
+        event per row that emitted tokens or finished."""
+        self._prefill_some()
+        rows = [row for row in self._rows.values() if row.ready]
+        if not rows:
+            return []
+        return self._decode(rows)
+
+    def _prefill_some(self) -> None:
+        """Feed waiting prompts (everything but their last token) to the caches, oldest first, at most
+        `prefill_chunk` tokens per step."""
+        budget = self.prefill_chunk
+        for row in self._rows.values():
+            if budget == 0:
+                break
+            todo = len(row.request.prompt_ids) - 1 - row.prefilled
+            if todo <= 0:
+                continue
+            began = time.perf_counter()
+            chunk = min(todo, budget)
+            ids = row.request.prompt_ids[row.prefilled : row.prefilled + chunk]
+            token_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+            self.target.extend(row.slot, token_ids)
+            if self.proposer is not None:
+                self.proposer.extend(row.slot, token_ids)
+            row.prefilled += chunk
+            budget -= chunk
+            _synchronize(self.device)
+            row.stats.prefill_seconds += time.perf_counter() - began
+
+    def _gammas(self, rows: list[_Row]) -> list[int]:
+        """γ for every row this step: 0 for rows that do not speculate; a row's own policy where it has one; the
+        load-aware choice for the batch otherwise. Never past max_new_tokens (a step can emit γ + 1 tokens)."""
+        caps = []
+        for row in rows:
+            remaining = row.request.max_new_tokens - len(row.generated)
+            speculating = self.proposer is not None and row.request.speculative
+            caps.append(min(remaining - 1, row.request.max_gamma or remaining) if speculating else 0)
+        auto = [index for index, row in enumerate(rows) if row.request.gamma is None and caps[index] > 0]
+        chosen = self.AUTO_FALLBACK_GAMMA
+        if auto and self.load_aware is not None:
+            chosen = self.load_aware.choose([rows[i].acceptance.alpha for i in auto], [caps[i] for i in auto])
+        gammas = []
+        for row, cap in zip(rows, caps, strict=True):
+            policy = row.request.gamma
+            wanted = chosen if policy is None else policy.next_gamma()
+            gammas.append(max(0, min(wanted, cap)))
+        self.last_gamma = max(gammas)
+        self.last_batch_size = len(rows)
+        return gammas
+
+    def _decode(self, rows: list[_Row]) -> list[RowEvent]:
+        clock, device, vocab = self.clock, self.device, self.vocab_size
+        count = len(rows)
+        sampling = RowSampling.build([row.request.params for row in rows], [row.seed for row in rows], device)
         clock.mark(clock.DRAFT)
-        if self.proposer is not None and remaining > 1:
-            # Never draft past max_new_tokens: the step can emit γ + 1 tokens.
-            gamma = min(request.gamma.next_gamma(), remaining - 1, request.max_gamma or remaining)
-            proposal = self.proposer.propose(
-                context, gamma, request.params, generator, request.gamma.confidence_threshold
-            )
-            drafts, draft_probs = proposal.tokens, proposal.probs
-            stats.draft_forwards += proposal.forwards
+        gammas = self._gammas(rows)
+        drafts, counts, draft_probs, forwards = self._propose(rows, gammas, sampling)
         clock.mark(clock.VERIFY)
-        pending = self._pending_tokens(context)
-        if drafts is None:
-            drafts = torch.empty(0, dtype=torch.long, device=device)
-            logits = self.target.forward(pending)[-1:, : self.vocab_size]
+        slots = [row.slot for row in rows]
+        tokens = torch.cat([self._pending_tokens(rows), drafts], dim=1)
+        logits = self.target.step(slots, tokens)[..., :vocab]
+        width = drafts.shape[1]
+        if sampling.any_sampled:
+            starts = torch.tensor([len(row.context) for row in rows], dtype=torch.long, device=device)
+            target_probs = row_probabilities(logits, sampling)
+            offsets = torch.arange(width, device=device)
+            uniforms = counter_uniform(sampling.seeds, starts[:, None] + offsets, ACCEPT_STREAM)
+            accepted, next_distribution = stochastic_accept(drafts, counts, draft_probs, target_probs, uniforms)
+            noise = counter_uniform(sampling.seeds, starts + accepted, TARGET_STREAM, next_distribution.shape[-1])
+            next_tokens = sample(next_distribution, noise)
         else:
-            logits = self.target.forward(torch.cat([pending, drafts]))[-(drafts.numel() + 1) :, : self.vocab_size]
-        if request.params.greedy:
-            accepted, next_token = greedy_accept(drafts, logits)
-        else:
-            target_probs = probabilities(logits, request.params)
-            accepted, next_token = stochastic_accept(drafts, draft_probs, target_probs, generator)
+            accepted, next_tokens = greedy_accept(drafts, counts, logits)
         clock.mark(clock.DONE)
         # The single host read of the step; on a GPU it also completes the timing events above.
-        values = torch.cat([drafts, accepted.view(1), next_token.view(1)]).tolist()
-        stats.draft_seconds += clock.seconds(clock.DRAFT, clock.VERIFY)
-        stats.verify_seconds += clock.seconds(clock.VERIFY, clock.DONE)
-        drafted, count = len(values) - 2, values[-2]
-        self._last_token = (next_token.view(1), len(context) + count)
-        stats.record_step(drafted, count)
-        if self.proposer is not None and drafted:
-            request.gamma.observe(drafted, count)
-        return [*values[:count], values[-1]]
+        values = torch.cat([drafts.flatten(), counts, accepted, next_tokens]).tolist()
+        logprobs = self._logprobs(rows, logits, drafts, accepted, next_tokens)
+        draft_seconds = clock.seconds(clock.DRAFT, clock.VERIFY)
+        verify_seconds = clock.seconds(clock.VERIFY, clock.DONE)
+        self._pending = (tuple(slots), next_tokens[:, None])
+        events = []
+        for index, row in enumerate(rows):
+            proposed = values[index * width : (index + 1) * width]
+            drafted = values[count * width + index]
+            kept_drafts = values[count * width + count + index]
+            emitted = [*proposed[:kept_drafts], values[count * width + 2 * count + index]]
+            row.stats.draft_seconds += draft_seconds
+            row.stats.verify_seconds += verify_seconds
+            row.stats.draft_forwards += forwards if gammas[index] else 0
+            if gammas[index]:
+                row.acceptance.observe(drafted, kept_drafts)
+                if row.request.gamma is not None:
+                    row.request.gamma.observe(drafted, kept_drafts)
+            row_logprobs = logprobs[index] if logprobs is not None else None
+            events.append(self._emit(row, emitted, gammas[index], drafted, kept_drafts, row_logprobs))
+        return events
 
-    def _pending_tokens(self, context: list[int]) -> torch.Tensor:
-        """The committed tokens the target has not seen yet: after a step, just the token it emitted last, which is
-        still on the device; otherwise (the first step) copied from the context."""
-        start = self.target.cache_length
-        # The index differs when the emitted tokens were cut short (a stop or max_new_tokens): then copy.
-        if self._last_token is not None and self._last_token[1] == start == len(context) - 1:
-            return self._last_token[0]
-        return torch.tensor(context[start:], dtype=torch.long, device=self.target.device)
+    def _propose(
+        self, rows: list[_Row], gammas: list[int], sampling: RowSampling
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """Drafts (rows, width) right-padded, their counts (rows,), their q (rows, width, V) or None, and the number
+        of draft-model steps. Rows with γ = 0 are left out of drafting and get no drafts."""
+        device = self.device
+        drafting = [index for index, gamma in enumerate(gammas) if gamma > 0]
+        empty = torch.zeros(len(rows), 0, dtype=torch.long, device=device)
+        no_counts = torch.zeros(len(rows), dtype=torch.long, device=device)
+        if not drafting or self.proposer is None:
+            return empty, no_counts, None, 0
+        everyone = len(drafting) == len(rows)
+        chosen = torch.tensor(drafting, dtype=torch.long, device=device)
+        proposal = self.proposer.propose(
+            [rows[i].slot for i in drafting],
+            [rows[i].context for i in drafting],
+            [gammas[i] for i in drafting],
+            sampling if everyone else sampling.select(chosen),
+            [self._confidence_threshold(rows[i]) for i in drafting],
+        )
+        if everyone:
+            return proposal.tokens, proposal.counts, proposal.probs, proposal.forwards
+        width = proposal.tokens.shape[1]
+        drafts = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        drafts[chosen] = proposal.tokens
+        counts = no_counts.index_copy(0, chosen, proposal.counts)
+        probs = None
+        if proposal.probs is not None:
+            probs = torch.zeros(len(rows), width, proposal.probs.shape[-1], dtype=proposal.probs.dtype, device=device)
+            probs[chosen] = proposal.probs
+        return drafts, counts, probs, proposal.forwards
 
-    def _accept_tokens(self, emitted: list[int], remaining: int) -> tuple[list[int], str]:
-        """Append emitted tokens one by one, stopping at EOS (kept, as Hugging Face does), at a stop string (the
-        token that completes it is kept, its text is not) or at max_new_tokens. Returns the ids and new text."""
+    @staticmethod
+    def _confidence_threshold(row: _Row) -> float | None:
+        return row.request.gamma.confidence_threshold if row.request.gamma is not None else None
+
+    def _pending_tokens(self, rows: list[_Row]) -> torch.Tensor:
+        """Each row's newest committed token (rows, 1): the tokens the last step emitted, still on the device, when
+        this step runs the same rows; otherwise copied from the contexts."""
+        slots = tuple(row.slot for row in rows)
+        if self._pending is not None and self._pending[0] == slots:
+            return self._pending[1]
+        return torch.tensor([[row.context[-1]] for row in rows], dtype=torch.long, device=self.device)
+
+    def _logprobs(
+        self,
+        rows: list[_Row],
+        logits: torch.Tensor,
+        drafts: torch.Tensor,
+        accepted: torch.Tensor,
+        next_tokens: torch.Tensor,
+    ) -> list[list[TokenLogprob]] | None:
+        """The target's log-probabilities of every token each row may emit this step, for rows that asked (a second
+        host read, paid only then)."""
+        wanted = [row.request.logprobs for row in rows]
+        if all(top is None for top in wanted):
+            return None
+        width = drafts.shape[1]
+        offsets = torch.arange(width + 1, device=self.device)
+        padded = torch.cat([drafts, next_tokens[:, None]], dim=1)
+        emitted = torch.where(offsets[None, :] < accepted[:, None], padded, next_tokens[:, None])
+        log_probs = logits.float().log_softmax(-1)
+        chosen = log_probs.gather(2, emitted[:, :, None]).squeeze(2).tolist()
+        top_values, top_ids = log_probs.topk(max(top or 0 for top in wanted), dim=-1)
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        emitted_ids = emitted.tolist()
+        result = []
+        for index, top in enumerate(wanted):
+            row_values = []
+            for position in range(width + 1):
+                shown = top or 0
+                alternatives = tuple(
+                    zip(top_ids[index][position][:shown], top_values[index][position][:shown], strict=True)
+                )
+                row_values.append(TokenLogprob(emitted_ids[index][position], chosen[index][position], alternatives))
+            result.append(row_values)
+        return result
+
+    def _emit(
+        self,
+        row: _Row,
+        emitted: list[int],
+        gamma: int,
+        drafted: int,
+        accepted: int,
+        logprobs: list[TokenLogprob] | None,
+    ) -> RowEvent:
+        """Append a row's emitted tokens one by one, stopping at EOS (kept, as Hugging Face does), at a stop string
+        (the token that completes it is kept, its text is not) or at max_new_tokens; record the step's counters;
+        finish the row or roll its caches back to what it committed."""
+        request, tracker = row.request, row.tracker
+        remaining = request.max_new_tokens - len(row.generated)
         taken: list[int] = []
         text = ""
-        check_each = bool(self.tracker.stop)
+        check_each = bool(tracker.stop)
         for token in emitted[:remaining]:
             taken.append(token)
-            self.generated.append(token)
+            row.generated.append(token)
             if check_each:
-                text += self.tracker.update(self.generated)
-                if self.tracker.stopped:
-                    self.finish_reason = "stop"
+                text += tracker.update(row.generated)
+                if tracker.stopped:
+                    row.finish_reason = "stop"
                     break
-            if not self.request.ignore_eos and token in self.request.eos_ids:
-                self.finish_reason = "eos"
+            if not request.ignore_eos and token in request.eos_ids:
+                row.finish_reason = "eos"
                 break
         if not check_each:
-            text = self.tracker.update(self.generated)
-        return taken, text
+            text = tracker.update(row.generated)
+        cut_short = len(taken) < accepted + 1
+        row.stats.record_step(gamma, len(taken) if cut_short else drafted, min(accepted, len(taken)))
+        row.context.extend(taken)
+        now = time.perf_counter()
+        if not row.stats.time_to_first_token:
+            row.stats.time_to_first_token = now - row.started
+        row_logprobs = logprobs[: len(taken)] if logprobs is not None else None
+        if row.finish_reason != "length" or len(row.generated) >= request.max_new_tokens:
+            text += tracker.finish(row.generated)
+            result = self._finish(row)
+            return RowEvent(row.request_id, Delta(taken, text, row_logprobs), result)
+        row.stats.new_tokens = len(row.generated)
+        row.stats.wall_seconds = now - row.started
+        committed = len(row.context) - 1
+        self.target.rollback(row.slot, committed)
+        if self.proposer is not None:
+            self.proposer.rollback(row.slot, committed)
+        return RowEvent(row.request_id, Delta(taken, text, row_logprobs))
+
+    def _finish(self, row: _Row) -> GenerationResult:
+        del self._rows[row.request_id]
+        self._free.append(row.slot)
+        self._free.sort()
+        self._pending = None
+        row.stats.new_tokens = len(row.generated)
+        row.stats.wall_seconds = time.perf_counter() - row.started
+        return GenerationResult(row.tracker.text, list(row.generated), row.stats, row.finish_reason)
+
+
+class Decoding:
+    """One generation in progress on an engine of its own: iterate it for `Delta`s; `result` is complete once
+    iteration ends. Closing the iterator early aborts the generation and frees its slot."""
+
+    def __init__(self, engine: BatchEngine, request: DecodeRequest) -> None:
+        self.engine = engine
+        self.request = request
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[Delta]:
+        request_id = self.engine.add(self.request)
+        try:
+            while self.result is None:
+                for event in self.engine.step():
+                    if event.request_id != request_id:
+                        continue
+                    if event.result is not None:
+                        self.result = event.result
+                    yield event.delta
+        finally:
+            if self.result is None:
+                self.result = self.engine.abort(request_id)

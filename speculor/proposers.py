@@ -1,12 +1,14 @@
-"""Proposers: where drafted tokens come from, behind one small protocol.
+"""Proposers: where drafted tokens come from, behind one small protocol, for every row of a batch at once.
 
-A proposer sees the committed context (prompt plus everything emitted, the last token not yet fed to any model)
-and returns up to γ tokens together with the exact distribution q each was drawn from. After verification the
-engine tells it how much of the context survives (`rollback`), so it can resync its own state.
+A proposer sees each row's committed context (prompt plus everything emitted, the last token not yet fed to any
+model) and returns up to γ tokens per row together with the exact distribution q each was drawn from. Rows live in
+slots (the same slot numbers as the target runner's); after verification the engine tells the proposer how much of
+a row's context survives (`rollback`), so it can resync its own state.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -14,92 +16,135 @@ import numpy as np
 import torch
 
 from speculor.runners.base import Runner
-from speculor.sampling import SamplingParams, sample_from_logits
+from speculor.sampling import DRAFT_STREAM, RowSampling, sample_rows
 
 
 @dataclass
 class Proposal:
-    """`tokens` (n,) on the target's device; `probs` (n, V) the q each token was sampled from, or None when q is
-    one-hot at each token (greedy drafting or a deterministic lookup); `forwards` counts draft-model calls."""
+    """`tokens` (rows, γ) on the target's device, right-padded with zeros past each row's `counts` (rows,);
+    `probs` (rows, γ, V) the q each token was sampled from, or None when q is one-hot at each token (greedy
+    drafting or a deterministic lookup); `forwards` counts draft-model steps."""
 
     tokens: torch.Tensor
+    counts: torch.Tensor
     probs: torch.Tensor | None
     forwards: int
 
 
 class Proposer(Protocol):
-    def start(self, context: list[int]) -> None:
-        """Begin a new sequence whose committed context is `context` (the prompt)."""
+    def reset(self, slot: int) -> None:
+        """A new sequence starts in `slot`."""
+        ...
+
+    def extend(self, slot: int, token_ids: torch.Tensor) -> None:
+        """The next chunk of the slot's prompt (everything but its last token, in order)."""
         ...
 
     def propose(
         self,
-        context: list[int],
-        gamma: int,
-        params: SamplingParams,
-        generator: torch.Generator | None,
-        confidence_threshold: float | None = None,
+        slots: Sequence[int],
+        contexts: Sequence[list[int]],
+        gammas: Sequence[int],
+        sampling: RowSampling,
+        confidence_thresholds: Sequence[float | None],
     ) -> Proposal:
-        """Draft up to `gamma` tokens continuing `context`. With `confidence_threshold`, stop early after a token
-        whose draft probability falls below it (Hugging Face's `assistant_confidence_threshold`)."""
+        """Draft up to `gammas[i]` (≥ 1) tokens continuing `contexts[i]` for every row. A row with a confidence
+        threshold stops after a token whose draft probability falls below it (Hugging Face's
+        `assistant_confidence_threshold`)."""
         ...
 
-    def rollback(self, committed_length: int) -> None:
-        """Only the first `committed_length` tokens of the context the proposer last saw are still valid."""
+    def rollback(self, slot: int, committed_length: int) -> None:
+        """Only the first `committed_length` tokens of the slot's context are still valid."""
         ...
 
 
 class DraftModelProposer:
-    """A small causal LM drafting autoregressively with its own KV cache.
+    """A small causal LM drafting autoregressively for all rows at once with its own KV caches.
 
-    The cache holds every committed token except the newest; when all γ drafts were accepted the draft never saw
-    x_γ, so the next proposal feeds the two missing tokens in one forward instead of one.
+    A row's draft cache holds every committed token except the newest; when all of a row's drafts were accepted the
+    draft never saw the last one, so the next proposal feeds two tokens instead of one (rows that need one are
+    padded in that first step, and the padding is rolled back). A row that went a while without drafting (γ = 0
+    steps) first catches up with an `extend`.
     """
 
     def __init__(self, runner: Runner, vocab_size: int) -> None:
         self.runner = runner
         self.vocab_size = vocab_size
 
-    def start(self, context: list[int]) -> None:
-        self.runner.prefill(torch.tensor(context[:-1], dtype=torch.long, device=self.runner.device))
+    def reset(self, slot: int) -> None:
+        self.runner.reset(slot)
+
+    def extend(self, slot: int, token_ids: torch.Tensor) -> None:
+        self.runner.extend(slot, token_ids)
 
     def propose(
         self,
-        context: list[int],
-        gamma: int,
-        params: SamplingParams,
-        generator: torch.Generator | None,
-        confidence_threshold: float | None = None,
+        slots: Sequence[int],
+        contexts: Sequence[list[int]],
+        gammas: Sequence[int],
+        sampling: RowSampling,
+        confidence_thresholds: Sequence[float | None],
     ) -> Proposal:
-        device = self.runner.device
-        feed = torch.tensor(context[self.runner.cache_length :], dtype=torch.long, device=device)
+        runner, device = self.runner, self.runner.device
+        missing = []
+        for slot, context in zip(slots, contexts, strict=True):
+            behind = len(context) - runner.length(slot)
+            if behind > 2:
+                runner.extend(slot, torch.tensor(context[-behind:-2], dtype=torch.long, device=device))
+                behind = 2
+            missing.append(behind)
+        width = max(missing)
+        feed = torch.tensor(
+            [context[-need:] + [0] * (width - need) for context, need in zip(contexts, missing, strict=True)],
+            dtype=torch.long,
+            device=device,
+        )
+        logits = runner.step(slots, feed)
+        if min(missing) == width:
+            last = logits[:, -1]
+        else:
+            last = logits[torch.arange(len(slots), device=device), torch.tensor(missing, device=device) - 1]
+            for slot, context, need in zip(slots, contexts, missing, strict=True):
+                if need < width:
+                    runner.rollback(slot, len(context))
+        positions = torch.tensor([len(context) for context in contexts], dtype=torch.long, device=device)
+        gamma = max(gammas)
+        counts = torch.tensor(gammas, dtype=torch.long, device=device)
+        thresholds = None
+        if any(threshold is not None for threshold in confidence_thresholds):
+            thresholds = torch.tensor([t if t is not None else 0.0 for t in confidence_thresholds], device=device)
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
-        for _ in range(gamma):
-            logits = self.runner.forward(feed)[-1, : self.vocab_size]
-            token, token_probs = sample_from_logits(logits, params, generator)
+        for index in range(gamma):
+            token, token_probs = sample_rows(last[:, : self.vocab_size], sampling, positions + index, DRAFT_STREAM)
             tokens.append(token)
             if token_probs is not None:
                 probs.append(token_probs)
-            feed = token.view(1)
-            if confidence_threshold is not None and len(tokens) < gamma:
-                chosen = token_probs[token] if token_probs is not None else logits.float().softmax(-1).max()
-                if float(chosen) < confidence_threshold:
+            if thresholds is not None and index + 1 < gamma:
+                source = token_probs if token_probs is not None else last[:, : self.vocab_size].float().softmax(-1)
+                doubtful = source.gather(1, token[:, None]).squeeze(1) < thresholds
+                counts = torch.where(doubtful, torch.minimum(counts, torch.full_like(counts, index + 1)), counts)
+                # A host read per drafted token, paid only where a threshold is set: it saves the draft steps
+                # once every row has stopped.
+                if bool((counts <= index + 1).all()):
                     break
+            if index + 1 < gamma:
+                last = runner.step(slots, token[:, None])[:, 0]
         return Proposal(
-            tokens=torch.stack(tokens) if tokens else torch.empty(0, dtype=torch.long, device=device),
-            probs=torch.stack(probs) if probs else None,
+            tokens=torch.stack(tokens, dim=1),
+            counts=counts,
+            probs=torch.stack(probs, dim=1) if probs else None,
             forwards=len(tokens),
         )
 
-    def rollback(self, committed_length: int) -> None:
-        self.runner.truncate(committed_length)
+    def rollback(self, slot: int, committed_length: int) -> None:
+        self.runner.rollback(slot, committed_length)
 
 
 class PromptLookupProposer:
-    """Draft-free speculation: find the latest earlier occurrence of the context's last n tokens (n from
-    `max_ngram` down to 1) and propose the tokens that followed it, as Hugging Face's prompt lookup does.
-    The proposal is deterministic, so q is one-hot at each proposed token."""
+    """Draft-free speculation: find the latest earlier occurrence of a row's last n tokens (n from `max_ngram` down
+    to 1) and propose the tokens that followed it, as Hugging Face's prompt lookup does. The proposal is
+    deterministic, so q is one-hot at each proposed token."""
 
     def __init__(self, max_ngram: int, device: torch.device) -> None:
         if max_ngram < 1:
@@ -107,22 +152,34 @@ class PromptLookupProposer:
         self.max_ngram = max_ngram
         self.device = device
 
-    def start(self, context: list[int]) -> None:
+    def reset(self, slot: int) -> None:
         """Nothing to prepare: the lookup reads the context afresh each step."""
+
+    def extend(self, slot: int, token_ids: torch.Tensor) -> None:
+        """Stateless: the prompt is read from the context when proposing."""
 
     def propose(
         self,
-        context: list[int],
-        gamma: int,
-        params: SamplingParams,
-        generator: torch.Generator | None,
-        confidence_threshold: float | None = None,
+        slots: Sequence[int],
+        contexts: Sequence[list[int]],
+        gammas: Sequence[int],
+        sampling: RowSampling,
+        confidence_thresholds: Sequence[float | None],
     ) -> Proposal:
-        continuation = find_continuation(np.asarray(context, dtype=np.int64), self.max_ngram, gamma)
-        tokens = torch.tensor(continuation, dtype=torch.long, device=self.device)
-        return Proposal(tokens=tokens, probs=None, forwards=0)
+        continuations = [
+            find_continuation(np.asarray(context, dtype=np.int64), self.max_ngram, gamma)
+            for context, gamma in zip(contexts, gammas, strict=True)
+        ]
+        width = max(len(found) for found in continuations)
+        padded = [found + [0] * (width - len(found)) for found in continuations]
+        return Proposal(
+            tokens=torch.tensor(padded, dtype=torch.long, device=self.device),
+            counts=torch.tensor([len(found) for found in continuations], dtype=torch.long, device=self.device),
+            probs=None,
+            forwards=0,
+        )
 
-    def rollback(self, committed_length: int) -> None:
+    def rollback(self, slot: int, committed_length: int) -> None:
         """Stateless: nothing to resync."""
 
 

@@ -1,58 +1,69 @@
-"""The acceptance rule of Leviathan et al. (2211.17192) and Chen et al. (2302.01318), as pure tensor functions.
+"""The acceptance rule of Leviathan et al. (2211.17192) and Chen et al. (2302.01318), as pure tensor functions over
+the rows of a batch.
 
-No model is in sight here, so the rule can be tested exhaustively on small vocabularies. Both functions return
-(number of drafted tokens accepted, the next token to emit) as 0-d device tensors, so the caller decides when to
-pay for the single host read.
+No model is in sight here, so the rule can be tested exhaustively on small vocabularies. Rows draft different
+numbers of tokens (`counts`); drafts are right-padded to the longest row and the padding is never accepted. Every
+result stays on the device, so the caller decides when to pay for the single host read of a step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from speculor.sampling import sample
+
+def _within_counts(counts: torch.Tensor, gamma: int) -> torch.Tensor:
+    """(rows, γ) mask of the real (not padding) draft positions."""
+    return torch.arange(gamma, device=counts.device)[None, :] < counts[:, None]
 
 
-def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the longest prefix of `draft_tokens` (γ,) equal to the target's argmaxes, then emit the target's argmax
-    at the first mismatch (or the bonus position γ). `target_logits` is (γ+1, V)."""
+def greedy_accept(
+    draft_tokens: torch.Tensor, counts: torch.Tensor, target_logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, keep the longest prefix of its drafts (rows, γ) equal to the target's argmaxes, then emit the target's
+    argmax at the first mismatch (or after the row's last draft). `target_logits` is (rows, γ+1, V). Returns
+    (accepted (rows,), next token (rows,))."""
     choices = target_logits.argmax(-1)
-    gamma = draft_tokens.shape[0]
-    matches = (draft_tokens == choices[:gamma]).to(torch.int64)
-    accepted = matches.cumprod(0).sum()
-    return accepted, choices[accepted]
+    gamma = draft_tokens.shape[1]
+    matches = (draft_tokens == choices[:, :gamma]) & _within_counts(counts, gamma)
+    accepted = matches.to(torch.int64).cumprod(1).sum(1)
+    return accepted, choices.gather(1, accepted[:, None]).squeeze(1)
 
 
 def stochastic_accept(
     draft_tokens: torch.Tensor,
+    counts: torch.Tensor,
     draft_probs: torch.Tensor | None,
     target_probs: torch.Tensor,
-    generator: torch.Generator | None,
+    uniforms: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling: accept x_i with probability min(1, p_i(x_i) / q_i(x_i)), left to right; at the first
-    rejection emit a token from normalize(max(0, p_i − q_i)); if all γ pass, emit a bonus token from p_{γ+1}.
+    """Speculative sampling per row: accept x_i with probability min(1, p_i(x_i) / q_i(x_i)), left to right, using
+    `uniforms` (rows, γ); at the first rejection the next token comes from normalize(max(0, p_i − q_i)); if all of a
+    row's drafts pass, from p at the position after them (the bonus token).
 
-    `draft_probs` (γ, V) is the exact q the draft sampled from, or None when the proposal was deterministic (n-gram
-    lookup), i.e. q is one-hot at each drafted token. `target_probs` is (γ+1, V). The output is distributed exactly
-    as tokens sampled from the target alone.
+    `draft_probs` (rows, γ, V) is the exact q each draft was sampled from, or None when every proposal was
+    deterministic (q one-hot at each drafted token). `target_probs` is (rows, γ+1, V). Returns (accepted (rows,),
+    the distribution of the next token (rows, V)); sampling from it makes each row's output distributed exactly as
+    tokens sampled from the target alone.
     """
-    gamma = draft_tokens.shape[0]
+    rows, gamma = draft_tokens.shape
     dtype = target_probs.dtype
-    rows = torch.arange(gamma, device=target_probs.device)
     if draft_probs is None:
-        draft_probs = torch.zeros_like(target_probs[:gamma])
-        draft_probs[rows, draft_tokens] = 1
+        draft_probs = torch.zeros_like(target_probs[:, :gamma])
+        draft_probs.scatter_(2, draft_tokens[:, :, None], 1)
     draft_probs = draft_probs.to(dtype)
-    p_of_x = target_probs[rows, draft_tokens]
-    q_of_x = draft_probs[rows, draft_tokens]
-    uniform = torch.rand(gamma, generator=generator, device=target_probs.device, dtype=dtype)
+    p_of_x = target_probs[:, :gamma].gather(2, draft_tokens[:, :, None]).squeeze(2)
+    q_of_x = draft_probs.gather(2, draft_tokens[:, :, None]).squeeze(2)
     # u < p/q written without a division so q = 0 (never sampled) cannot produce NaN.
-    accept = (uniform * q_of_x < p_of_x).to(torch.int64)
-    accepted = accept.cumprod(0).sum()
-    padded_q = torch.cat([draft_probs, torch.zeros_like(target_probs[:1])], dim=0)
-    p_next = target_probs[accepted]
-    residual = (p_next - padded_q[accepted]).clamp_min(0)
-    total = residual.sum()
-    # At the bonus position q is zero, so the residual is p itself. A residual of zero mass can only come from
-    # rounding when p ≈ q; then p is the right fallback.
-    residual = torch.where(total > 0, residual / total.clamp_min(torch.finfo(dtype).tiny), p_next)
-    return accepted, sample(residual, generator)
+    accept = (uniforms.to(dtype) * q_of_x < p_of_x) & _within_counts(counts, gamma)
+    accepted = accept.to(torch.int64).cumprod(1).sum(1)
+    row_index = torch.arange(rows, device=target_probs.device)
+    p_next = target_probs[row_index, accepted]
+    # Past a row's drafts q is zero, so the residual there is p itself (the bonus token).
+    q_next = torch.zeros_like(p_next)
+    if gamma:
+        q_at_rejection = draft_probs[row_index, accepted.clamp(max=gamma - 1)]
+        q_next = torch.where((accepted < counts)[:, None], q_at_rejection, q_next)
+    residual = (p_next - q_next).clamp_min(0)
+    total = residual.sum(-1, keepdim=True)
+    # A residual of zero mass can only come from rounding when p ≈ q; then p is the right fallback.
+    return accepted, torch.where(total > 0, residual / total.clamp_min(torch.finfo(dtype).tiny), p_next)

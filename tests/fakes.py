@@ -10,12 +10,14 @@ import torch
 
 
 class TableRunner:
-    """Logits looked up from a random table indexed by a hash of every token seen so far."""
+    """Logits looked up from a random table indexed by a hash of every token seen so far, one token list per slot."""
 
-    def __init__(self, vocab_size: int, seed: int, sharpness: float = 1.5, max_length: int = 64) -> None:
+    def __init__(
+        self, vocab_size: int, seed: int, sharpness: float = 1.5, max_length: int = 64, slots: int = 1
+    ) -> None:
         generator = torch.Generator().manual_seed(seed)
         self.table = torch.randn(997, vocab_size, generator=generator, dtype=torch.float64) * sharpness
-        self.tokens: list[int] = []
+        self.sequences: list[list[int]] = [[] for _ in range(slots)]
         self._vocab_size = vocab_size
         self._max_length = max_length
 
@@ -32,21 +34,31 @@ class TableRunner:
         return self._max_length
 
     @property
-    def cache_length(self) -> int:
-        return len(self.tokens)
+    def slots(self) -> int:
+        return len(self.sequences)
 
-    def prefill(self, token_ids: torch.Tensor) -> None:
-        self.tokens = token_ids.tolist()
+    def length(self, slot: int) -> int:
+        return len(self.sequences[slot])
 
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def reset(self, slot: int) -> None:
+        self.sequences[slot] = []
+
+    def extend(self, slot: int, token_ids: torch.Tensor) -> None:
+        self.sequences[slot].extend(token_ids.tolist())
+
+    def step(self, slots, token_ids: torch.Tensor) -> torch.Tensor:
         rows = []
-        for token in token_ids.tolist():
-            self.tokens.append(token)
-            rows.append(self.logits_after(self.tokens))
+        for slot, tokens in zip(slots, token_ids.tolist(), strict=True):
+            sequence = self.sequences[slot]
+            logits = []
+            for token in tokens:
+                sequence.append(token)
+                logits.append(self.logits_after(sequence))
+            rows.append(torch.stack(logits))
         return torch.stack(rows)
 
     def logits_after(self, context: list[int]) -> torch.Tensor:
         return self.table[hash(tuple(context)) % self.table.shape[0]]
 
-    def truncate(self, length: int) -> None:
-        del self.tokens[length:]
+    def rollback(self, slot: int, length: int) -> None:
+        del self.sequences[slot][length:]

@@ -51,16 +51,13 @@ class FlipAt:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    @property
-    def cache_length(self) -> int:
-        return self.inner.cache_length
-
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        start = self.inner.cache_length
-        logits = self.inner.forward(token_ids).clone()
-        for row in range(logits.shape[0]):
-            if start + row + 1 == self.position:
-                logits[row] = -logits[row]
+    def step(self, slots, token_ids: torch.Tensor) -> torch.Tensor:
+        starts = [self.inner.length(slot) for slot in slots]
+        logits = self.inner.step(slots, token_ids).clone()
+        for row, start in enumerate(starts):
+            for column in range(token_ids.shape[1]):
+                if start + column + 1 == self.position:
+                    logits[row, column] = -logits[row, column]
         return logits
 
 
@@ -134,16 +131,17 @@ def test_warm_up_runs_every_step_width_and_changes_no_output(llama_pair, fixed_w
     fresh = SpeculativeDecoder(target, draft, dtype=torch.float64, runner="fast", fixed_width=fixed_width)
     expected = fresh.generate([5, 3, 8], max_new_tokens=12, gamma=2, ignore_eos=True).token_ids
     warmed = SpeculativeDecoder(target, draft, dtype=torch.float64, runner="fast", fixed_width=fixed_width)
-    widths: list[int] = []
-    forward = warmed.target_runner.forward
+    widths: list[list[int]] = []
+    warm_up = warmed.target_runner.warm_up
 
-    def counting_forward(tokens: torch.Tensor) -> torch.Tensor:
-        widths.append(tokens.numel())
-        return forward(tokens)
+    def recording_warm_up(step_widths: list[int]) -> None:
+        widths.append(list(step_widths))
+        warm_up(step_widths)
 
-    warmed.target_runner.forward = counting_forward
+    warmed.target_runner.warm_up = recording_warm_up
     warmed.warm_up(4)
-    assert widths == ([1, 2, 3, 4, 5] if fixed_width is None else [1, 2, 3])
+    # Every width a fixed γ = 4 or the load-aware policy (up to γ = 6) can need, capped by fixed-width steps.
+    assert widths == ([[1, 2, 3, 4, 5, 6, 7]] if fixed_width is None else [[1, 2, 3]])
     assert warmed.generate([5, 3, 8], max_new_tokens=12, gamma=2, ignore_eos=True).token_ids == expected
     with pytest.raises(SpeculorError, match="gamma must be an integer"):
         warmed.warm_up(0)

@@ -1,8 +1,9 @@
 """Speculative sampling is lossless: the engine's output distribution equals the target's, enumerated exactly.
 
 The models are table-lookup runners over a 4-token vocabulary (see fakes.py), so three generated tokens have 64
-possible outcomes whose exact probabilities under the target alone can be enumerated. A deliberately wrong
-acceptance rule must fail the same test, which shows the test has the power to catch one.
+possible outcomes whose exact probabilities under the target alone can be enumerated. The requests run as batches of
+eight rows, each with its own seed, so the rule is checked per row of a batch. A deliberately wrong acceptance rule
+must fail the same test, which shows the test has the power to catch one.
 """
 
 from __future__ import annotations
@@ -10,20 +11,22 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 from fakes import TableRunner
 
 from speculor import engine
 from speculor.adaptive import FixedGamma
-from speculor.engine import DecodeRequest, Decoding
+from speculor.api import run_batch
+from speculor.engine import BatchEngine, DecodeRequest
 from speculor.proposers import DraftModelProposer
-from speculor.sampling import SamplingParams, probabilities, sample
-from speculor.text import TextTracker
+from speculor.sampling import SamplingParams, probabilities
 from speculor.verify import stochastic_accept
 
 VOCAB = 4
 PROMPT = [1, 2]
 NEW_TOKENS = 3
 SAMPLES = 1500
+BATCH = 8
 
 
 def exact_distribution(params: SamplingParams) -> dict[tuple[int, ...], float]:
@@ -38,22 +41,19 @@ def exact_distribution(params: SamplingParams) -> dict[tuple[int, ...], float]:
     return result
 
 
+def sampling_engine() -> BatchEngine:
+    target = TableRunner(VOCAB, seed=0, slots=BATCH)
+    draft = TableRunner(VOCAB, seed=1, sharpness=2.5, slots=BATCH)
+    return BatchEngine(target, DraftModelProposer(draft, VOCAB), VOCAB, None)
+
+
 def empirical_distribution(params: SamplingParams, gamma: int) -> dict[tuple[int, ...], float]:
-    target, draft = TableRunner(VOCAB, seed=0), TableRunner(VOCAB, seed=1, sharpness=2.5)
+    requests = [
+        DecodeRequest(PROMPT, NEW_TOKENS, params, FixedGamma(gamma), frozenset(), seed=seed) for seed in range(SAMPLES)
+    ]
     counts: dict[tuple[int, ...], int] = {}
-    for seed in range(SAMPLES):
-        request = DecodeRequest(
-            prompt_ids=PROMPT,
-            max_new_tokens=NEW_TOKENS,
-            params=params,
-            gamma=FixedGamma(gamma),
-            eos_ids=frozenset(),
-            seed=seed,
-        )
-        decoding = Decoding(target, DraftModelProposer(draft, VOCAB), VOCAB, TextTracker(None, []), request)
-        for _ in decoding:
-            pass
-        outcome = tuple(decoding.result.token_ids)
+    for result in run_batch(sampling_engine(), requests):
+        outcome = tuple(result.token_ids)
         counts[outcome] = counts.get(outcome, 0) + 1
     return {outcome: count / SAMPLES for outcome, count in counts.items()}
 
@@ -89,10 +89,10 @@ def test_speculative_sampling_matches_target_distribution(params, gamma):
     assert chi_square_excess(exact_distribution(params), empirical_distribution(params, gamma)) < 0
 
 
-def residual_ignoring_accept(draft_tokens, draft_probs, target_probs, generator):
+def residual_ignoring_accept(draft_tokens, counts, draft_probs, target_probs, uniforms):
     """Wrong on purpose: after a rejection it samples from p, not from normalize(max(0, p − q))."""
-    accepted, _ = stochastic_accept(draft_tokens, draft_probs, target_probs, generator)
-    return accepted, sample(target_probs[accepted], generator)
+    accepted, _ = stochastic_accept(draft_tokens, counts, draft_probs, target_probs, uniforms)
+    return accepted, target_probs[torch.arange(len(accepted)), accepted]
 
 
 @pytest.mark.parametrize(("params", "gamma"), SETTINGS)
@@ -101,12 +101,15 @@ def test_broken_acceptance_rule_is_caught(monkeypatch, params, gamma):
     assert chi_square_excess(exact_distribution(params), empirical_distribution(params, gamma)) > 0
 
 
-def test_same_seed_same_output():
-    params = SamplingParams(temperature=1.0)
-    runs = []
-    for _ in range(2):
-        target, draft = TableRunner(VOCAB, seed=0), TableRunner(VOCAB, seed=1)
-        request = DecodeRequest(PROMPT, 12, params, FixedGamma(3), frozenset(), seed=42)
-        decoding = Decoding(target, DraftModelProposer(draft, VOCAB), VOCAB, TextTracker(None, []), request)
-        runs.append([delta.token_ids for delta in decoding])
-    assert runs[0] == runs[1]
+def test_same_seed_same_output_alone_and_in_any_batch():
+    """A seeded request draws the same numbers whatever shares its batch or whichever slot it gets."""
+
+    def request(seed: int, temperature: float = 1.0) -> DecodeRequest:
+        sampling = SamplingParams(temperature=temperature, top_k=3) if temperature else SamplingParams()
+        return DecodeRequest(PROMPT, 12, sampling, FixedGamma(3), frozenset(), seed=seed)
+
+    alone = run_batch(sampling_engine(), [request(42)])
+    crowd = [request(seed, temperature) for seed, temperature in zip(range(5), (0.0, 0.5, 1.3, 0.0, 0.9), strict=True)]
+    mixed = run_batch(sampling_engine(), [*crowd[:3], request(42), *crowd[3:]])
+    assert mixed[3].token_ids == alone[0].token_ids
+    assert len(set(map(tuple, (r.token_ids for r in mixed)))) > 3

@@ -24,12 +24,14 @@ def make_runner(
     max_cache_length: int | None = None,
     fixed_width: int | None = None,
     kernels: str = "auto",
+    slots: int = 1,
 ) -> Runner:
     """Pick the runner for a model: "hf" (generic), "fast" (static cache and CUDA graphs; Llama family only) or
     "auto" (fast where the architecture allows, else hf with a one-line notice). `max_cache_length` caps the fast
     runner's preallocated cache (default 4096 tokens). `fixed_width` runs every step of the fast runner at that many
     tokens, so verify and decode round alike (bit-identical greedy output in bf16); only the fast runner offers it.
-    `kernels` ("auto", "triton", "torch") picks the fast runner's per-layer kernels (see `FastRunner`)."""
+    `kernels` ("auto", "triton", "torch") picks the fast runner's per-layer kernels (see `FastRunner`). `slots` is
+    how many sequences the runner holds at once (the batch size)."""
     if kind not in RUNNER_KINDS:
         raise SpeculorError(f"unknown runner {kind!r}: choose one of {', '.join(RUNNER_KINDS)}")
     if kernels not in KERNEL_CHOICES:
@@ -39,16 +41,33 @@ def make_runner(
     if kind == "hf":
         if needs_fast:
             raise SpeculorError(f"{needs_fast} needs the fast runner; runner='hf' runs transformers' own modules")
-        return HFRunner(model)
+        return HFRunner(model, slots=slots)
     cap = max_cache_length or DEFAULT_MAX_CACHE_LENGTH
     if kind == "auto":
         reason = unsupported_reason(model, min(_context_length(model), cap))
         if reason is not None and needs_fast:
             raise SpeculorError(f"{needs_fast} needs the fast runner, which cannot run this model: {reason}")
         if reason is not None:
-            logger.warning("using the Hugging Face runner: the fast runner does not support this model (%s)", reason)
-            return HFRunner(model)
-    return FastRunner(model, max_cache_length=cap, fixed_width=fixed_width, kernels=kernels)
+            _notice_fallback(model, reason)
+            return HFRunner(model, slots=slots)
+    return FastRunner(model, max_cache_length=cap, fixed_width=fixed_width, kernels=kernels, slots=slots)
+
+
+_noticed: set[str] = set()
+
+
+def _notice_fallback(model: PreTrainedModel, reason: str) -> None:
+    """One line per kind of model and reason, however many runners (a target and a draft of one family) fall back."""
+    key = f"{type(model).__name__}: {reason}"
+    if key in _noticed:
+        return
+    _noticed.add(key)
+    logger.warning(
+        "using the Hugging Face runner for %s: the fast runner does not support it (%s); it runs a batch's rows one "
+        "after another",
+        type(model).__name__,
+        reason,
+    )
 
 
 __all__ = ["RUNNER_KINDS", "FastRunner", "HFRunner", "Runner", "make_runner"]
