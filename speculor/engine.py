@@ -246,12 +246,16 @@ class BatchEngine:
         self.clock = _PhaseClock(self.device)
         self.last_gamma = 0
         self.last_batch_size = 0
+        # Acceptance over every row: a new row's estimate starts from it, since how well the draft guesses the target
+        # is mostly a property of the pair.
+        self._pair_acceptance = AcceptanceEstimate(decay=0.98)
         self._free = list(range(target.slots))
         self._rows: dict[int, _Row] = {}
         self._next_id = 0
         # The last step's emitted tokens as they already sit on the device, with the slots they belong to: when the
         # next step runs the same rows, it feeds them without another host-to-device copy.
         self._pending: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._sampling_cache: tuple[tuple[int, ...], RowSampling] | None = None
 
     @property
     def capacity(self) -> int:
@@ -283,6 +287,7 @@ class BatchEngine:
             seed,
             list(request.prompt_ids),
             time.perf_counter(),
+            acceptance=AcceptanceEstimate(prior=self._pair_acceptance.alpha),
         )
         self.target.reset(slot)
         if self.proposer is not None:
@@ -353,7 +358,10 @@ class BatchEngine:
     def _decode(self, rows: list[_Row]) -> list[RowEvent]:
         clock, device, vocab = self.clock, self.device, self.vocab_size
         count = len(rows)
-        sampling = RowSampling.build([row.request.params for row in rows], [row.seed for row in rows], device)
+        sampling = self._sampling(rows)
+        starts = None
+        if sampling.any_sampled:
+            starts = torch.tensor([len(row.context) for row in rows], dtype=torch.long, device=device)
         clock.mark(clock.DRAFT)
         gammas = self._gammas(rows)
         drafts, counts, draft_probs, forwards = self._propose(rows, gammas, sampling)
@@ -362,8 +370,7 @@ class BatchEngine:
         tokens = torch.cat([self._pending_tokens(rows), drafts], dim=1)
         logits = self.target.step(slots, tokens)[..., :vocab]
         width = drafts.shape[1]
-        if sampling.any_sampled:
-            starts = torch.tensor([len(row.context) for row in rows], dtype=torch.long, device=device)
+        if starts is not None:
             target_probs = row_probabilities(logits, sampling)
             offsets = torch.arange(width, device=device)
             uniforms = counter_uniform(sampling.seeds, starts[:, None] + offsets, ACCEPT_STREAM)
@@ -390,11 +397,21 @@ class BatchEngine:
             row.stats.draft_forwards += forwards if gammas[index] else 0
             if gammas[index]:
                 row.acceptance.observe(drafted, kept_drafts)
+                self._pair_acceptance.observe(drafted, kept_drafts)
                 if row.request.gamma is not None:
                     row.request.gamma.observe(drafted, kept_drafts)
             row_logprobs = logprobs[index] if logprobs is not None else None
             events.append(self._emit(row, emitted, gammas[index], drafted, kept_drafts, row_logprobs))
         return events
+
+    def _sampling(self, rows: list[_Row]) -> RowSampling:
+        """The rows' sampling parameters on the device, rebuilt only when the set of rows changes (a copy from the
+        host per step would cost a device sync each)."""
+        key = tuple(row.request_id for row in rows)
+        if self._sampling_cache is None or self._sampling_cache[0] != key:
+            params, seeds = [row.request.params for row in rows], [row.seed for row in rows]
+            self._sampling_cache = (key, RowSampling.build(params, seeds, self.device))
+        return self._sampling_cache[1]
 
     def _propose(
         self, rows: list[_Row], gammas: list[int], sampling: RowSampling

@@ -93,30 +93,31 @@ class DraftModelProposer:
                 runner.extend(slot, torch.tensor(context[-behind:-2], dtype=torch.long, device=device))
                 behind = 2
             missing.append(behind)
-        width = max(missing)
-        feed = torch.tensor(
-            [context[-need:] + [0] * (width - need) for context, need in zip(contexts, missing, strict=True)],
-            dtype=torch.long,
-            device=device,
-        )
+        width, rows, gamma = max(missing), len(slots), max(gammas)
+        # Every per-row input of the proposal in one host-to-device copy, made while the device is idle (a copy
+        # from host memory waits for the device's queued work).
+        feed_rows = [context[-need:] + [0] * (width - need) for context, need in zip(contexts, missing, strict=True)]
+        host_inputs = [token for row in feed_rows for token in row]
+        host_inputs += [*gammas, *(len(context) for context in contexts), *(need - 1 for need in missing)]
+        inputs = torch.tensor(host_inputs, dtype=torch.long, device=device)
+        feed = inputs[: rows * width].view(rows, width)
+        counts, positions, last_index = inputs[rows * width :].view(3, rows)
+        thresholds = None
+        if any(threshold is not None for threshold in confidence_thresholds):
+            thresholds = torch.tensor([t if t is not None else 0.0 for t in confidence_thresholds], device=device)
         logits = runner.step(slots, feed)
         if min(missing) == width:
             last = logits[:, -1]
         else:
-            last = logits[torch.arange(len(slots), device=device), torch.tensor(missing, device=device) - 1]
+            last = logits[torch.arange(rows, device=device), last_index]
             for slot, context, need in zip(slots, contexts, missing, strict=True):
                 if need < width:
                     runner.rollback(slot, len(context))
-        positions = torch.tensor([len(context) for context in contexts], dtype=torch.long, device=device)
-        gamma = max(gammas)
-        counts = torch.tensor(gammas, dtype=torch.long, device=device)
-        thresholds = None
-        if any(threshold is not None for threshold in confidence_thresholds):
-            thresholds = torch.tensor([t if t is not None else 0.0 for t in confidence_thresholds], device=device)
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
         for index in range(gamma):
-            token, token_probs = sample_rows(last[:, : self.vocab_size], sampling, positions + index, DRAFT_STREAM)
+            at = positions + index if sampling.any_sampled else positions
+            token, token_probs = sample_rows(last[:, : self.vocab_size], sampling, at, DRAFT_STREAM)
             tokens.append(token)
             if token_probs is not None:
                 probs.append(token_probs)
