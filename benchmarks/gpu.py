@@ -3,13 +3,14 @@
     python benchmarks/gpu.py --out benchmarks/results/gpu                 # every part, on cuda (about 15 min)
     python benchmarks/gpu.py --parts a,b,d --out OUT                      # 6.5 min on an H200 (measured)
     python benchmarks/gpu.py --parts c --family-dir /tmp/family --out OUT  # 9 min; a rerun reuses the family
-    python benchmarks/gpu.py --device cpu --quick --parts a,b,c --out /tmp/gpu-smoke   # the same code, seconds
+    python benchmarks/gpu.py --parts e --out OUT                           # batched runner steps, ~2 min
+    python benchmarks/gpu.py --device cpu --quick --parts a,b,c,e --out /tmp/gpu-smoke   # the same code, seconds
 
 Where a machine gives a command 10 minutes, run parts a, b, d and part c as two commands (the times above were
 measured on an H200 whose host is slow at launching work: Hugging Face `generate` on the 32-layer target of part c
 runs at ~25 tok/s there, and its three paths take about half of part c).
 
-Parts (`--parts a,b,c,d`):
+Parts (`--parts a,b,c,d,e`):
   a  device-to-device copy bandwidth, and the floor per token (weight bytes read per forward / bandwidth) of a
      Llama-3-8B-shaped target and a Llama-3.2-1B-shaped draft.
   b  on those shapes with random bf16 weights: HF `generate` and speculor AR (fast runner) decode tokens/s as a
@@ -20,6 +21,10 @@ Parts (`--parts a,b,c,d`):
      and HF prompt lookup (on a fixed subset), TAR, mean accepted length, speedups against Leviathan's prediction,
      and greedy identity (bf16, float32, and with the fast runner's `fixed_width` uniform rounding).
   d  the same measurements on the shipped demo family (`speculor.models.shipped()`).
+  e  the batched fast runner on part b's Llama-3-8B and Llama-3.2-1B shapes (random bf16 weights): ms per step
+     for batch B = 1..64 rows × k = 1..6 tokens per row (rows of different lengths), AR decode tokens/s at each B
+     (one-token steps over B rows, each row's argmax fed back), Hugging Face `generate` on the same left-padded
+     batch as the reference, the warm-up (graph captures) time, and batch 1 against the stored part b step times.
 Parts whose dependencies are missing are skipped with a note. Tokens/s are decode rates: tokens after the first
 over the time after the first (prefill and time to first token excluded), for HF and speculor alike.
 """
@@ -50,10 +55,14 @@ from speculor.api import SpeculativeDecoder
 from speculor.engine import GenerationResult
 from speculor.runners import FastRunner, HFRunner
 
-PARTS = ("a", "b", "c", "d")
+PARTS = ("a", "b", "c", "d", "e")
 VERIFY_WIDTHS = (1, 2, 4, 8, 16)
 GAMMAS = (2, 3, 4, 5, 6, 8)
 TEMPERATURES = (0.0, 0.8)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+ROW_WIDTHS = (1, 2, 3, 4, 5, 6)
+# Part b's step times before the runner took batches (H200, fused kernels), for part e's batch-1 comparison.
+STORED_PART_B = Path(__file__).parent / "results" / "gpu-2026-11-27-h200-fused-abd.json"
 
 
 # (target shape, draft shape) pairs of part b: the brief's 8B/1B pair, and the launch-bound scale of part c.
@@ -269,6 +278,17 @@ def decode_rate(results: Sequence[GenerationResult]) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
 
+def fill(runner, prompt: torch.Tensor) -> None:
+    """Start slot 0 over with `prompt` in its cache."""
+    runner.reset(0)
+    runner.extend(0, prompt)
+
+
+def feed(runner, tokens: torch.Tensor) -> torch.Tensor:
+    """One step of `tokens` on slot 0; their logits (k, vocab)."""
+    return runner.step([0], tokens.view(1, -1))[0]
+
+
 def step_milliseconds(runner, prompt: torch.Tensor, width: int, repeats: int) -> float:
     """Milliseconds per forward of `width` tokens on a `prompt`-long cache (rolled back after each), from the wall
     time of bursts of `repeats` forwards (median of three bursts): what a decode loop pays per step, host included."""
@@ -283,11 +303,11 @@ def interleaved_step_milliseconds(runners: dict, prompt: torch.Tensor, width: in
 
     def burst(runner, repeats: int) -> None:
         for _ in range(repeats):
-            runner.forward(tokens)
-            runner.truncate(prompt.numel())
+            feed(runner, tokens)
+            runner.rollback(0, prompt.numel())
 
     for runner, repeats in runners.values():
-        runner.prefill(prompt)
+        fill(runner, prompt)
         burst(runner, repeats)
     for _ in range(rounds):
         for name, (runner, repeats) in runners.items():
@@ -302,9 +322,9 @@ def capture_modes(model: PreTrainedModel, prompt: torch.Tensor, settings: Settin
     for mode in modes:
         try:
             runner = FastRunner(model, capture=mode, max_cache_length=1024)
-            runner.prefill(prompt)
-            first = timed(settings.device, lambda runner=runner: runner.forward(prompt[:1]))
-            runner.truncate(prompt.numel())
+            fill(runner, prompt)
+            first = timed(settings.device, lambda runner=runner: feed(runner, prompt[:1]))
+            runner.rollback(0, prompt.numel())
             step = step_milliseconds(runner, prompt, 1, settings.step_repeats)
             found[mode] = {"first_call_seconds": first, "step_ms": step}
         except Exception as error:  # a failing mode is a finding, not a reason to stop the benchmark
@@ -318,13 +338,13 @@ def kernel_profile(model: PreTrainedModel, prompt: torch.Tensor, kernels: str) -
     kernels), kernels counted and summed by name. Device time summed over kernels, set against the captured
     step's wall time, shows how much of a step is launch gaps rather than work."""
     runner = FastRunner(model, capture="eager", max_cache_length=1024, kernels=kernels)
-    runner.prefill(prompt)
+    fill(runner, prompt)
     for _ in range(3):
-        runner.forward(prompt[:1])
-        runner.truncate(prompt.numel())
+        feed(runner, prompt[:1])
+        runner.rollback(0, prompt.numel())
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profiler:
-        runner.forward(prompt[:1])
+        feed(runner, prompt[:1])
         synchronize(prompt.device)
     found = [entry for entry in profiler.key_averages() if entry.device_type == torch.autograd.DeviceType.CUDA]
     times = {entry.key: (entry.self_device_time_total, entry.count) for entry in found}
@@ -364,8 +384,8 @@ def logits_agreement(config: LlamaConfig, settings: Settings) -> dict:
     step = torch.randint(0, config.vocab_size, (5,), generator=generator).to(device)
 
     def logits(runner) -> torch.Tensor:
-        runner.prefill(prompt)
-        return runner.forward(step).double()
+        fill(runner, prompt)
+        return feed(runner, step).double()
 
     def error(actual: torch.Tensor, expected: torch.Tensor) -> float:
         return float((actual - expected).norm() / expected.norm())
@@ -735,6 +755,125 @@ def part_d(settings: Settings, found: dict) -> None:
     measure_family(shipped_family(), settings, found)
 
 
+# ---------------------------------------------------------------------------------------------------- part e
+
+
+def batch_step_milliseconds(runner: FastRunner, lengths: Sequence[int], batch: int, width: int, repeats: int) -> float:
+    """Milliseconds per step of `width` tokens on each of slots 0..batch-1 (every slot rolled back to its prompt
+    after each step, as a verify does after a rejection), median of three bursts of `repeats` steps."""
+    slots = list(range(batch))
+    tokens = torch.arange(batch * width, device=runner.device).view(batch, width) % runner.vocab_size
+
+    def burst() -> None:
+        for _ in range(repeats):
+            runner.step(slots, tokens)
+            for slot in slots:
+                runner.rollback(slot, lengths[slot])
+
+    burst()
+    return statistics.median(timed(runner.device, burst) for _ in range(3)) / repeats * 1e3
+
+
+def batch_decode_rate(runner: FastRunner, prompts: Sequence[torch.Tensor], batch: int, new_tokens: int) -> float:
+    """AR decode tokens/s of a plain loop of one-token steps over `batch` rows, each row's argmax fed back (on the
+    device, no host read per step); the prompts' last tokens are the first inputs."""
+    slots = list(range(batch))
+    for slot in slots:
+        runner.rollback(slot, prompts[slot].numel() - 1)
+    first = torch.stack([prompts[slot][-1:] for slot in slots])
+
+    def decode() -> None:
+        pending = first
+        for _ in range(new_tokens):
+            pending = runner.step(slots, pending).argmax(-1)
+        for slot in slots:
+            runner.rollback(slot, prompts[slot].numel() - 1)
+
+    decode()
+    return batch * new_tokens / timed(runner.device, decode)
+
+
+def hf_batch_decode_rate(model: PreTrainedModel, prompts: Sequence[torch.Tensor], new_tokens: int) -> float:
+    """HF `generate` greedy on the prompts as one left-padded batch: rows · (n − 1) tokens over the time of n new
+    tokens minus the time of one."""
+    width = max(prompt.numel() for prompt in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long, device=model.device)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - prompt.numel() :] = prompt
+        mask[row, width - prompt.numel() :] = 1
+
+    def generate(count: int) -> None:
+        options = dict(max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=0)
+        model.generate(input_ids=ids, attention_mask=mask, **options)
+
+    generate(2)
+    one = statistics.median(timed(model.device, lambda: generate(1)) for _ in range(3))
+    many = timed(model.device, lambda: generate(new_tokens))
+    return len(prompts) * (new_tokens - 1) / (many - one)
+
+
+def stored_batch_one_steps() -> dict[str, dict[str, float]]:
+    """Part b's fast-runner step times (ms by k) per shape from `STORED_PART_B`, or {} when it is missing."""
+    try:
+        shapes = json.loads(STORED_PART_B.read_text())["parts"]["b"]["shapes"]
+    except (OSError, KeyError, ValueError):
+        return {}
+    return {name: shape["fast_step_ms"] for name, shape in shapes.items()}
+
+
+def part_e(settings: Settings, found: dict) -> None:
+    """The batched fast runner, runner level (no engine): see the module docstring. Prompts of different lengths
+    (half to all of `random_prompt_tokens`; slot 0 the longest), so each row attends over its own length."""
+    device = settings.device
+    shapes = llama_shapes(settings.quick)
+    batches = BATCH_SIZES[:3] if settings.quick else BATCH_SIZES
+    widths = ROW_WIDTHS[:3] if settings.quick else ROW_WIDTHS
+    stored = stored_batch_one_steps() if device.type == "cuda" and not settings.quick else {}
+    found.update(batch_sizes=list(batches), widths=list(widths), shapes={})
+    found["stored_part_b"] = STORED_PART_B.name if stored else None
+    for name in SHAPE_PAIRS[0]:
+        config = shapes[name]
+        model = random_model(config, device, settings.dtype)
+        generator = torch.Generator().manual_seed(2)
+        longest = settings.random_prompt_tokens
+        others = torch.randint(longest // 2, longest + 1, (max(batches) - 1,), generator=generator).tolist()
+        lengths = [longest, *others]
+        prompts = [torch.randint(0, config.vocab_size, (n,), generator=generator).to(device) for n in lengths]
+        capacity = longest + settings.random_new_tokens + max(widths)
+        runner = FastRunner(model, slots=max(batches), max_cache_length=capacity)
+        entry: dict = {"fused_kernels": runner.fused is not None, "slots": runner.slots, "cache_length": capacity}
+        found["shapes"][name] = entry
+        entry["warm_up_seconds"] = timed(device, lambda runner=runner: runner.warm_up(widths))
+        entry["graphs"] = runner.graph_count
+        for slot, prompt in enumerate(prompts):
+            runner.extend(slot, prompt)
+        entry["step_ms"] = {
+            batch: {
+                width: batch_step_milliseconds(runner, lengths, batch, width, settings.step_repeats) for width in widths
+            }
+            for batch in batches
+        }
+        entry["graphs_after_steps"] = runner.graph_count
+        settings.say(f"e: {name} step times done")
+        entry["ar_tokens_per_second"] = {
+            batch: batch_decode_rate(runner, prompts, batch, settings.random_new_tokens) for batch in batches
+        }
+        del runner
+        free_memory()
+        entry["hf_generate_tokens_per_second"] = {
+            batch: hf_batch_decode_rate(model, prompts[:batch], settings.hf_new_tokens) for batch in batches
+        }
+        before = stored.get(name, {})
+        entry["batch_one_step_ms_stored"] = {width: before[str(width)] for width in widths if str(width) in before}
+        entry["batch_one_stored_over_now"] = {
+            width: ms / entry["step_ms"][1][width] for width, ms in entry["batch_one_step_ms_stored"].items()
+        }
+        settings.say(f"e: {name} done")
+        del model
+        free_memory()
+
+
 # ---------------------------------------------------------------------------------------------------- report
 
 
@@ -778,6 +917,11 @@ def markdown(report: dict) -> str:
                 lines += markdown_family(part, report["parts"][part])
             except KeyError:
                 lines += [f"**{part}** incomplete: what it measured is in gpu.json", ""]
+    if "e" in report["parts"]:
+        try:
+            lines += markdown_e(report["parts"]["e"])
+        except KeyError:
+            lines += ["**e** incomplete: what it measured is in gpu.json", ""]
     if report["notes"]:
         lines += ["Notes:", *[f"- {note}" for note in report["notes"]], ""]
     return "\n".join(lines)
@@ -859,6 +1003,34 @@ def markdown_b(b: dict) -> list[str]:
     return lines
 
 
+def markdown_e(e: dict) -> list[str]:
+    if "skipped" in e:
+        return [f"**e** skipped: {e['skipped']}", ""]
+    widths = " | ".join(f"k={k}" for k in e["widths"])
+    lines = [
+        "**e** batched fast runner (random weights, bf16 on a GPU): ms per step by rows B and tokens per row k; AR "
+        "decode tok/s summed over rows, speculor loop and HF `generate` (left-padded batch)",
+        "",
+        f"| shape | B | {widths} | speculor AR tok/s | HF generate tok/s |",
+        "|---|---|" + "---|" * len(e["widths"]) + "---|---|",
+    ]
+    for name, shape in e["shapes"].items():
+        for batch in e["batch_sizes"]:
+            steps = " | ".join(number(shape["step_ms"][batch][k], 2) for k in e["widths"])
+            ar = number(shape.get("ar_tokens_per_second", {}).get(batch))
+            hf = number(shape.get("hf_generate_tokens_per_second", {}).get(batch))
+            lines.append(f"| {name if batch == e['batch_sizes'][0] else ''} | {batch} | {steps} | {ar} | {hf} |")
+    lines.append("")
+    for name, shape in e["shapes"].items():
+        ratios = ", ".join(f"k={k} {ratio:.3f}" for k, ratio in shape.get("batch_one_stored_over_now", {}).items())
+        lines.append(
+            f"{name}: warm-up {shape['warm_up_seconds']:.1f} s for {shape['graphs']} graphs "
+            f"({shape['graphs_after_steps']} after every step shape ran); batch 1, stored part b step time over "
+            f"now (≥ 1: no slower): {ratios or '—'}"
+        )
+    return [*lines, ""]
+
+
 def markdown_family(part: str, found: dict) -> list[str]:
     if "skipped" in found:
         return [f"**{part}** skipped: {found['skipped']}", ""]
@@ -905,7 +1077,7 @@ def markdown_family(part: str, found: dict) -> list[str]:
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    parser.add_argument("--parts", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test of every code path")
     parser.add_argument("--out", default="benchmarks/results/gpu", help="directory for gpu.json and gpu.md")
@@ -971,6 +1143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "b": lambda found: found.update(part_b(settings, report["parts"].get("a", {}).get("shapes", {}))),
         "c": lambda found: part_c(settings, found),
         "d": lambda found: part_d(settings, found),
+        "e": lambda found: part_e(settings, found),
     }
     for part in PARTS:
         if part not in parts:

@@ -83,7 +83,7 @@ def test_fused_forward_matches_plain_forward(architecture):
 
     for name in caches:
         for slot, prompt in prompts.items():
-            run(name, prompt, torch.arange(prompt.numel(), device=DEVICE), slot, False)
+            run(name, prompt, torch.arange(prompt.numel(), device=DEVICE), [slot], False)
     # A batched step over rows 2 and 0 (lengths 5 and 12), then (rolled back) another over the same positions: the
     # fused write must replace the stale keys.
     outputs = {

@@ -46,11 +46,12 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from speculor.errors import SpeculorError
 from speculor.runners.hf import _context_length
-from speculor.runners.llama import LlamaWeights, StaticCache, forward_tokens, unsupported_reason
+from speculor.runners.llama import LlamaWeights, StaticCache, forward_tokens, to_device, unsupported_reason
 
 CAPTURE_MODES = ("graph", "compile", "eager")
 KERNEL_CHOICES = ("auto", "triton", "torch")
@@ -191,45 +192,46 @@ class FastRunner:
         start = self._lengths[slot]
         positions = torch.arange(start, start + count, device=self.device)
         tokens = token_ids.to(self.device).view(-1)
-        forward_tokens(self.weights, self.cache, tokens, positions, slot, self._span(start + count), False, self.fused)
+        span = self._span(start + count)
+        forward_tokens(self.weights, self.cache, tokens, positions, [slot], span, False, self.fused)
         self._lengths[slot] = start + count
         self._stale = True
 
     @torch.inference_mode()
     def step(self, slots: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
-        rows = len(slots)
-        if token_ids.dim() != 2 or token_ids.shape[0] != rows or token_ids.shape[1] < 1 or rows < 1:
+        rows, shape = len(slots), token_ids.shape
+        if len(shape) != 2 or shape[0] != rows or rows < 1 or shape[1] < 1:
             raise SpeculorError(
-                f"step needs token_ids of shape (rows, k ≥ 1) with one row per slot: got {tuple(token_ids.shape)} "
-                f"for {rows} slots"
+                f"step needs token_ids of shape (rows, k ≥ 1) with one row per slot: got {tuple(shape)} for {rows} "
+                "slots"
             )
-        for slot in slots:
-            self._check_slot(slot)
-        if len(set(slots)) != rows:
-            raise SpeculorError(f"a step lists each slot at most once, got {list(slots)}")
-        count = token_ids.shape[1]
+        count = shape[1]
         width = self.fixed_width or count
         if count > width:
             raise SpeculorError(f"this runner runs steps of at most fixed_width={width} tokens, got {count}")
+        lengths, longest = self._lengths, 0
         for slot in slots:
-            self._check_room(slot, count)
+            self._check_slot(slot)
+            longest = max(longest, lengths[slot])
+        if longest + count > self._max_length:
+            for slot in slots:
+                self._check_room(slot, count)
+        if rows > 1 and len(set(slots)) != rows:
+            raise SpeculorError(f"a step lists each slot at most once, got {list(slots)}")
         bucket = next(size for size in self.buckets if size >= rows)
-        span = (
-            self.cache.capacity if self.fixed_width else self._span(max(map(self._lengths.__getitem__, slots)) + count)
-        )
-        if self._stale:
-            self._send(self._device_lengths, [*self._lengths, 0])
-            self._stale = False
-        rows_key = (tuple(slots), count)
+        span = self.cache.capacity if self.fixed_width else self._span(longest + count)
         if self.capture == "eager":
-            tokens = torch.zeros((bucket, width), dtype=torch.long, device=self.device)
-            tokens[:rows, :count] = token_ids
-            logits = self._static_step(tokens, self._step_inputs(bucket, *rows_key), span, None)
+            logits = self._eager_step(slots, token_ids, bucket, width, span)
         else:
+            if self._stale:
+                self._send(self._device_lengths, [*lengths, 0])
+                self._stale = False
             captured = self._captured_step(bucket, width, span)
-            captured.tokens[:rows, :count].copy_(token_ids, non_blocking=True)
+            exact = bucket == rows and width == count
+            (captured.tokens if exact else captured.tokens[:rows, :count]).copy_(token_ids, non_blocking=True)
+            rows_key = (tuple(slots), count)
             if captured.rows != rows_key:
-                self._send(captured.inputs, self._step_inputs(bucket, *rows_key).tolist())
+                self._send(captured.inputs, self._step_inputs(bucket, slots, count))
                 captured.rows = rows_key
             if captured.graph is not None:
                 captured.graph.replay()
@@ -237,8 +239,10 @@ class FastRunner:
             else:
                 logits = self._compiled(captured.tokens, captured.inputs, self._graph_span(width, span), None)
         for slot in slots:
-            self._lengths[slot] += count
+            lengths[slot] += count
         # A copy: the graph's output buffer is overwritten by the next replay.
+        if bucket == rows and width == count:
+            return logits.view(rows, count, -1).clone()
         return logits.view(bucket, width, -1)[:rows, :count].clone()
 
     @torch.inference_mode()
@@ -259,8 +263,7 @@ class FastRunner:
         for bucket in self.buckets:
             for width in widths:
                 if self.capture == "eager":
-                    tokens = torch.zeros((bucket, width), dtype=torch.long, device=self.device)
-                    self._static_step(tokens, self._step_inputs(bucket, [], 0), span, None)
+                    self._eager_step([], torch.zeros((0, width), dtype=torch.long), bucket, width, span)
                 else:
                     self._captured_step(bucket, width, span)
 
@@ -310,18 +313,33 @@ class FastRunner:
     def _group(self) -> int:
         return self.weights.heads // self.weights.kv_heads
 
-    def _step_inputs(self, bucket: int, slots: Sequence[int], count: int) -> torch.Tensor:
+    def _eager_step(
+        self, slots: Sequence[int], token_ids: torch.Tensor, bucket: int, width: int, span: int
+    ) -> torch.Tensor:
+        """The step without graphs: positions from the host's lengths (the device lengths are not used), rows as
+        host ints, padded to the bucket like a captured step."""
+        rows, count = token_ids.shape
+        tokens = token_ids.to(self.device)
+        if bucket > rows or width > count:
+            tokens = F.pad(tokens, (0, width - count, 0, bucket - rows))
+        starts = [self._lengths[slot] for slot in slots] + [0] * (bucket - rows)
+        if bucket == 1:
+            positions = torch.arange(starts[0], starts[0] + width, device=self.device)
+        else:
+            positions = (to_device(starts, self.device)[:, None] + self.cache.offsets[:width]).reshape(-1)
+        sequences = [*slots, *[self._scratch_row] * (bucket - rows)]
+        return forward_tokens(
+            self.weights, self.cache, tokens.reshape(-1), positions, sequences, span, True, self.fused
+        )
+
+    def _step_inputs(self, bucket: int, slots: Sequence[int], count: int) -> list[int]:
         """A step's `CapturedStep.inputs` for these slots, padded to `bucket` rows on the scratch row."""
         padding = bucket - len(slots)
-        values = [*slots, *[self._scratch_row] * padding, *[count] * len(slots), *[0] * padding]
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+        return [*slots, *[self._scratch_row] * padding, *[count] * len(slots), *[0] * padding]
 
     def _send(self, target: torch.Tensor, values: list[int]) -> None:
-        """Copy `values` into the device tensor `target` without blocking the host (from pinned memory on CUDA)."""
-        if target.device.type == "cuda":
-            target.copy_(torch.tensor(values, dtype=torch.long, pin_memory=True), non_blocking=True)
-        else:
-            target.copy_(torch.tensor(values, dtype=torch.long))
+        """Copy `values` into the device tensor `target` without blocking the host (from pinned memory)."""
+        target.copy_(torch.tensor(values, dtype=torch.long, pin_memory=True), non_blocking=True)
 
     def _static_step(
         self, tokens: torch.Tensor, inputs: torch.Tensor, span: int | None, logits_out: torch.Tensor | None
@@ -369,7 +387,7 @@ class FastRunner:
     def _capture(self, bucket: int, width: int, span: int | None) -> CapturedStep:
         """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture."""
         tokens = torch.zeros((bucket, width), dtype=torch.long, device=self.device)
-        inputs = self._step_inputs(bucket, [], 0)
+        inputs = torch.tensor(self._step_inputs(bucket, [], 0), device=self.device)
         if self._compiled is not None:
             self._compiled(tokens, inputs, span, None)
             return CapturedStep(tokens, inputs, None, None)

@@ -234,6 +234,13 @@ def linear_residual(
     return out if bias is None else out + bias
 
 
+def to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A long tensor of `values` on `device`, sent from pinned memory on CUDA so that the host does not wait."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
+
+
 def causal_mask(cache: StaticCache, positions: torch.Tensor, rows: int, span: int, group: int, dtype: torch.dtype):
     """Additive mask (rows, 1, group·k, span) for `positions` (rows·k,), k tokens per row: a query sees the cache
     positions at or before its own. Query rows repeat per query head of a group, matching the folding in `attend`.
@@ -269,16 +276,18 @@ def forward_tokens(
     cache: StaticCache,
     token_ids: torch.Tensor,
     positions: torch.Tensor,
-    sequences: torch.Tensor | int,
+    sequences: torch.Tensor | Sequence[int],
     span: int,
     with_logits: bool,
     fused: ModuleType | None = None,
     logits_out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Run `token_ids` (rows·k,) at `positions` (rows·k,) through the model, row by row: the k tokens of row i go
-    to the cache row `sequences[i]` ((rows,) tensor; an int means one row, which then reads its cache through views
-    rather than a gather). Writes their keys/values into the cache and attends over each row's first `span`
-    positions (span > every position). Returns float32 logits (rows·k, vocab) — in `logits_out` when given — or None.
+    to the cache row `sequences[i]`. Writes their keys/values into the cache and attends over each row's first
+    `span` positions (span > every position). Returns float32 logits (rows·k, vocab) — in `logits_out` when given —
+    or None. `sequences` is a (rows,) device tensor (graph capture: PyTorch's attention then gathers the rows'
+    caches) or host ints (eager: each row's cache is read through views, one attention call per row, which on a
+    CPU is much cheaper than a gather).
 
     Shapes depend only on (rows, k, span) and the positions and rows are tensors, so one capture serves every step
     of that shape: the same code runs eagerly (CPU, prefill) and inside a CUDA graph. Per layer it launches about a
@@ -290,17 +299,17 @@ def forward_tokens(
     tokens = token_ids.shape[0]
     heads, kv_heads, head_dim = weights.heads, weights.kv_heads, weights.head_dim
     eps, width, group = weights.eps, weights.intermediate_size, weights.heads // weights.kv_heads
-    single = sequences if isinstance(sequences, int) else None
-    if single is not None:
-        sequences = torch.full((1,), single, dtype=torch.long, device=token_ids.device)
-    rows = sequences.shape[0]
+    host_rows = None if isinstance(sequences, torch.Tensor) else list(sequences)
+    rows = len(host_rows) if host_rows is not None else sequences.shape[0]
+    if host_rows is not None and fused is not None:
+        sequences = to_device(host_rows, token_ids.device)
     per_row = tokens // rows
     norm = fused.rms_norm if fused is not None else rms_norm
     hidden = F.embedding(token_ids, weights.embed)
     fused_attention = fused is not None and group * per_row <= fused.ATTENTION_MAX_ROWS
     if fused is None:
         cos, signed_sin = cache.cos[positions][:, None], cache.signed_sin[positions][:, None]
-        token_rows = sequences[:, None].expand(rows, per_row).reshape(-1) if single is None else None
+        token_rows = sequences[:, None].expand(rows, per_row).reshape(-1) if host_rows is None else None
     mask = None if fused_attention else causal_mask(cache, positions, rows, span, group, hidden.dtype)
     for index, layer in enumerate(weights.layers):
         normed = norm(hidden, layer.input_norm, eps)
@@ -326,18 +335,24 @@ def forward_tokens(
                 key.copy_(rms_norm(key, layer.k_norm, eps))
             rotate_in_place(qkv[:, : heads + kv_heads], cos, signed_sin)
             keys_values = qkv[:, heads:].view(tokens, 2, kv_heads, head_dim)
-            if single is not None:
-                layer_cache[:, single].index_copy_(2, positions, keys_values.permute(1, 2, 0, 3))
-            else:
+            if host_rows is None:
                 layer_cache[:, token_rows, :, positions] = keys_values
+            else:
+                for row, sequence in enumerate(host_rows):
+                    part = slice(row * per_row, (row + 1) * per_row)
+                    layer_cache[:, sequence].index_copy_(2, positions[part], keys_values[part].permute(1, 2, 0, 3))
         if fused_attention:
             attended = fused.attention(query, layer_cache, positions, sequences, weights.scaling)
-        else:
-            if single is not None:
-                rows_cache = layer_cache[:, single, :, :span][:, None]
-            else:
-                rows_cache = layer_cache[:, sequences, :, :span]
+        elif host_rows is None:
+            rows_cache = layer_cache[:, sequences, :, :span]
             attended = attend(query, rows_cache[0], rows_cache[1], mask, weights.scaling)
+        else:
+            parts = []
+            for row, sequence in enumerate(host_rows):
+                row_cache = layer_cache[:, sequence, None, :, :span]
+                part = query[row * per_row : (row + 1) * per_row]
+                parts.append(attend(part, row_cache[0], row_cache[1], mask[row : row + 1], weights.scaling))
+            attended = parts[0] if rows == 1 else torch.cat(parts)
         hidden = linear_residual(hidden, attended, layer.o, layer.o_bias)
         normed = norm(hidden, layer.post_norm, eps)
         gate_up = F.linear(normed, layer.gate_up, layer.gate_up_bias)
