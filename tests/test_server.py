@@ -103,10 +103,11 @@ def chat_prompt_ids(reference: SpeculativeDecoder, messages: list[dict]) -> list
 
 @pytest.fixture(scope="module")
 def shipped_server() -> Iterator[tuple[OpenAI, SpeculativeDecoder]]:
-    """The shipped pair served as `speculor serve` serves it with no arguments; and an offline copy to compare."""
+    """The shipped pair as `speculor serve` serves it with no arguments but a fixed γ (the load-aware default may
+    rightly choose γ = 0 on a busy CPU), and an offline copy to compare."""
     family = shipped()
     decoder = SpeculativeDecoder(family.target, family.best_draft, device="cpu")
-    with serving(create_app(decoder, model_name=SHIPPED_MODEL_NAME)) as running:
+    with serving(create_app(decoder, gamma=4, model_name=SHIPPED_MODEL_NAME)) as running:
         client = OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=120)
         yield client, SpeculativeDecoder(family.target, family.best_draft, device="cpu")
 
@@ -284,21 +285,20 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "hi", "seed": 2**64}, 400, "invalid_value", "seed"),
     ("completions", {"model": MODEL, "prompt": "hi", "seed": -(2**63) - 1}, 400, "invalid_value", "seed"),
     ("completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "unsupported_parameter", "n"),
-    ("completions", {"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, "unsupported_parameter", "logprobs"),
-    ("completions", {"model": MODEL, "prompt": "hi", "logprobs": 0}, 400, "unsupported_parameter", "logprobs"),
-    ("completions", {"model": MODEL, "prompt": "hi", "logprobs": False}, 400, "unsupported_parameter", "logprobs"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, "invalid_value", "logprobs"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logprobs": False}, 400, "invalid_value", "logprobs"),
     (
         "chat/completions",
-        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
         400,
-        "unsupported_parameter",
-        "logprobs",
+        "invalid_value",
+        "top_logprobs",
     ),
     (
         "chat/completions",
-        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 0},
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
         400,
-        "unsupported_parameter",
+        "invalid_value",
         "top_logprobs",
     ),
     ("completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "unsupported_parameter", "echo"),
@@ -488,13 +488,13 @@ def test_a_client_timing_out_on_a_whole_answer_stops_its_generation(server_url, 
 def test_a_failing_generation_answers_500_and_the_server_keeps_serving(plain_server, monkeypatch):
     url, decoder = plain_server
 
-    def broken_forward(token_ids):
+    def broken_step(slots, token_ids):
         raise RuntimeError("device lost")
 
     name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
     body = {"model": name, "prompt": "hi", "max_tokens": 4, "temperature": 0}
     with monkeypatch.context() as patch:
-        patch.setattr(decoder.target_runner, "forward", broken_forward)
+        patch.setattr(decoder.target_runner, "step", broken_step)
         failed = httpx.post(f"{url}/v1/completions", json=body)
         streamed = sse_events(httpx.post(f"{url}/v1/completions", json={**body, "stream": True}))
     assert failed.status_code == 500
@@ -533,23 +533,25 @@ def test_shutdown_lets_in_flight_streams_finish(model_dirs):
 
 
 def test_the_worker_refuses_jobs_past_its_queue_limit_and_after_closing(reference):
-    async def submit_three() -> list[int]:
-        worker = GenerationWorker(ServerMetrics(), max_waiting=2)
-        statuses = []
+    """The worker is never started here, so every accepted job stays in the queue."""
+
+    async def submit_three() -> list[tuple[int, str | None]]:
+        worker = GenerationWorker(reference.new_engine(), ServerMetrics(), max_queue=2)
+        outcomes = []
         for _ in range(3):
             try:
-                worker.submit(Generations([(reference.decoding("hi", max_new_tokens=2), 1)], time.perf_counter()))
-                statuses.append(200)
+                worker.submit(Generations([(reference.request("hi", max_new_tokens=2), 1)], time.perf_counter()))
+                outcomes.append((200, None))
             except APIError as error:
-                statuses.append(error.status)
+                outcomes.append((error.status, error.headers.get("Retry-After")))
         worker.close(timeout=1)
         try:
-            worker.submit(Generations([(reference.decoding("hi", max_new_tokens=2), 1)], time.perf_counter()))
+            worker.submit(Generations([(reference.request("hi", max_new_tokens=2), 1)], time.perf_counter()))
         except APIError as error:
-            statuses.append(error.status)
-        return statuses
+            outcomes.append((error.status, error.headers.get("Retry-After")))
+        return outcomes
 
-    assert asyncio.run(submit_three()) == [200, 200, 503, 503]
+    assert asyncio.run(submit_three()) == [(200, None), (200, None), (503, "1"), (503, None)]
 
 
 def test_serve_command_reports_a_bad_model_path(tmp_path, capsys):

@@ -174,7 +174,7 @@ def test_invalid_values_raise_the_sdks_bad_request_error(client):
     assert raised.value.status_code == 400
     assert raised.value.body["param"] == "temperature"
     with pytest.raises(BadRequestError) as raised:
-        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, logprobs=0)
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, logprobs=21)
     assert raised.value.body["param"] == "logprobs"
     with pytest.raises(BadRequestError) as raised:
         client.completions.create(model=MODEL, prompt=[5, -1], max_tokens=5)

@@ -1,10 +1,11 @@
 """The FastAPI app: OpenAI's completions and chat completions endpoints over a `SpeculativeDecoder`.
 
 Request flow: `schemas.parse_body` parses and checks the body (400 naming the field on any mistake); the handler
-checks what needs the model (name, prompt length, chat template; 400/404) on a thread pool, builds one `Decoding`
-per prompt — whose own `SpeculorError` checks run before anything is generated — and queues them on the
-`GenerationWorker`. The answer is one JSON object with a choice per prompt, or with `stream: true` server-sent
-events in OpenAI's chunk format ending with `data: [DONE]`.
+checks what needs the model (name, prompt length, chat template; 400/404) on a thread pool, builds one
+`DecodeRequest` per prompt — whose own `SpeculorError` checks run before anything is generated — and queues them on
+the `GenerationWorker`, which runs every admitted request in one continuous batch. The answer is one JSON object
+with a choice per prompt, or with `stream: true` server-sent events in OpenAI's chunk format ending with
+`data: [DONE]`. Log-probabilities are the target's, from its raw logits (before temperature, top-k and top-p).
 
 Every answer carries `usage` and a `speculative` object (drafted, accepted, acceptance_rate,
 mean_accepted_length). In a stream, each choice's `speculative` rides on the chunk carrying its `finish_reason`,
@@ -19,7 +20,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -35,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from speculor import __version__
 from speculor.api import SpeculativeDecoder
-from speculor.engine import Decoding, GenerationResult, GenerationStats
+from speculor.engine import DecodeRequest, Delta, GenerationResult, GenerationStats, TokenLogprob
 from speculor.errors import SpeculorError
 from speculor.server.errors import APIError, install_error_handlers
 from speculor.server.metrics import ServerMetrics
@@ -57,9 +58,10 @@ MODEL_PATH_PREFIX = "/v1/models/"
 
 
 class ServedModel:
-    """The decoder behind the endpoints: checks a request against the model and turns it into `Decoding`s."""
+    """The decoder behind the endpoints: checks a request against the model and turns it into `DecodeRequest`s.
+    `gamma` None lets the engine choose γ each step from the load; an int fixes it for every request."""
 
-    def __init__(self, decoder: SpeculativeDecoder, name: str, gamma: int) -> None:
+    def __init__(self, decoder: SpeculativeDecoder, name: str, gamma: int | None) -> None:
         self.decoder = decoder
         self.name = name
         self.gamma = gamma
@@ -75,23 +77,28 @@ class ServedModel:
                 code="model_not_found",
             )
 
-    def completion(self, body: CompletionRequest) -> list[tuple[Decoding, int]]:
-        """One decoding per prompt; an error names the prompt's position when there are several."""
+    def token_text(self, token_id: int) -> str:
+        """A token as text, for log-probabilities; `token_id:N` where the model has no tokenizer (vLLM's form)."""
+        tokenizer = self.decoder.tokenizer
+        return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
+
+    def completion(self, body: CompletionRequest) -> list[tuple[DecodeRequest, int]]:
+        """One request per prompt; an error names the prompt's position when there are several."""
         prompts = body.prompts
-        decodings = []
+        requests = []
         for index, prompt in enumerate(prompts):
             param = f"prompt[{index}]" if len(prompts) > 1 else "prompt"
-            decodings.append(self._prompt_decoding(body, prompt, param))
-        return decodings
+            requests.append(self._prompt_request(body, prompt, param))
+        return requests
 
-    def _prompt_decoding(self, body: CompletionRequest, prompt: Prompt, param: str) -> tuple[Decoding, int]:
+    def _prompt_request(self, body: CompletionRequest, prompt: Prompt, param: str) -> tuple[DecodeRequest, int]:
         try:
             prompt_ids = self.decoder.encode(prompt)
         except SpeculorError as error:
             raise APIError(400, f"{param}: {error}", param=param, code="invalid_prompt") from error
-        return self._decoding(body, prompt_ids, param, body.max_tokens, DEFAULT_COMPLETION_TOKENS)
+        return self._request(body, prompt_ids, param, body.max_tokens, DEFAULT_COMPLETION_TOKENS)
 
-    def chat(self, body: ChatCompletionRequest) -> list[tuple[Decoding, int]]:
+    def chat(self, body: ChatCompletionRequest) -> list[tuple[DecodeRequest, int]]:
         tokenizer = self.decoder.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise APIError(
@@ -110,16 +117,16 @@ class ServedModel:
                 400, f"the chat template rejected these messages: {error}", param="messages", code="invalid_messages"
             ) from error
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return [self._decoding(body, list(prompt_ids), "messages", max_tokens, None)]
+        return [self._request(body, list(prompt_ids), "messages", max_tokens, None)]
 
-    def _decoding(
+    def _request(
         self,
         body: SamplingRequest,
         prompt_ids: list[int],
         prompt_param: str,
         max_tokens: int | None,
         default_tokens: int | None,
-    ) -> tuple[Decoding, int]:
+    ) -> tuple[DecodeRequest, int]:
         room = self.context_length - len(prompt_ids)
         if room < 1:
             raise APIError(
@@ -140,7 +147,7 @@ class ServedModel:
                 code="context_length_exceeded",
             )
         try:
-            decoding = self.decoder.decoding(
+            request = self.decoder.request(
                 prompt_ids,
                 max_new_tokens=max_tokens,
                 gamma=self.gamma,
@@ -150,10 +157,11 @@ class ServedModel:
                 seed=body.seed,
                 stop=body.stop,
                 ignore_eos=body.ignore_eos,
+                logprobs=body.logprob_alternatives,
             )
         except SpeculorError as error:
             raise APIError(400, str(error), code="invalid_value") from error
-        return decoding, len(prompt_ids)
+        return request, len(prompt_ids)
 
 
 def speculative_summary(stats: Sequence[GenerationStats]) -> dict[str, Any]:
@@ -179,18 +187,23 @@ def usage(results: Sequence[GenerationResult], prompt_tokens: Sequence[int]) -> 
 
 
 class ResponseFormat:
-    """The OpenAI envelope shared by both endpoints; subclasses shape the choices. With `include_usage`, stream
-    chunks carry `usage: null` until the final usage chunk."""
+    """The OpenAI envelope shared by both endpoints; subclasses shape the choices and their log-probabilities.
+    With `include_usage`, stream chunks carry `usage: null` until the final usage chunk. `token_text` turns a token
+    id into the text shown next to its log-probability; `with_logprobs` says whether the request asked for them."""
 
     id_prefix = ""
     object_name = ""
     chunk_object_name = ""
 
-    def __init__(self, model: str, include_usage: bool = False) -> None:
+    def __init__(
+        self, model: str, token_text: Callable[[int], str], *, include_usage: bool = False, with_logprobs: bool = False
+    ) -> None:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
+        self.token_text = token_text
         self.include_usage = include_usage
+        self.with_logprobs = with_logprobs
 
     def _envelope(self, object_name: str, choices: list[dict], **extra: Any) -> dict[str, Any]:
         return {
@@ -207,70 +220,127 @@ class ResponseFormat:
             extra.setdefault("usage", None)
         return self._envelope(self.chunk_object_name, choices, **extra)
 
-    def response(self, results: list[GenerationResult], prompt_tokens: list[int]) -> dict[str, Any]:
+    def _logprobs(self, index: int, logprobs: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        return self.logprobs_block(index, logprobs or []) if self.with_logprobs else None
+
+    def response(self, generations: Generations, results: list[GenerationResult]) -> dict[str, Any]:
         choices = [
-            self.whole_choice(index, result.text or "", FINISH_REASONS[result.finish_reason])
+            self.choice(
+                index,
+                result.text or "",
+                FINISH_REASONS[result.finish_reason],
+                self._logprobs(index, generations.logprobs[index]),
+                whole=True,
+            )
             for index, result in enumerate(results)
         ]
         return self._envelope(
             self.object_name,
             choices,
-            usage=usage(results, prompt_tokens),
+            usage=usage(results, generations.prompt_tokens),
             speculative=speculative_summary([result.stats for result in results]),
         )
 
     def opening_chunks(self) -> list[dict[str, Any]]:
         return []
 
-    def text_chunk(self, index: int, text: str) -> dict[str, Any]:
-        return self._chunk([self.delta_choice(index, text, None)])
+    def delta_chunk(self, index: int, delta: Delta) -> dict[str, Any] | None:
+        """The chunk for a step's new text (and log-probabilities), or None when it has nothing to show."""
+        if not delta.text and not (self.with_logprobs and delta.logprobs):
+            return None
+        return self._chunk([self.choice(index, delta.text, None, self._logprobs(index, delta.logprobs))])
 
     def final_chunk(self, index: int, result: GenerationResult) -> dict[str, Any]:
         """The chunk ending choice `index`: its finish reason and its speculation counters."""
-        choice = self.delta_choice(index, "", FINISH_REASONS[result.finish_reason])
+        choice = self.choice(index, "", FINISH_REASONS[result.finish_reason], None)
         return self._chunk([choice], speculative=speculative_summary([result.stats]))
 
-    def usage_chunk(self, results: list[GenerationResult], prompt_tokens: list[int]) -> dict[str, Any]:
+    def usage_chunk(self, generations: Generations, results: list[GenerationResult]) -> dict[str, Any]:
         return self._chunk(
             [],
-            usage=usage(results, prompt_tokens),
+            usage=usage(results, generations.prompt_tokens),
             speculative=speculative_summary([result.stats for result in results]),
         )
 
-    def whole_choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
+    def choice(
+        self, index: int, text: str, finish_reason: str | None, logprobs: dict | None, whole: bool = False
+    ) -> dict[str, Any]:
         raise NotImplementedError
 
-    def delta_choice(self, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def logprobs_block(self, index: int, logprobs: list[TokenLogprob]) -> dict[str, Any]:
         raise NotImplementedError
 
 
 class CompletionFormat(ResponseFormat):
+    """Legacy completions: log-probabilities as `tokens`, `token_logprobs`, `top_logprobs` (the alternatives and the
+    chosen token, as OpenAI always includes it) and `text_offset` (each token's offset in the completion, counted
+    over the tokens' own texts, so across a stream's chunks too)."""
+
     id_prefix = "cmpl"
     object_name = chunk_object_name = "text_completion"
 
-    def whole_choice(self, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._text_offsets: dict[int, int] = {}
 
-    def delta_choice(self, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return self.whole_choice(index, text, finish_reason)
+    def choice(
+        self, index: int, text: str, finish_reason: str | None, logprobs: dict | None, whole: bool = False
+    ) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def logprobs_block(self, index: int, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        tokens = [self.token_text(entry.token_id) for entry in logprobs]
+        offsets = []
+        offset = self._text_offsets.get(index, 0)
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        self._text_offsets[index] = offset
+        top = [
+            {**{self.token_text(alternative): value for alternative, value in entry.top}, token: entry.logprob}
+            for token, entry in zip(tokens, logprobs, strict=True)
+        ]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [entry.logprob for entry in logprobs],
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }
 
 
 class ChatFormat(ResponseFormat):
+    """Chat completions: log-probabilities as `content`, one entry per token with its bytes and `top_logprobs`."""
+
     id_prefix = "chatcmpl"
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def whole_choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
-        message = {"role": "assistant", "content": text}
-        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    def choice(
+        self, index: int, text: str, finish_reason: str | None, logprobs: dict | None, whole: bool = False
+    ) -> dict[str, Any]:
+        if whole:
+            message = {"role": "assistant", "content": text}
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+        delta = {"content": text} if text else {}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def opening_chunks(self) -> list[dict[str, Any]]:
         opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         return [self._chunk([opening])]
 
-    def delta_choice(self, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-        delta = {"content": text} if text else {}
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def logprobs_block(self, index: int, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        content = [
+            {
+                **self._token(entry.token_id, entry.logprob),
+                "top_logprobs": [self._token(alternative, value) for alternative, value in entry.top],
+            }
+            for entry in logprobs
+        ]
+        return {"content": content, "refusal": None}
 
 
 def server_sent_event(data: dict[str, Any]) -> str:
@@ -289,11 +359,11 @@ async def event_stream(generations: Generations, form: ResponseFormat) -> AsyncI
                 if isinstance(event, GenerationResult):
                     results[index] = event
                     yield server_sent_event(form.final_chunk(index, event))
-                elif event.text:
-                    yield server_sent_event(form.text_chunk(index, event.text))
+                elif (chunk := form.delta_chunk(index, event)) is not None:
+                    yield server_sent_event(chunk)
             if form.include_usage:
                 ordered = [results[index] for index in range(len(results))]
-                yield server_sent_event(form.usage_chunk(ordered, generations.prompt_tokens))
+                yield server_sent_event(form.usage_chunk(generations, ordered))
         except APIError as error:
             yield server_sent_event(error.body())
         yield "data: [DONE]\n\n"
@@ -389,20 +459,22 @@ class RequestCounter:
 def create_app(
     decoder: SpeculativeDecoder,
     *,
-    gamma: int = 4,
+    gamma: int | None = None,
     model_name: str | None = None,
-    max_waiting: int = 256,
+    max_queue: int = 256,
     max_body_bytes: int = 1 << 20,
     shutdown_timeout: float = 30.0,
     cors_origins: Sequence[str] = (),
 ) -> FastAPI:
-    """An app serving `decoder` under `model_name` (default: the target's name or path), drafting `gamma` tokens
-    per step. At most `max_waiting` generations queue (then 503); bodies over `max_body_bytes` get 413. On shutdown
-    the running generation gets `shutdown_timeout` seconds to end. `cors_origins` lets browser pages from those
-    origins (or "*" for any) call the API; by default browsers get no CORS headers."""
+    """An app serving `decoder` under `model_name` (default: the target's name or path). Requests run as a
+    continuous batch of up to the decoder's `max_batch_size` rows, drafting `gamma` tokens per step (None: the
+    engine's load-aware choice each step). At most `max_queue` generations wait for a slot (then 503 with
+    Retry-After); bodies over `max_body_bytes` get 413. On shutdown the running generations get `shutdown_timeout`
+    seconds to end. `cors_origins` lets browser pages from those origins (or "*" for any) call the API; by default
+    browsers get no CORS headers."""
     served = ServedModel(decoder, model_name or decoder.target.name, gamma)
     metrics = ServerMetrics()
-    worker = GenerationWorker(metrics, max_waiting)
+    worker = GenerationWorker(decoder.new_engine(), metrics, max_queue)
     started = int(time.time())
 
     @asynccontextmanager
@@ -422,9 +494,9 @@ def create_app(
     app.add_middleware(RequestCounter, metrics=metrics)
 
     async def answer(
-        request: Request, body: SamplingRequest, decodings: list[tuple[Decoding, int]], form: ResponseFormat
+        request: Request, body: SamplingRequest, requests: list[tuple[DecodeRequest, int]], form: ResponseFormat
     ) -> Response:
-        generations = Generations(decodings, request.state.arrived)
+        generations = Generations(requests, request.state.arrived)
         worker.submit(generations)
         if body.stream:
             return StreamingResponse(
@@ -433,7 +505,11 @@ def create_app(
         results = await results_unless_disconnected(generations, request)
         if results is None:
             return APIError(499, "the client closed the request", code="client_closed_request").response()
-        return JSONResponse(form.response(results, generations.prompt_tokens))
+        return JSONResponse(form.response(generations, results))
+
+    def response_format(shape: type[ResponseFormat], body: SamplingRequest) -> ResponseFormat:
+        with_logprobs = body.logprob_alternatives is not None
+        return shape(served.name, served.token_text, include_usage=body.include_usage, with_logprobs=with_logprobs)
 
     async def read_body(request: Request, schema: type[Body]) -> Body:
         request.state.arrived = time.perf_counter()
@@ -444,14 +520,14 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await read_body(request, CompletionRequest)
-        decodings = await run_in_threadpool(served.completion, body)
-        return await answer(request, body, decodings, CompletionFormat(served.name, body.include_usage))
+        requests = await run_in_threadpool(served.completion, body)
+        return await answer(request, body, requests, response_format(CompletionFormat, body))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await read_body(request, ChatCompletionRequest)
-        decodings = await run_in_threadpool(served.chat, body)
-        return await answer(request, body, decodings, ChatFormat(served.name, body.include_usage))
+        requests = await run_in_threadpool(served.chat, body)
+        return await answer(request, body, requests, response_format(ChatFormat, body))
 
     def model_card() -> dict[str, Any]:
         return {
@@ -479,7 +555,9 @@ def create_app(
             "model": served.name,
             "draft": draft,
             "ngram": decoder.ngram,
-            "gamma": gamma,
+            "gamma": gamma if gamma is not None else "auto",
+            "max_batch_size": decoder.max_batch_size,
+            "running": worker.running,
             "waiting": worker.waiting,
         }
         return JSONResponse(body, status_code=503 if worker.closing else 200)

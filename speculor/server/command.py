@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from speculor.api import DEFAULT_MAX_BATCH_SIZE
 from speculor.cli import add_model_arguments, apply_config_file, console
 from speculor.errors import SpeculorError
 
@@ -21,7 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser, target_required=False)
     drafting = parser.add_mutually_exclusive_group()
-    drafting.add_argument("--gamma", type=int, default=4, help="tokens drafted per step")
+    drafting.add_argument(
+        "--gamma",
+        type=int,
+        help="tokens drafted per step for every request (default: chosen each step from the batch's load)",
+    )
     drafting.add_argument("--config", help="best_config.json written by `speculor bench` (draft and gamma)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: local connections only)")
     parser.add_argument("--port", type=int, default=8000)
@@ -29,7 +34,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model-name",
         help=f"model id clients send (default: the target's name or path; {SHIPPED_MODEL_NAME} for the shipped pair)",
     )
-    parser.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 503")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help=f"requests generating together in one batch (KV-cache slots; default {DEFAULT_MAX_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--max-queue",
+        "--max-waiting",
+        type=int,
+        default=256,
+        help="requests waiting for a batch slot beyond which new ones get 503 with Retry-After",
+    )
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     parser.add_argument(
         "--cors-origin",
@@ -56,9 +73,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from speculor.api import SpeculativeDecoder
 
     apply_config_file(args)
-    if args.target is None and args.config:
-        # A best_config.json names the target it was measured on; its draft only makes sense with that target.
-        args.target = json.loads(Path(args.config).read_text()).get("target")
+    if args.config:
+        # A best_config.json names the target it was measured on (its draft only makes sense with that target) and
+        # the γ that paid best there, which beats the load-aware default when no --gamma is given.
+        config = json.loads(Path(args.config).read_text())
+        args.target = args.target or config.get("target")
+        args.gamma = args.gamma or config.get("gamma")
     if args.target is None:
         from speculor.models import shipped
 
@@ -75,13 +95,14 @@ def run_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         runner=args.runner,
         kernels=args.kernels,
+        max_batch_size=args.max_batch_size,
     )
     decoder.warm_up(args.gamma)
     app = create_app(
         decoder,
         gamma=args.gamma,
         model_name=args.model_name,
-        max_waiting=args.max_waiting,
+        max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
         cors_origins=args.cors_origin,

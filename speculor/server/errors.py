@@ -24,12 +24,21 @@ ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "inval
 class APIError(Exception):
     """An error to answer with `status` and an OpenAI error object."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     @property
     def type(self) -> str:
@@ -41,7 +50,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 # Names pydantic puts in an error's location to say which member of a union failed; they are not fields.

@@ -14,6 +14,8 @@ from speculor.engine import GenerationStats
 
 # Seconds, from milliseconds (a tiny model on a GPU) to minutes (a long completion on a CPU).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GAMMA_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 12, 16)
 
 
 class ServerMetrics:
@@ -49,8 +51,22 @@ class ServerMetrics:
         self.request_latency = histogram(
             "speculor_request_latency_seconds", "From a request's arrival to its last token, queueing included"
         )
-        self.queued = Gauge("speculor_requests_waiting", "Generations waiting for the model", registry=self.registry)
-        self.running = Gauge("speculor_requests_running", "Generations running (at most one)", registry=self.registry)
+        self.waiting = Gauge(
+            "speculor_requests_waiting", "Generations waiting for a batch slot", registry=self.registry
+        )
+        self.running = Gauge("speculor_requests_running", "Generations in the running batch", registry=self.registry)
+        self.batch_size = Histogram(
+            "speculor_batch_size",
+            "Rows decoded together per engine step",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.gamma = Histogram(
+            "speculor_step_gamma",
+            "γ per engine step: the most tokens any row drafted (0: the target alone)",
+            buckets=GAMMA_BUCKETS,
+            registry=self.registry,
+        )
 
     def record_generation(
         self, stats: GenerationStats, prompt_tokens: int, finish_reason: str, latency: float | None

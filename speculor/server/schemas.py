@@ -11,7 +11,7 @@ generated text (`user`, `metadata`, …) and options set to their "off" value (`
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -23,14 +23,9 @@ HARMLESS_OPTIONS = frozenset(
     {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "parallel_tool_calls"}
 )
 
-# Marks an unimplemented option with no value that means "off": any value is refused.
-NO_NEUTRAL_VALUE = object()
-
 # Options this server does not implement, with the one value that leaves the answer as if the option were absent.
 # Any other value is refused with a 400 naming the option.
 NEUTRAL_VALUES: dict[str, Any] = {
-    "logprobs": NO_NEUTRAL_VALUE,
-    "top_logprobs": NO_NEUTRAL_VALUE,
     "best_of": 1,
     "echo": False,
     "suffix": "",
@@ -47,8 +42,8 @@ NEUTRAL_VALUES: dict[str, Any] = {
     "response_format": {"type": "text"},
 }
 
-# The neutral `logprobs` of chat completions (a boolean there; completions' integer `logprobs` has none).
-CHAT_NEUTRAL_VALUES = {**NEUTRAL_VALUES, "logprobs": False}
+# The most alternatives per token a request may ask for (OpenAI's limit for chat's `top_logprobs`).
+MAX_LOGPROBS = 20
 
 # The signed and unsigned 64-bit ranges together: what a torch generator accepts as a seed.
 SEED_RANGE = {"ge": -(2**63), "le": 2**64 - 1}
@@ -74,7 +69,6 @@ class SamplingRequest(BaseModel):
     neither."""
 
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
-    neutral_values: ClassVar[dict[str, Any]] = NEUTRAL_VALUES
 
     model: str
     temperature: Annotated[float, Field(ge=0)] = 1.0
@@ -99,6 +93,11 @@ class SamplingRequest(BaseModel):
         return None if self.top_k is None or self.top_k <= 0 else self.top_k
 
     @property
+    def logprob_alternatives(self) -> int | None:
+        """How many alternatives per token to report with each token's log-probability; None: no log-probabilities."""
+        return None
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -111,14 +110,10 @@ class SamplingRequest(BaseModel):
         for name, value in (self.model_extra or {}).items():
             if name in HARMLESS_OPTIONS:
                 continue
-            if name not in self.neutral_values:
+            if name not in NEUTRAL_VALUES:
                 message = f"unrecognized parameter {name!r}: this server does not implement it"
                 return APIError(400, message, param=name, code="unknown_parameter")
-            neutral = self.neutral_values[name]
-            if neutral is NO_NEUTRAL_VALUE:
-                return APIError(
-                    400, f"{name!r} is not supported by this server", param=name, code="unsupported_parameter"
-                )
+            neutral = NEUTRAL_VALUES[name]
             if not _is_neutral(value, neutral):
                 message = f"{name!r} is not supported by this server; only {neutral!r} (no effect) is accepted"
                 return APIError(400, message, param=name, code="unsupported_parameter")
@@ -129,10 +124,16 @@ Prompt = str | list[int]
 
 
 class CompletionRequest(SamplingRequest):
-    """`prompt` is text, token ids, or a list of either (several prompts: one choice each, in order)."""
+    """`prompt` is text, token ids, or a list of either (several prompts: one choice each, in order). `logprobs: N`
+    reports each token's log-probability and its N most likely alternatives."""
 
     prompt: Any
     max_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -183,13 +184,24 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    """`max_completion_tokens` is OpenAI's newer name for `max_tokens`; when both are given it wins."""
-
-    neutral_values: ClassVar[dict[str, Any]] = CHAT_NEUTRAL_VALUES
+    """`max_completion_tokens` is OpenAI's newer name for `max_tokens`; when both are given it wins. `logprobs: true`
+    reports each token's log-probability, `top_logprobs` that many alternatives too."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def refused_option(self) -> APIError | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            message = "top_logprobs needs logprobs: true (it says how many alternatives to show per token)"
+            return APIError(400, message, param="top_logprobs", code="invalid_value")
+        return super().refused_option()
 
 
 def parse_body(schema: type[Body], raw: bytes) -> Body:

@@ -1,42 +1,49 @@
-"""The one thread that runs the model: generations are served whole, one after another, in arrival order (the
-prompts of one request too, in their order).
+"""The one thread that runs the model: continuous batching over the decoder's `BatchEngine`.
 
-Every `Decoding` of a `SpeculativeDecoder` steps the decoder's shared runners (their KV caches), so two
-generations must never interleave their steps. Serializing whole requests on a single worker thread is the
-simplest way to guarantee that, and it keeps model work off the event loop: the loop only parses requests,
-queues them, and relays the `Delta`s the worker posts back. A request whose client goes away is flagged; the
-worker notices after the current step, stops that generation and moves on to the next.
+The engine may be called from one thread only, so a single worker thread owns it; the event loop only parses
+requests, queues their jobs and relays the events the worker posts back. Between two engine steps the worker
+  1. aborts the rows whose client went away, so their slots are free for this very step;
+  2. admits waiting jobs into free slots, first come first served (the prompts of one request go in together);
+  3. steps the engine — one target forward for every running row; new rows' prompts are prefilled inside the step
+     in bounded chunks — or, with nothing running, sleeps until a job arrives.
+At most `max_queue` jobs wait for a slot; past that `submit` answers 503 at once, with a Retry-After header.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
-from speculor.engine import Decoding, Delta, GenerationResult, GenerationStats
+from speculor.engine import BatchEngine, DecodeRequest, Delta, GenerationResult, GenerationStats, TokenLogprob
+from speculor.errors import SpeculorError
 from speculor.server.errors import APIError
 from speculor.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
-# The engine's finish reasons in OpenAI's words: end-of-sequence and stop strings are both "stop".
+# The engine's finish reasons in OpenAI's words: end-of-sequence and stop strings are both "stop". An aborted row's
+# client has gone, so "abort" never reaches one.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+
+# Seconds a client refused with 503 is told to wait before trying again.
+RETRY_AFTER_SECONDS = 1
 
 Event = Delta | GenerationResult | BaseException
 
 
 class Job:
-    """One generation (one prompt) of a `Generations`, waiting for or running on the worker."""
+    """One generation (one prompt) of a `Generations`, waiting for a slot or running in the engine."""
 
-    def __init__(self, owner: Generations, index: int, decoding: Decoding, prompt_tokens: int) -> None:
+    def __init__(self, owner: Generations, index: int, request: DecodeRequest, prompt_tokens: int) -> None:
         self.owner = owner
         self.index = index
-        self.decoding = decoding
+        self.request = request
         self.prompt_tokens = prompt_tokens
+        self.first_token_seen = False
         self._cancelled = threading.Event()
 
     @property
@@ -59,11 +66,13 @@ class Job:
 class Generations:
     """The generations one HTTP request asked for — one per prompt, in prompt order — and the channel their events
     come back on. Created on the event loop; the worker posts each job's `Delta`s, then its `GenerationResult` (or
-    the exception that ended it) back to that loop, tagged with the job's index."""
+    the exception that ended it) back to that loop, tagged with the job's index. The log-probabilities the deltas
+    carry are kept per job, for answers that are not streamed."""
 
-    def __init__(self, decodings: list[tuple[Decoding, int]], arrived: float) -> None:
+    def __init__(self, requests: list[tuple[DecodeRequest, int]], arrived: float) -> None:
         self.arrived = arrived
-        self.jobs = [Job(self, index, decoding, tokens) for index, (decoding, tokens) in enumerate(decodings)]
+        self.jobs = [Job(self, index, request, tokens) for index, (request, tokens) in enumerate(requests)]
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in self.jobs]
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
@@ -92,6 +101,8 @@ class Generations:
                 raise event
             if isinstance(event, GenerationResult):
                 unfinished -= 1
+            elif event.logprobs:
+                self.logprobs[index].extend(event.logprobs)
             yield index, event
 
     async def results(self) -> list[GenerationResult]:
@@ -104,23 +115,25 @@ class Generations:
 
 
 class GenerationWorker:
-    """Runs submitted jobs one at a time on a dedicated thread and records their metrics.
+    """Steps `engine` on a dedicated thread for every admitted job, and records the metrics."""
 
-    At most `max_waiting` jobs may wait; past that, and while shutting down, `submit` refuses with a 503.
-    """
-
-    def __init__(self, metrics: ServerMetrics, max_waiting: int) -> None:
+    def __init__(self, engine: BatchEngine, metrics: ServerMetrics, max_queue: int) -> None:
+        self.engine = engine
         self.metrics = metrics
-        self.max_waiting = max_waiting
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._waiting = 0
+        self.max_queue = max_queue
+        self._waiting: deque[Job] = deque()
+        self._running: dict[int, Job] = {}
+        self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._serve, name="speculor-generation", daemon=True)
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     @property
     def closing(self) -> bool:
@@ -131,66 +144,106 @@ class GenerationWorker:
 
     def submit(self, generations: Generations) -> None:
         """Queue every job of `generations`, or none of them (503) when the queue has no room for all."""
-        with self._lock:
+        with self._wake:
             if self._closing:
                 raise APIError(503, "the server is shutting down", code="server_shutting_down")
-            if self._waiting + len(generations.jobs) > self.max_waiting:
+            if len(self._waiting) + len(generations.jobs) > self.max_queue:
                 raise APIError(
-                    503, f"the server is busy: {self._waiting} requests are already waiting", code="server_overloaded"
+                    503,
+                    f"the server is busy: {len(self._waiting)} requests are already waiting for a slot",
+                    code="server_overloaded",
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
                 )
-            self._waiting += len(generations.jobs)
-            self.metrics.queued.set(self._waiting)
-            for job in generations.jobs:
-                self._jobs.put(job)
+            self._waiting.extend(generations.jobs)
+            self.metrics.waiting.set(len(self._waiting))
+            self._wake.notify()
 
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new jobs, fail the ones still waiting, let the running one end, and stop the thread."""
-        with self._lock:
+        """Refuse new jobs, fail the ones still waiting, let the running ones end, and stop the thread."""
+        with self._wake:
             self._closing = True
-        self._jobs.put(None)
+            while self._waiting:
+                job = self._waiting.popleft()
+                job.post(APIError(503, "the server shut down before this request ran", code="server_shutting_down"))
+            self.metrics.waiting.set(0)
+            self._wake.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
     def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            with self._lock:
-                self._waiting -= 1
-                self.metrics.queued.set(self._waiting)
-            if self._closing:
-                job.post(APIError(503, "the server shut down before this request ran", code="server_shutting_down"))
-            elif job.cancelled:
+        while True:
+            with self._wake:
+                while not self._running and not self._waiting and not self._closing:
+                    self._wake.wait()
+                if self._closing and not self._running:
+                    return
+                admitted = self._take_admissible()
+            self._abort_cancelled()
+            self._admit(admitted)
+            if self._running:
+                self._step()
+
+    def _take_admissible(self) -> list[Job]:
+        """Pop the waiting jobs that fit the free slots, in arrival order (the caller holds the lock)."""
+        room = self.engine.free_slots + sum(job.cancelled for job in self._running.values())
+        taken = []
+        while self._waiting and len(taken) < room:
+            job = self._waiting.popleft()
+            if job.cancelled:
                 self.metrics.finished.labels("cancelled").inc()
             else:
-                self.metrics.running.inc()
-                try:
-                    self._run(job)
-                finally:
-                    self.metrics.running.dec()
+                taken.append(job)
+        self.metrics.waiting.set(len(self._waiting))
+        return taken
 
-    def _run(self, job: Job) -> None:
-        steps = iter(job.decoding)
-        outcome = None
-        first_token_seen = False
+    def _abort_cancelled(self) -> None:
+        for request_id, job in list(self._running.items()):
+            if job.cancelled:
+                result = self.engine.abort(request_id)
+                del self._running[request_id]
+                self.metrics.record_generation(result.stats, job.prompt_tokens, "cancelled", latency=None)
+
+    def _admit(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            try:
+                self._running[self.engine.add(job.request)] = job
+            except SpeculorError as error:
+                job.post(APIError(400, str(error), code="invalid_value"))
+        self.metrics.running.set(len(self._running))
+
+    def _step(self) -> None:
         try:
-            for delta in steps:
-                if not first_token_seen:
-                    first_token_seen = True
-                    self.metrics.time_to_first_token.observe(time.perf_counter() - job.arrived)
-                job.post(delta)
-                if job.cancelled:
-                    outcome = "cancelled"
-                    break
+            events = self.engine.step()
         except Exception as error:
-            logger.exception("generation failed")
-            outcome = "error"
-            job.post(APIError(500, f"generation failed: {type(error).__name__}: {error}", code="generation_failed"))
-        finally:
-            steps.close()
-        result = job.decoding.result
-        if outcome is not None or result is None:
-            stats = result.stats if result is not None else GenerationStats()
-            self.metrics.record_generation(stats, job.prompt_tokens, outcome or "error", latency=None)
+            logger.exception("engine step failed")
+            self._fail_running(
+                APIError(500, f"generation failed: {type(error).__name__}: {error}", code="generation_failed")
+            )
             return
+        if events:
+            self.metrics.batch_size.observe(self.engine.last_batch_size)
+            self.metrics.gamma.observe(self.engine.last_gamma)
+        for event in events:
+            job = self._running[event.request_id]
+            if event.delta.token_ids and not job.first_token_seen:
+                job.first_token_seen = True
+                self.metrics.time_to_first_token.observe(time.perf_counter() - job.arrived)
+            job.post(event.delta)
+            if event.result is not None:
+                del self._running[event.request_id]
+                self._finish(job, event.result)
+        self.metrics.running.set(len(self._running))
+
+    def _finish(self, job: Job, result: GenerationResult) -> None:
         latency = time.perf_counter() - job.arrived
         self.metrics.record_generation(result.stats, job.prompt_tokens, FINISH_REASONS[result.finish_reason], latency)
         job.post(result)
+
+    def _fail_running(self, error: APIError) -> None:
+        """After a failed step: end every running row, tell its client, and go on serving the queue."""
+        for request_id, job in list(self._running.items()):
+            self.engine.abort(request_id)
+            self.metrics.record_generation(GenerationStats(), job.prompt_tokens, "error", latency=None)
+            job.post(error)
+        self._running.clear()
+        self.metrics.running.set(0)
