@@ -128,11 +128,14 @@ AUTO_MAX_GAMMA = 6
 @dataclass
 class StepCosts:
     """Seconds per step measured on this machine at warm-up: `target[(bucket, k)]` for a target step of k tokens on
-    `bucket` rows, `draft[bucket]` for a one-token draft step (empty for a draft-free proposer). Buckets are powers
-    of two; a batch is charged its bucket's cost, the smallest measured bucket that holds it."""
+    `bucket` rows and `draft[bucket]` for a one-token draft step (empty for a draft-free proposer), both back to back
+    as the engine queues them; `overhead[bucket]`, the wait for the device that every engine step pays once at its
+    host read. Buckets are powers of two; a batch is charged its bucket's cost, the smallest measured bucket that
+    holds it."""
 
     target: dict[tuple[int, int], float]
     draft: dict[int, float] = field(default_factory=dict)
+    overhead: dict[int, float] = field(default_factory=dict)
 
     def _bucket(self, batch: int) -> int:
         buckets = sorted({bucket for bucket, _ in self.target})
@@ -144,7 +147,7 @@ class StepCosts:
         bucket = self._bucket(batch)
         widest = max(k for b, k in self.target if b == bucket)
         verify = self.target[(bucket, min(gamma + 1, widest))]
-        return gamma * self.draft.get(bucket, 0.0) + verify
+        return gamma * self.draft.get(bucket, 0.0) + verify + self.overhead.get(bucket, 0.0)
 
     @property
     def widest(self) -> int:

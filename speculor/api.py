@@ -20,6 +20,7 @@ from speculor.sampling import SamplingParams
 ModelSource = str | os.PathLike | PreTrainedModel
 LOADER_OPTIONS = ("ngram", "device", "dtype", "runner", "fixed_width", "kernels", "max_batch_size")
 DEFAULT_MAX_BATCH_SIZE = 8
+PREFILL_WARM_UP_LENGTHS = (1, 16, 17, 15, 32, 1, 47)
 
 
 class SpeculativeDecoder:
@@ -252,8 +253,18 @@ class SpeculativeDecoder:
             widest = min(widest, self.fixed_width)
         # The draft runner feeds one token a step, or two after a fully accepted step (see DraftModelProposer).
         for runner, widths in ((self.target_runner, range(1, widest + 1)), (self.draft_runner, range(1, 3))):
-            if runner is not None and hasattr(runner, "warm_up"):
+            if runner is None:
+                continue
+            if hasattr(runner, "warm_up"):
                 runner.warm_up(list(widths))
+            # Prompts of a new length can meet kernel variants not compiled yet (Triton specializes integer
+            # arguments equal to 1 or divisible by 16): prefill lengths and starts of each kind once.
+            runner.reset(0)
+            for count in PREFILL_WARM_UP_LENGTHS:
+                if runner.length(0) + count > runner.max_length:
+                    break
+                runner.extend(0, torch.zeros(count, dtype=torch.long, device=runner.device))
+            runner.reset(0)
         if self.speculative:
             self.calibrate()
 

@@ -26,29 +26,43 @@ def batch_buckets(slots: int) -> list[int]:
     return buckets
 
 
-def step_seconds(runner: Runner, batch: int, width: int, repeats: int) -> float:
-    """Median seconds of a step of `width` tokens on `batch` rows (slots 0..batch-1, one cached token each)."""
+def step_seconds(runner: Runner, batch: int, width: int, repeats: int) -> tuple[float, float]:
+    """Seconds of a step of `width` tokens on `batch` rows (slots 0..batch-1, one cached token each), measured two
+    ways: back to back (`repeats` steps queued, one sync at the end: what each of a step's draft passes costs, since
+    the engine does not wait between them) and alone (one step, then a sync: that plus the wait for the device,
+    which an engine step pays once, at its host read)."""
     device = runner.device
     slots = list(range(batch))
     tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
-    samples = []
-    for attempt in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
+
+    def run_once() -> None:
         runner.step(slots, tokens)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if attempt:
-            samples.append(time.perf_counter() - began)
         for slot in slots:
             runner.rollback(slot, 1)
-    return statistics.median(samples)
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run_once()
+    synchronize()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        run_once()
+    synchronize()
+    back_to_back = (time.perf_counter() - began) / repeats
+    alone = []
+    for _ in range(3):
+        began = time.perf_counter()
+        run_once()
+        synchronize()
+        alone.append(time.perf_counter() - began)
+    return back_to_back, statistics.median(alone)
 
 
-def measure_step_costs(target: Runner, draft: Runner | None, widths: Sequence[int], repeats: int = 3) -> StepCosts:
+def measure_step_costs(target: Runner, draft: Runner | None, widths: Sequence[int], repeats: int = 5) -> StepCosts:
     """Target steps of every width in `widths` and one-token draft steps, at every batch bucket of the target's
-    slots."""
+    slots, plus the per-step wait for the device (a one-token step alone minus back to back)."""
     costs = StepCosts(target={})
     buckets = batch_buckets(target.slots)
     for runner in (target, draft):
@@ -60,9 +74,12 @@ def measure_step_costs(target: Runner, draft: Runner | None, widths: Sequence[in
             runner.extend(slot, start)
     for bucket in buckets:
         for width in widths:
-            costs.target[(bucket, width)] = step_seconds(target, bucket, width, repeats)
+            back_to_back, alone = step_seconds(target, bucket, width, repeats)
+            costs.target[(bucket, width)] = back_to_back
+            if width == 1:
+                costs.overhead[bucket] = max(0.0, alone - back_to_back)
         if draft is not None:
-            costs.draft[bucket] = step_seconds(draft, bucket, 1, repeats)
+            costs.draft[bucket] = step_seconds(draft, bucket, 1, repeats)[0]
     for runner in (target, draft):
         if runner is not None:
             for slot in range(min(runner.slots, buckets[-1])):
