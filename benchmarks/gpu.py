@@ -3,7 +3,7 @@
     python benchmarks/gpu.py --out benchmarks/results/gpu                 # every part, on cuda (about 15 min)
     python benchmarks/gpu.py --parts a,b,d --out OUT                      # 6.5 min on an H200 (measured)
     python benchmarks/gpu.py --parts c --family-dir /tmp/family --out OUT  # 9 min; a rerun reuses the family
-    python benchmarks/gpu.py --parts e --out OUT                           # batched runner steps, ~2 min
+    python benchmarks/gpu.py --parts e --out OUT                           # batched runner steps, 90 s on an H200
     python benchmarks/gpu.py --device cpu --quick --parts a,b,c,e --out /tmp/gpu-smoke   # the same code, seconds
 
 Where a machine gives a command 10 minutes, run parts a, b, d and part c as two commands (the times above were
