@@ -194,18 +194,23 @@ class SpeculativeDecoder:
 
     def new_engine(self) -> BatchEngine:
         """An engine over this decoder's runners, for request-level control (add, step, abort). The runners' slots
-        are shared: step one engine of a decoder at a time. Measures the step costs first if nothing has yet."""
-        if self.speculative and self.step_costs is None:
-            self.calibrate()
-        load_aware = LoadAwareGamma(self.step_costs, self.auto_max_gamma) if self.step_costs is not None else None
+        are shared: step one engine of a decoder at a time. The load-aware γ policy uses the step costs measured by
+        `warm_up`/`calibrate`, measuring them when the first request that needs them arrives if nothing has yet."""
         return BatchEngine(
             self.target_runner,
             self._proposer(),
             self.vocab_size,
             self.tokenizer,
-            load_aware=load_aware,
+            load_aware=self._load_aware() if self.step_costs is not None else None,
+            calibrate=self._load_aware if self.speculative else None,
             prefill_chunk=self.prefill_chunk,
         )
+
+    def _load_aware(self) -> LoadAwareGamma:
+        if self.step_costs is None:
+            self.calibrate()
+        assert self.step_costs is not None
+        return LoadAwareGamma(self.step_costs, self.auto_max_gamma)
 
     def decoding(self, prompt: str | Sequence[int], **options) -> Decoding:
         """A checked, ready-to-iterate generation of one prompt (options as in `request`)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -219,8 +219,9 @@ class _Row:
 
 class BatchEngine:
     """Runs many generations over one target runner (and optionally a proposer) whose slots they share. Only one
-    thread may call it. `load_aware` picks γ for rows whose request leaves it to the engine (None: such rows draft
-    `AUTO_FALLBACK_GAMMA`)."""
+    thread may call it. `load_aware` picks γ for rows whose request leaves it to the engine; without one,
+    `calibrate` makes one when the first such request arrives while nothing runs (measuring borrows the slots), and
+    until then such rows draft `AUTO_FALLBACK_GAMMA`."""
 
     AUTO_FALLBACK_GAMMA = 4
 
@@ -232,6 +233,7 @@ class BatchEngine:
         tokenizer: PreTrainedTokenizerBase | None,
         *,
         load_aware: LoadAwareGamma | None = None,
+        calibrate: Callable[[], LoadAwareGamma] | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         if prefill_chunk < 1:
@@ -241,6 +243,7 @@ class BatchEngine:
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
         self.load_aware = load_aware
+        self._calibrate = calibrate
         self.prefill_chunk = prefill_chunk
         self.device = target.device
         self.clock = _PhaseClock(self.device)
@@ -275,6 +278,8 @@ class BatchEngine:
             raise SpeculorError(f"all {self.capacity} slots are busy: wait for a request to finish")
         if not request.prompt_ids:
             raise SpeculorError("the prompt is empty")
+        if request.gamma is None and self.load_aware is None and self._calibrate is not None and not self._rows:
+            self.load_aware = self._calibrate()
         slot = self._free.pop(0)
         request_id = self._next_id
         self._next_id += 1
