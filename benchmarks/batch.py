@@ -1,6 +1,7 @@
 """Batched speculative decoding at the engine level: how speculation pays as the batch grows.
 
     python benchmarks/batch.py --out benchmarks/results/batch-h200                   # on cuda, ~3 min on an H200
+    python benchmarks/batch.py --pair llama-8b --out OUT                            # 8B/1B shapes, random weights
     python benchmarks/batch.py --device cpu --batch-sizes 1,2,4 --out OUT            # the CPU goal (batch 4 vs 1)
     python benchmarks/batch.py --device cpu --quick --out /tmp/batch-smoke           # the same code, seconds
 
@@ -12,6 +13,10 @@ ecosystem reference. Each configuration generates the same B prompts as one batc
 tokens/s per row, ms per engine step, mean time to first token, what γ the policy chose, and (greedy) how many rows
 equal the target alone's output token for token — in bf16 a row's rounding can depend on the batch and the step
 width, so this is measured, not assumed. JSON is written after every batch size, so a cut run still leaves numbers.
+
+`--pair llama-8b` runs the same on the Llama-3-8B / Llama-3.2-1B shapes with random bf16 weights and random 128-token
+prompts: step costs at the scale the issue is about, where the random draft is (almost) never accepted, so the
+load-aware policy should find γ = 0 and stay level with AR — the check that speculation never makes a batch slower.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from speculor.prompts import load_prompts
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--pair", default="shipped", choices=["shipped", "llama-8b"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on the cpu")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
@@ -84,23 +90,49 @@ def timed_batch(decoder: SpeculativeDecoder, prompts: list[str], tokens: int, **
     }
 
 
-def hf_batched_generate(decoder: SpeculativeDecoder, prompts: list[str], tokens: int) -> dict:
+def hf_batched_generate(decoder: SpeculativeDecoder, prompts: list, tokens: int) -> dict:
     """Hugging Face `generate`, greedy, the batch left-padded, exactly `tokens` new tokens per row."""
-    tokenizer, model = decoder.tokenizer, decoder.target.model
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(decoder.device)
+    model = decoder.target.model
+    if isinstance(prompts[0], str):
+        tokenizer = decoder.tokenizer
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        inputs = dict(tokenizer(prompts, return_tensors="pt", padding=True).to(decoder.device))
+        pad = tokenizer.pad_token_id
+    else:
+        inputs = {"input_ids": torch.tensor(prompts, device=decoder.device)}
+        pad = 0
     if decoder.device.type == "cuda":
         torch.cuda.synchronize(decoder.device)
     began = time.perf_counter()
-    model.generate(
-        **inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-    )
+    model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad)
     if decoder.device.type == "cuda":
         torch.cuda.synchronize(decoder.device)
     wall = time.perf_counter() - began
     return {"wall_seconds": wall, "tokens_per_second": len(prompts) * tokens / wall}
+
+
+def load_pair(args: argparse.Namespace, batch_size: int) -> tuple[SpeculativeDecoder, list, dict]:
+    """The decoder, the prompt pool and a description of the pair."""
+    if args.pair == "shipped":
+        family = shipped()
+        decoder = SpeculativeDecoder(
+            str(family.target), str(family.best_draft), device=args.device, dtype=args.dtype, max_batch_size=batch_size
+        )
+        return decoder, load_prompts("humaneval"), {"target": str(family.target), "draft": str(family.best_draft)}
+    from gpu import llama_shapes, random_model
+
+    shapes = llama_shapes(args.quick)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    target = random_model(shapes["llama-3-8b"], device, dtype)
+    draft = random_model(shapes["llama-3.2-1b"], device, dtype)
+    decoder = SpeculativeDecoder(target, draft, device=device, dtype=dtype, max_batch_size=batch_size)
+    generator = torch.Generator().manual_seed(0)
+    vocab = shapes["llama-3-8b"].vocab_size
+    prompts = torch.randint(vocab, (max(args.batch_sizes), 128), generator=generator).tolist()
+    return decoder, prompts, {"target": "llama-3-8b shape, random", "draft": "llama-3.2-1b shape, random"}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -113,15 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    family = shipped()
-    largest = max(args.batch_sizes)
-    decoder = SpeculativeDecoder(
-        str(family.target), str(family.best_draft), device=args.device, dtype=args.dtype, max_batch_size=largest
-    )
+    decoder, prompts, pair = load_pair(args, max(args.batch_sizes))
     began = time.perf_counter()
     decoder.warm_up(args.gamma)
     warm_up_seconds = time.perf_counter() - began
-    prompts = load_prompts("humaneval")
     report = {
         "command": "python " + shlex.join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -130,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "dtype": str(decoder.dtype),
-        "pair": {"target": str(family.target), "draft": str(family.best_draft)},
+        "pair": pair,
         "max_new_tokens": args.max_new_tokens,
         "fixed_gamma": args.gamma,
         "warm_up_seconds": warm_up_seconds,

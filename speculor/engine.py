@@ -278,7 +278,8 @@ class BatchEngine:
             raise SpeculorError(f"all {self.capacity} slots are busy: wait for a request to finish")
         if not request.prompt_ids:
             raise SpeculorError("the prompt is empty")
-        if request.gamma is None and self.load_aware is None and self._calibrate is not None and not self._rows:
+        wants_policy = request.gamma is None and request.speculative and self.proposer is not None
+        if wants_policy and self.load_aware is None and self._calibrate is not None and not self._rows:
             self.load_aware = self._calibrate()
         slot = self._free.pop(0)
         request_id = self._next_id
