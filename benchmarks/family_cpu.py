@@ -49,13 +49,14 @@ def step_costs(paths: dict[str, Path], gamma: int, repeats: int = 50) -> dict[st
         runner = make_runner(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), "auto")
         costs[name] = {}
         for count in (1, gamma + 1):
-            runner.prefill(ids[:200])
+            runner.reset(0)
+            runner.extend(0, ids[:200])
             times = []
             for _ in range(repeats):
                 began = time.perf_counter()
-                runner.forward(ids[200 : 200 + count])
+                runner.step([0], ids[200 : 200 + count][None])
                 times.append(time.perf_counter() - began)
-                runner.truncate(200)
+                runner.rollback(0, 200)
             costs[name][f"k={count}"] = 1e3 * statistics.median(times)
     return costs
 

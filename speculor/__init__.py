@@ -1,9 +1,49 @@
-"""speculor: lossless speculative decoding for Hugging Face causal language models."""
+"""speculor: lossless speculative decoding for Hugging Face causal language models.
 
-from speculor.adaptive import ConfidenceThreshold, FixedGamma, GammaPolicy, LeviathanGamma
-from speculor.api import SpeculativeDecoder, generate
-from speculor.engine import Delta, GenerationResult, GenerationStats
+The public names below import torch and transformers, which take seconds; they are loaded on first use, so that
+`import speculor` (and with it every `speculor` command's start, `--help` included) stays quick. `speculor.models`
+(the shipped family) needs neither and is always there.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from speculor import models
 from speculor.errors import SpeculorError
+
+if TYPE_CHECKING:
+    from speculor.adaptive import ConfidenceThreshold, FixedGamma, GammaPolicy, LeviathanGamma
+    from speculor.api import SpeculativeDecoder, generate
+    from speculor.engine import Delta, GenerationResult, GenerationStats
+
+# Where each lazily loaded public name lives.
+LAZY_NAMES = {
+    "ConfidenceThreshold": "speculor.adaptive",
+    "FixedGamma": "speculor.adaptive",
+    "GammaPolicy": "speculor.adaptive",
+    "LeviathanGamma": "speculor.adaptive",
+    "SpeculativeDecoder": "speculor.api",
+    "generate": "speculor.api",
+    "Delta": "speculor.engine",
+    "GenerationResult": "speculor.engine",
+    "GenerationStats": "speculor.engine",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'speculor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *LAZY_NAMES])
+
 
 __all__ = [
     "ConfidenceThreshold",
@@ -16,5 +56,6 @@ __all__ = [
     "SpeculativeDecoder",
     "SpeculorError",
     "generate",
+    "models",
 ]
 __version__ = "0.1.0"

@@ -14,12 +14,15 @@ single-token forwards of the draft and the target after the same prefill. Adapti
 only: prompt lookup has no draft probabilities to threshold, and its near-zero cost would always make the Leviathan
 policy pick the largest γ.
 
-The measuring happens here; `speculor.bench_report` turns the records into tables, plots and files.
+The measuring happens here; `speculor.bench_report` turns the records into tables, plots and files. torch,
+transformers and the models are imported inside the functions that use them, so that defining the command's options
+(every `speculor` command does, `--help` included) stays quick.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import time
@@ -28,27 +31,20 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-
-import torch
-import transformers
-from rich.console import Console
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from speculor.adaptive import ConfidenceThreshold, FixedGamma, GammaPolicy, LeviathanGamma
-from speculor.api import SpeculativeDecoder
-from speculor.bench_report import (
-    BenchConfig,
-    ConfigResult,
-    PromptRun,
-    print_table,
-    summarize,
-    write_outputs,
-)
-from speculor.cli import add_kernels_argument
+from speculor.cli import DTYPE_CHOICES, RUNNER_CHOICES, add_kernels_argument
 from speculor.errors import SpeculorError
-from speculor.loading import DTYPES
-from speculor.prompts import load_prompt_set, render_prompt
-from speculor.runners import RUNNER_KINDS, Runner
+from speculor.threads import add_threads_argument
+
+if TYPE_CHECKING:
+    import torch
+    from tqdm import tqdm
+
+    from speculor.api import SpeculativeDecoder
+    from speculor.bench_report import BenchConfig, ConfigResult
+    from speculor.runners import Runner
 
 DEFAULT_GAMMAS = (1, 2, 4, 6, 8)
 DEFAULT_CONFIDENCE_THRESHOLD = 0.4  # Hugging Face's default `assistant_confidence_threshold`.
@@ -102,23 +98,29 @@ class Plan:
 
 
 def _synchronize(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _forward_seconds(runner: Runner, prompt_ids: list[int], repeats: int) -> float:
-    """Mean time of a one-token forward after prefilling `prompt_ids` (one untimed forward first, so a graph
-    capture or first-call cost is not counted)."""
+    """Mean time of a one-token step after `prompt_ids` minus its last token are in slot 0's cache (one untimed
+    step first, so a graph capture or first-call cost is not counted)."""
+    import torch
+
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=runner.device)
     committed = len(prompt_ids) - 1
-    runner.prefill(ids[:committed])
-    runner.forward(ids[committed:])
-    runner.truncate(committed)
+    last = ids[committed:][None]
+    runner.reset(0)
+    runner.extend(0, ids[:committed])
+    runner.step([0], last)
+    runner.rollback(0, committed)
     _synchronize(runner.device)
     started = time.perf_counter()
     for _ in range(repeats):
-        runner.forward(ids[committed:])
-        runner.truncate(committed)
+        runner.step([0], last)
+        runner.rollback(0, committed)
     _synchronize(runner.device)
     return (time.perf_counter() - started) / repeats
 
@@ -138,6 +140,8 @@ def plan_configurations(
     cost_ratios: dict[str, float],
 ) -> list[Plan]:
     """Every configuration in run order; `cost_ratios` maps each draft to the c its Leviathan policy uses."""
+    from speculor.bench_report import BenchConfig
+
     plans = []
     top = max(args.gamma)
     for temperature in args.temperature:
@@ -165,17 +169,21 @@ def warmup_order(prompt_ids: list[list[int]]) -> list[int]:
 def _prefill_every_prompt(decoders: Sequence[SpeculativeDecoder], prompt_ids: list[list[int]]) -> None:
     """Run each prompt's prefill once on every runner: the first forward of a new sequence length pays one-time
     costs (GPU kernel selection for the new shapes) that would otherwise land in whichever timed run came first."""
+    import torch
+
     unique = {id(decoder): decoder for decoder in decoders}.values()
     runners = [r for decoder in unique for r in (decoder.target_runner, decoder.draft_runner) if r is not None]
     for runner in runners:
         for ids in prompt_ids:
-            runner.prefill(torch.tensor(ids[:-1], dtype=torch.long, device=runner.device))
+            runner.reset(0)
+            runner.extend(0, torch.tensor(ids[:-1], dtype=torch.long, device=runner.device))
 
 
 def run_plans(
     plans: Sequence[Plan], prompt_ids: list[list[int]], settings: BenchSettings, progress: tqdm
 ) -> list[ConfigResult]:
     """Warm every runner and configuration up, then run prompt by prompt (see the module docstring for why)."""
+    from speculor.bench_report import ConfigResult, PromptRun
 
     def generate(plan: Plan, prompt_index: int, seed: int) -> PromptRun:
         progress.set_postfix_str(plan.config.label, refresh=False)
@@ -246,10 +254,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=True,
         help="generate exactly --max-new-tokens per prompt (default) so every configuration does the same work",
     )
-    parser.add_argument("--runner", default="auto", choices=RUNNER_KINDS, help="model runner")
+    parser.add_argument("--runner", default="auto", choices=RUNNER_CHOICES, help="model runner")
     add_kernels_argument(parser)
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: bfloat16 on a GPU, float32 on the CPU")
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--warmup", type=int, default=2, help="untimed generations per configuration (longest prompt, shortest, …)"
@@ -272,7 +281,8 @@ def command_line(args: argparse.Namespace) -> str:
     parts += ["--max-new-tokens", str(args.max_new_tokens), "--ignore-eos" if args.ignore_eos else "--no-ignore-eos"]
     parts += ["--runner", args.runner, "--kernels", args.kernels]
     parts += ["--seed", str(args.seed), "--warmup", str(args.warmup)]
-    parts += [f"--{name}={value}" for name, value in (("device", args.device), ("dtype", args.dtype)) if value]
+    options = (("device", args.device), ("dtype", args.dtype), ("threads", args.threads))
+    parts += [f"--{name}={value}" for name, value in options if value]
     parts += ["--out", args.out]
     return shlex.join(parts)
 
@@ -289,6 +299,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def _device_name(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {_cpu_model()}, {torch.get_num_threads()} torch threads"
@@ -307,7 +319,19 @@ def _cpu_model() -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+    from rich.console import Console
+    from tqdm import tqdm
+
+    from speculor.api import SpeculativeDecoder
+    from speculor.bench_report import print_table, summarize, write_outputs
+    from speculor.prompts import load_prompt_set, render_prompt
+    from speculor.threads import use_cpu_threads
+
     _check_arguments(args)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    threads = use_cpu_threads(args.threads, args.device)
     prompts = load_prompt_set(args.prompts, limit=args.num_prompts)
     loader = {"device": args.device, "dtype": args.dtype, "runner": args.runner, "kernels": args.kernels}
     baseline_decoder = SpeculativeDecoder(args.target, **loader)
@@ -353,6 +377,10 @@ def run_bench(args: argparse.Namespace) -> int:
         ),
         "device": str(baseline_decoder.device),
         "device_name": _device_name(baseline_decoder.device),
+        "cpu_threads": None if threads is None else threads.threads,
+        "cpu_threads_chosen": None if threads is None else threads.describe(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "dtype": str(baseline_decoder.dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -23,12 +23,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from speculor.analysis import alpha_from_counts, cost_ratio, predicted_speedup
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ADAPTIVE_POLICY_NAMES = {"confidence": "confidence threshold", "leviathan": "Leviathan γ"}
 
@@ -312,83 +316,164 @@ def write_csv(rows: Sequence[dict], path: Path) -> None:
             writer.writerow({key: "" if flat[key] is None else flat[key] for key in CSV_FIELDS})
 
 
-def _figure(width: float, height: float):
-    """A matplotlib figure drawn by the Agg backend without pyplot's global state. matplotlib is imported here
-    because it takes about a second to import and only the plots need it."""
+POLICY_MARKERS = {"target": "*", "fixed": "o", "confidence": "^", "leviathan": "s"}
+POLICY_LEGEND = {
+    "target": "target alone",
+    "fixed": "fixed γ",
+    "confidence": "confidence threshold (adaptive γ)",
+    "leviathan": "Leviathan γ (adaptive γ)",
+}
+TARGET_COLOR = "black"
+
+
+def _figure(width: float, height: float) -> Figure:
+    """A matplotlib figure drawn by the Agg backend without pyplot's global state (each plot function saves it and
+    returns it for inspection). matplotlib is imported here because it takes about a second to import and only the
+    plots need it."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def plot_speedup_vs_gamma(rows: Sequence[dict], path: Path) -> None:
-    """Measured (solid) and predicted (dotted) median speedup against γ, one colour per drafter and temperature;
-    adaptive policies as single markers at their mean γ."""
-    figure = _figure(7, 4.5)
-    axes = figure.subplots()
-    groups: dict[tuple[str, float], list[dict]] = {}
+def _by_temperature(rows: Sequence[dict]) -> dict[float, list[dict]]:
+    groups: dict[float, list[dict]] = {}
     for row in rows:
-        if row["policy"] != "target" and row["speedup_median"] is not None:
-            groups.setdefault((row["drafter"], row["temperature"]), []).append(row)
-    for index, ((drafter, temperature), group) in enumerate(groups.items()):
-        color = f"C{index % 10}"
-        fixed = sorted((row for row in group if row["policy"] == "fixed"), key=lambda row: row["gamma"])
-        gammas = [row["gamma"] for row in fixed]
-        label = f"{Path(drafter).name}, T={temperature:g}"
-        axes.plot(gammas, [row["speedup_median"] for row in fixed], "o-", color=color, label=label)
-        predicted = [(row["gamma"], row["predicted_speedup"]) for row in fixed if row["predicted_speedup"] is not None]
-        if predicted:
-            axes.plot(*zip(*predicted, strict=True), ":", color=color)
-        for row in group:
-            if row["policy"] != "fixed":
-                marker = "^" if row["policy"] == "confidence" else "s"
-                axes.plot(row["mean_gamma"] or row["gamma"], row["speedup_median"], marker, color=color, markersize=9)
-    axes.axhline(1.0, color="grey", linewidth=0.8)
-    axes.set_xlabel("γ (drafted tokens per step; adaptive: mean)")
-    axes.set_ylabel("median speedup over target alone")
-    axes.set_title("Speedup vs γ (solid measured, dotted predicted, ▲ confidence, ■ Leviathan)")
-    if groups:
-        axes.legend(fontsize="small")
+        groups.setdefault(row["temperature"], []).append(row)
+    return dict(sorted(groups.items()))
+
+
+def _panels(rows: Sequence[dict], width: float, height: float):
+    """A figure with one panel per temperature (sharing the y axis), since acceptance and speed differ by
+    temperature; returns the figure and (temperature, rows, axes) per panel."""
+    groups = _by_temperature(rows) or {0.0: []}
+    figure = _figure(width * len(groups) + 2.6, height)
+    axes = figure.subplots(1, len(groups), sharey=True, squeeze=False)[0]
+    return figure, [(temperature, group, axis) for (temperature, group), axis in zip(groups.items(), axes, strict=True)]
+
+
+def _drafter_colors(rows: Sequence[dict]) -> dict[str, str]:
+    """One colour per drafter, the same in every plot, in the order the rows first name them."""
+    drafters = dict.fromkeys(row["drafter"] for row in rows if row["policy"] != "target")
+    return {drafter: f"C{index % 10}" for index, drafter in enumerate(drafters)}
+
+
+def _legend(figure, colors: dict[str, str], styles: Sequence) -> None:
+    """One legend right of the panels, so it never covers a point: a colour per drafter, then the marker and line
+    styles the plot uses."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=color, linewidth=3, label=Path(drafter).name) for drafter, color in colors.items()]
+    figure.legend(handles=[*handles, *styles], loc="outside right upper", fontsize="small", frameon=False)
+
+
+def _policy_handles(rows: Sequence[dict]) -> list:
+    from matplotlib.lines import Line2D
+
+    policies = [policy for policy in POLICY_MARKERS if any(row["policy"] == policy for row in rows)]
+    return [
+        Line2D(
+            [],
+            [],
+            color=TARGET_COLOR if policy == "target" else "grey",
+            linestyle="",
+            marker=POLICY_MARKERS[policy],
+            markersize=8,
+            label=POLICY_LEGEND[policy],
+        )
+        for policy in policies
+    ]
+
+
+def plot_speedup_vs_gamma(rows: Sequence[dict], path: Path) -> Figure:
+    """Measured (solid) and predicted (dotted) median speedup against γ, a colour per drafter and a panel per
+    temperature; adaptive policies as single markers at the mean γ they drafted."""
+    from matplotlib.lines import Line2D
+
+    drawn = [row for row in rows if row["policy"] != "target" and row["speedup_median"] is not None]
+    colors = _drafter_colors(drawn)
+    figure, panels = _panels(drawn, 5.5, 4.5)
+    for temperature, group, axes in panels:
+        for drafter, color in colors.items():
+            mine = [row for row in group if row["drafter"] == drafter]
+            fixed = sorted((row for row in mine if row["policy"] == "fixed"), key=lambda row: row["gamma"])
+            axes.plot([r["gamma"] for r in fixed], [r["speedup_median"] for r in fixed], "o-", color=color)
+            predicted = [(r["gamma"], r["predicted_speedup"]) for r in fixed if r["predicted_speedup"] is not None]
+            if predicted:
+                axes.plot(*zip(*predicted, strict=True), ":", color=color)
+            for row in mine:
+                if row["policy"] != "fixed":
+                    gamma = row["mean_gamma"] or row["gamma"]
+                    axes.plot(gamma, row["speedup_median"], POLICY_MARKERS[row["policy"]], color=color, markersize=9)
+        axes.axhline(1.0, color=TARGET_COLOR, linewidth=0.8)
+        axes.set_xticks(sorted({row["gamma"] for row in group if row["policy"] == "fixed"}))
+        adaptive = any(row["policy"] not in ("target", "fixed") for row in group)
+        axes.set_xlabel("γ (drafted tokens per step; adaptive: mean)" if adaptive else "γ (drafted tokens per step)")
+        axes.set_title(f"T={temperature:g}")
+    panels[0][2].set_ylabel("median speedup over target alone")
+    figure.suptitle("Speedup vs γ")
+    styles = [
+        Line2D([], [], color=TARGET_COLOR, linewidth=0.8, label="target alone (1x)"),
+        Line2D([], [], color="grey", marker="o", label="measured, fixed γ"),
+    ]
+    if any(row["predicted_speedup"] is not None for row in drawn):
+        styles.append(Line2D([], [], color="grey", linestyle=":", label="predicted (Leviathan et al.)"))
+    styles += [handle for handle in _policy_handles(drawn) if handle.get_marker() not in ("o", "*")]
+    _legend(figure, colors, styles)
     figure.savefig(path, dpi=120)
+    return figure
 
 
-def plot_tar_vs_cost(rows: Sequence[dict], path: Path) -> None:
-    """TAR of every fixed-γ configuration against its drafter's measured cost ratio c."""
-    figure = _figure(6.5, 4.5)
-    axes = figure.subplots()
+def plot_tar_vs_cost(rows: Sequence[dict], path: Path) -> Figure:
+    """TAR of every fixed-γ configuration against its measured cost ratio c, a colour per drafter (its γ values
+    joined in order and labelled) and a panel per temperature."""
     points = [
         row for row in rows if row["policy"] == "fixed" and row["cost_ratio"] is not None and row["tar"] is not None
     ]
-    temperatures = sorted({row["temperature"] for row in points})
-    for index, temperature in enumerate(temperatures):
-        chosen = [row for row in points if row["temperature"] == temperature]
-        axes.scatter(
-            [r["cost_ratio"] for r in chosen], [r["tar"] for r in chosen], color=f"C{index}", label=f"T={temperature:g}"
-        )
-        for row in chosen:
-            axes.annotate(f"{Path(row['drafter']).name} γ={row['gamma']}", (row["cost_ratio"], row["tar"]), fontsize=7)
-    axes.set_xlabel("cost ratio c (draft step / target step)")
-    axes.set_ylabel("TAR (accepted / drafted)")
-    axes.set_title("Acceptance vs draft cost")
-    if temperatures:
-        axes.legend(fontsize="small")
+    colors = _drafter_colors(points)
+    figure, panels = _panels(points, 5.5, 4.5)
+    for temperature, group, axes in panels:
+        for drafter, color in colors.items():
+            mine = sorted((row for row in group if row["drafter"] == drafter), key=lambda row: row["gamma"])
+            axes.plot([r["cost_ratio"] for r in mine], [r["tar"] for r in mine], "o-", color=color, linewidth=0.8)
+            for row in mine:
+                point = (row["cost_ratio"], row["tar"])
+                axes.annotate(
+                    str(row["gamma"]), point, xytext=(5, 3), textcoords="offset points", fontsize=8, color=color
+                )
+        # Room on the right and at the top for the last point's label.
+        axes.margins(x=0.15, y=0.08)
+        axes.set_xlim(left=0)
+        axes.set_xlabel("cost ratio c (draft step / target step); points labelled with γ")
+        axes.set_title(f"T={temperature:g}")
+    panels[0][2].set_ylabel("TAR (accepted / drafted)")
+    figure.suptitle("Acceptance vs draft cost (fixed γ)")
+    _legend(figure, colors, [])
     figure.savefig(path, dpi=120)
+    return figure
 
 
-def plot_throughput_vs_latency(rows: Sequence[dict], path: Path) -> None:
-    """Median tokens/s against median time to first token, every configuration (the baseline as a star)."""
-    figure = _figure(6.5, 4.5)
-    axes = figure.subplots()
-    for row in rows:
-        marker = "*" if row["policy"] == "target" else "o"
-        axes.scatter(
-            row["ttft_ms_median"], row["tokens_per_second_median"], marker=marker, s=80 if marker == "*" else 30
-        )
-        short = f"{Path(row['drafter']).name} γ={_gamma_text(row)} T={row['temperature']:g}"
-        axes.annotate(short, (row["ttft_ms_median"], row["tokens_per_second_median"]), fontsize=6)
-    axes.set_xlabel("median time to first token (ms)")
-    axes.set_ylabel("median tokens/s")
-    axes.set_title("Throughput vs latency")
+def plot_throughput_vs_latency(rows: Sequence[dict], path: Path) -> Figure:
+    """Median tokens/s against median time to first token for every configuration: a colour per drafter, a marker
+    per γ policy (the target alone a black star), a panel per temperature."""
+    colors = _drafter_colors(rows)
+    figure, panels = _panels(rows, 5.5, 4.5)
+    for temperature, group, axes in panels:
+        for row in group:
+            color = colors.get(row["drafter"], TARGET_COLOR)
+            point = (row["ttft_ms_median"], row["tokens_per_second_median"])
+            marker = POLICY_MARKERS[row["policy"]]
+            axes.plot(*point, marker, color=color, markersize=12 if marker == "*" else 7)
+            if row["policy"] != "target":
+                label = f"γ={row['gamma']}" if row["policy"] == "fixed" else f"γ≤{row['gamma']}"
+                axes.annotate(label, point, xytext=(5, 3), textcoords="offset points", fontsize=8, color=color)
+        axes.margins(x=0.15, y=0.08)
+        axes.set_xlabel("median time to first token (ms)")
+        axes.set_title(f"T={temperature:g}")
+    panels[0][2].set_ylabel("median tokens/s")
+    figure.suptitle("Throughput vs latency")
+    _legend(figure, colors, _policy_handles(rows))
     figure.savefig(path, dpi=120)
+    return figure
 
 
 PLOTS = {
@@ -404,6 +489,7 @@ def report_markdown(meta: dict, rows: Sequence[dict], best: dict) -> str:
         "# speculor bench report",
         "",
         f"- date: {meta['date']}; device: {meta['device_name']}; runner: {meta['runner']}; dtype: {meta['dtype']}",
+        *([f"- CPU threads: {meta['cpu_threads_chosen']}"] if meta.get("cpu_threads_chosen") else []),
         f"- target: `{meta['target']}`; prompts: {meta['prompts']} ({meta['num_prompts']} prompts, "
         f"{meta['max_new_tokens']} new tokens each, ignore EOS: {meta['ignore_eos']}); seed {meta['seed']}",
         f"- command: `{meta['command']}`",

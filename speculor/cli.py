@@ -1,24 +1,38 @@
 """The `speculor` command line. Each subcommand lives in its own module, which exposes `register(subparsers)`;
-this file only wires them together and turns user mistakes into one clear line and a non-zero exit."""
+this file only wires them together and turns user mistakes into one clear line and a non-zero exit.
+
+Building the parser imports no model code: torch, transformers and the server stack take seconds to import, so
+every command module imports them inside its handler, and `speculor --help` or `speculor generate --help` answer at
+once. Option choices that live in those modules are spelled out here (tests/test_cli.py checks they agree).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 from rich.console import Console
 from rich.markup import escape
-from transformers.utils import logging as transformers_logging
 
 from speculor.errors import SpeculorError
-from speculor.loading import DTYPES
-from speculor.runners.fast import KERNEL_CHOICES
+from speculor.threads import add_threads_argument
 
 # Modules that add a subcommand through `register(subparsers)`.
-COMMAND_MODULES = ("speculor.cli", "speculor.train", "speculor.demo", "speculor.bench", "speculor.server.command")
+COMMAND_MODULES = (
+    "speculor.cli",
+    "speculor.train_command",
+    "speculor.demo",
+    "speculor.bench",
+    "speculor.server.command",
+)
+# speculor.loading.DTYPES, speculor.runners.RUNNER_KINDS and speculor.runners.fast.KERNEL_CHOICES, without torch.
+DTYPE_CHOICES = ("bf16", "bfloat16", "float16", "float32", "float64", "fp16", "fp32", "fp64")
+RUNNER_CHOICES = ("auto", "fast", "hf")
+KERNEL_CHOICES = ("auto", "triton", "torch")
 
 console = Console(stderr=True, highlight=False)
 
@@ -30,9 +44,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, target_required: boo
     drafting.add_argument("--draft", help="draft model: local directory or hub id")
     drafting.add_argument("--ngram", type=int, help="draft by prompt lookup, matching n-grams up to this size")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("--runner", default="auto", choices=["auto", "fast", "hf"], help="model runner")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--runner", default="auto", choices=RUNNER_CHOICES, help="model runner")
     add_kernels_argument(parser)
+    add_threads_argument(parser)
 
 
 def add_kernels_argument(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +57,17 @@ def add_kernels_argument(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="the fast runner's small per-layer operations: fused Triton kernels (CUDA), plain torch, or auto",
     )
+
+
+def quiet_weight_loading() -> None:
+    """Turn off transformers' per-file weight-loading progress bars: the command line prints its own progress.
+    transformers reads the setting from the environment when it is first imported, which a command line has not
+    done yet; an in-process caller (a test) may already have imported it."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    else:
+        transformers.utils.logging.disable_progress_bar()
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,8 +140,10 @@ def apply_config_file(args: argparse.Namespace) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from speculor.api import SpeculativeDecoder
+    from speculor.threads import use_cpu_threads
 
     apply_config_file(args)
+    threads = use_cpu_threads(args.threads, args.device)
     prompt = parse_token_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
     decoder = SpeculativeDecoder(
         args.target,
@@ -137,6 +165,7 @@ def run_generate(args: argparse.Namespace) -> int:
     assert result is not None
     stats = result.stats
     report: dict = {"text": result.text, "token_ids": result.token_ids, "stats": stats.to_dict()}
+    report["cpu_threads"] = None if threads is None else threads.threads
     if args.compare:
         baseline = decoder.generate(prompt, speculative=False, **options)
         report["baseline"] = {
@@ -162,6 +191,8 @@ def run_generate(args: argparse.Namespace) -> int:
         line += f", speedup {report['speedup']:.2f}x vs target alone"
         if "identical" in report:
             line += f", identical={report['identical']}"
+    if threads is not None:
+        line += f", {threads.describe()}"
     console.print(f"[dim]{line}[/dim]", soft_wrap=True)
     return 0
 
@@ -175,8 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # The command line prints its own progress; transformers' per-file weight-loading bars would only clutter it.
-    transformers_logging.disable_progress_bar()
+    quiet_weight_loading()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import torch
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from speculor.engine import GenerationResult
-from speculor.errors import SpeculorError
+from speculor.threads import add_threads_argument
+
+if TYPE_CHECKING:
+    from speculor.engine import GenerationResult
 
 # Headers written for this demo (not taken from any benchmark set); greedy decoding makes each run repeatable.
 DEMO_PROMPTS = (
@@ -44,13 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96, help="tokens per completion at most (default 96)")
     parser.add_argument("--gamma", type=int, default=4, help="tokens drafted per step (default 4)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads for torch (default 1: these models are small, and on a busy machine more threads wait "
-        "on each other far longer than they save)",
-    )
+    add_threads_argument(parser)
     parser.set_defaults(handler=run_demo)
 
 
@@ -80,10 +76,9 @@ def _rate(results: Iterable[GenerationResult]) -> float:
 def run_demo(args: argparse.Namespace) -> int:
     from speculor.api import SpeculativeDecoder
     from speculor.models import shipped
+    from speculor.threads import use_cpu_threads
 
-    if args.threads < 1:
-        raise SpeculorError(f"--threads must be at least 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    threads = use_cpu_threads(args.threads, args.device)
     console = Console(highlight=False)
     family = shipped()
     began = time.perf_counter()
@@ -91,8 +86,8 @@ def run_demo(args: argparse.Namespace) -> int:
     decoder = SpeculativeDecoder(family.target, family.best_draft, device=args.device, dtype="float32")
     console.print(
         f"[bold]speculor demo[/bold]: target [cyan]{family.target.name}[/cyan], draft "
-        f"[cyan]{family.best_draft_name}[/cyan], {decoder.device} ({args.threads} CPU thread"
-        f"{'s' if args.threads > 1 else ''}), γ={args.gamma}, greedy, "
+        f"[cyan]{family.best_draft_name}[/cyan], {decoder.device}"
+        f"{'' if threads is None else f' ({threads.describe()})'}, γ={args.gamma}, greedy, "
         f"loaded in {time.perf_counter() - began:.1f} s"
     )
     options = {"max_new_tokens": args.max_new_tokens, "gamma": args.gamma}

@@ -4,7 +4,8 @@ A family is one tokenizer plus models of different shapes (a target and its draf
 used for speculative decoding. The default corpus is the running interpreter's own Python source (standard library
 and site-packages), which every machine has, so the family can be retrained anywhere without a download.
 
-`train_family` is the in-process entry point (the GPU benchmark calls it); `register` adds the CLI subcommand.
+`train_family` is the in-process entry point (the GPU benchmark calls it); `speculor.train_command` adds the CLI
+subcommand without importing this module until the command runs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import math
 import os
 import platform
 import re
-import shlex
 import site
 import sys
 import sysconfig
@@ -327,6 +327,18 @@ def held_out_loss(model: LlamaForCausalLM, stream: torch.Tensor, sequence_length
     return total / count
 
 
+# The progress bar's postfix (steps, smoothed loss, throughput) is redrawn at most this often; the loss shown is an
+# exponential moving average over about 1 / LOSS_SMOOTHING steps, since one batch's loss is noisy.
+POSTFIX_SECONDS = 1.0
+LOSS_SMOOTHING = 0.1
+TIME_BUDGET_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s [{elapsed}<{remaining}{postfix}]"
+
+
+def _training_postfix(steps: int, loss: float, tokens: int, seconds: float) -> str:
+    seconds = max(seconds, 1e-9)
+    return f"step {steps}, {steps / seconds:.2f} steps/s, loss {loss:.3f}, {tokens / seconds:,.0f} tok/s"
+
+
 @dataclass
 class TrainSettings:
     """How one model is trained. Exactly one of `seconds` and `steps` bounds it (steps win when both are set)."""
@@ -384,13 +396,16 @@ def train_model(
     bar = tqdm(
         total=int(total) if use_steps else round(total),
         desc=str(shape),
-        unit="step" if use_steps else "s",
+        unit="step",
+        # A time budget counts seconds, whose rate (seconds per second) means nothing: the postfix has steps/s.
+        bar_format=None if use_steps else TIME_BUDGET_BAR,
         disable=not settings.progress,
         dynamic_ncols=True,
     )
     started = time.perf_counter()
     steps = 0
-    loss_value = float("nan")
+    smoothed_loss: torch.Tensor | None = None
+    shown_at = -math.inf
     while True:
         elapsed = time.perf_counter() - started
         progress = steps / total if use_steps else elapsed / total
@@ -414,14 +429,18 @@ def train_model(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps += 1
-        if steps % 10 == 0 or steps == 1:
-            loss_value = loss.item()
-            rate = steps * inputs.numel() / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
-        bar.update(1 if use_steps else round(time.perf_counter() - started) - bar.n)
+        # Smoothed on the device, and read (a host sync) only when the postfix is redrawn.
+        smoothed_loss = loss.detach() if smoothed_loss is None else smoothed_loss.lerp(loss.detach(), LOSS_SMOOTHING)
+        now = time.perf_counter()
+        if settings.progress and now - shown_at >= POSTFIX_SECONDS:
+            shown_at = now
+            bar.set_postfix_str(_training_postfix(steps, smoothed_loss.item(), steps * inputs.numel(), now - started))
+        bar.update(1 if use_steps else min(round(now - started), bar.total) - bar.n)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
+    if settings.progress and smoothed_loss is not None:
+        bar.set_postfix_str(_training_postfix(steps, smoothed_loss.item(), steps * inputs.numel(), seconds))
     bar.close()
     loss_value = loss.item()
     tokens_seen = steps * settings.batch_size * length
@@ -634,101 +653,11 @@ def _load_teacher(directory: str, device: torch.device) -> tuple[PreTrainedToken
     return tokenizer, teacher.to(device).eval()
 
 
-# The shapes of the shipped family (speculor/models), each trained for --seconds.
-DEFAULT_FAMILY = ("target:8x384", "draft-4x128:4x128", "draft-3x128:3x128", "draft-1x192:1x192")
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "train",
-        help="train a tokenizer and a family of small Llama models (a target and drafts) on Python source",
-        description="Train a byte-level BPE tokenizer and Llama models that share it, then save each model as a "
-        "Hugging Face directory OUTPUT/NAME with a model card. The default corpus is this interpreter's own Python "
-        "source.",
-    )
-    parser.add_argument("--output", required=True, help="directory to write the family into")
-    parser.add_argument(
-        "--model",
-        action="append",
-        dest="models",
-        metavar="NAME:LAYERSxWIDTH[@SECONDS]",
-        help=f"a model to train, in order (repeatable; default: {' '.join(DEFAULT_FAMILY)})",
-    )
-    parser.add_argument(
-        "--corpus", action="append", help="directory of .py files (repeatable; default: stdlib + site-packages)"
-    )
-    parser.add_argument("--max-corpus-bytes", type=int, help="use at most this many bytes of source")
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--seconds", type=float, default=60.0, help="training time per model (default 60)")
-    parser.add_argument("--steps", type=int, help="train each model for this many steps instead of a time budget")
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per step")
-    parser.add_argument("--sequence-length", type=int, default=1024, help="tokens per sequence, also the context")
-    parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: by width)")
-    parser.add_argument(
-        "--distill-from",
-        help="name of an earlier model that later ones learn to imitate, or the directory of a saved one (new drafts "
-        "for an existing target; its tokenizer is reused)",
-    )
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(handler=run_train)
-
-
-def _command_line(args: argparse.Namespace) -> str:
-    """The command that reproduces this run, rebuilt from the parsed options (defaults spelled out)."""
-    words = ["speculor", "train", "--output", args.output]
-    for shape in args.models or DEFAULT_FAMILY:
-        words += ["--model", shape]
-    for directory in args.corpus or []:
-        words += ["--corpus", directory]
-    options = {
-        "--max-corpus-bytes": args.max_corpus_bytes,
-        "--vocab-size": args.vocab_size,
-        "--seconds": None if args.steps else args.seconds,
-        "--steps": args.steps,
-        "--batch-size": args.batch_size,
-        "--sequence-length": args.sequence_length,
-        "--learning-rate": args.learning_rate,
-        "--distill-from": args.distill_from,
-        "--device": args.device,
-        "--seed": args.seed,
-    }
-    for flag, value in options.items():
-        if value is not None:
-            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    return shlex.join(words)
-
-
-def run_train(args: argparse.Namespace) -> int:
-    result = train_family(
-        args.output,
-        args.models or list(DEFAULT_FAMILY),
-        corpus=args.corpus,
-        max_corpus_bytes=args.max_corpus_bytes,
-        vocab_size=args.vocab_size,
-        seconds=args.seconds,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        sequence_length=args.sequence_length,
-        learning_rate=args.learning_rate,
-        distill_from=args.distill_from,
-        device=args.device,
-        seed=args.seed,
-        command=_command_line(args),
-        progress=not args.quiet,
-    )
-    for trained in result.models.values():
-        print(
-            f"{trained.name}\t{trained.shape}\t{trained.parameters:,} params\t{trained.tokens_seen:,} tokens\t"
-            f"held-out loss {trained.held_out_loss:.4f}\t{trained.path}"
-        )
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m speculor.train ...` runs the train command alone, so a machine that has only torch, transformers
     and tokenizers (a bare GPU box) needs none of the server's or the other commands' dependencies."""
+    from speculor.train_command import register, run_train
+
     parser = argparse.ArgumentParser(prog="speculor")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])

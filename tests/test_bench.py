@@ -2,8 +2,10 @@ import csv
 import json
 
 import pytest
+import torch
 
 from speculor.bench_report import (
+    PLOTS,
     BenchConfig,
     ConfigResult,
     PromptRun,
@@ -14,6 +16,14 @@ from speculor.bench_report import (
 from speculor.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Commands set torch's CPU thread count for the whole process; put it back for the tests that follow."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def stats(**values) -> dict:
@@ -163,6 +173,7 @@ def test_bench_command_writes_every_output(text_pair_dirs, prompt_file, tmp_path
     assert all(row["greedy_identical"] == row["greedy_checked"] == 2 for row in greedy)
     assert results["meta"]["command"].startswith("speculor bench --target ")
     assert results["meta"]["leviathan_cost_ratios"][str(draft)] > 0
+    assert results["meta"]["cpu_threads"] == torch.get_num_threads() >= 1
     assert len(results["per_prompt"]) == len(rows)
 
     with (out / "results.csv").open() as handle:
@@ -185,3 +196,42 @@ def test_bench_needs_a_drafter(text_pair_dirs, tmp_path, capsys):
     target, _ = text_pair_dirs
     assert main(["bench", "--target", str(target), "--out", str(tmp_path)]) == 2
     assert "--draft or --ngram" in capsys.readouterr().err
+
+
+def plot_row(drafter: str, policy: str, gamma: int | None, temperature: float, speedup: float) -> dict:
+    """The fields the plots read, with made-up values that grow with γ."""
+    step = gamma or 1
+    return {
+        "drafter": drafter,
+        "policy": policy,
+        "gamma": gamma,
+        "temperature": temperature,
+        "speedup_median": speedup,
+        "predicted_speedup": None if policy == "target" else speedup + 0.2,
+        "mean_gamma": step - 0.5 if policy not in ("target", "fixed") else None,
+        "tar": None if policy == "target" else 0.9 - 0.1 * step,
+        "cost_ratio": None if policy == "target" else 0.2 + 0.01 * step,
+        "ttft_ms_median": 10.0 + step,
+        "tokens_per_second_median": 50.0 * speedup,
+    }
+
+
+def test_plots_tick_measured_gammas_and_carry_a_legend(tmp_path):
+    rows = []
+    for temperature in (0.0, 0.8):
+        rows.append(plot_row("target alone", "target", None, temperature, 1.0))
+        for drafter in ("models/draft-a", "ngram:3"):
+            rows += [plot_row(drafter, "fixed", gamma, temperature, 1 + gamma / 10) for gamma in (1, 2, 3)]
+        rows.append(plot_row("models/draft-a", "confidence", 3, temperature, 1.25))
+    for name, plot in PLOTS.items():
+        figure = plot(rows, tmp_path / name)
+        assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
+        panels = [axes for axes in figure.axes if axes.get_title()]
+        assert [axes.get_title() for axes in panels] == ["T=0", "T=0.8"], name
+        labels = [text.get_text() for legend in figure.legends for text in legend.get_texts()]
+        assert {"draft-a", "ngram:3"} <= set(labels), name
+        if name == "speedup_vs_gamma.png":
+            assert all(list(axes.get_xticks()) == [1, 2, 3] for axes in panels)
+            assert "confidence threshold (adaptive γ)" in labels and "Leviathan γ (adaptive γ)" not in labels
+        if name == "throughput_vs_latency.png":
+            assert "target alone" in labels

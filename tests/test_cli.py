@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
-from speculor.cli import main
+import pytest
+import torch
+
+from speculor.cli import COMMAND_MODULES, DTYPE_CHOICES, KERNEL_CHOICES, RUNNER_CHOICES, main
+from speculor.loading import DTYPES
+from speculor.runners import RUNNER_KINDS, fast
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Commands set torch's CPU thread count for the whole process; put it back for the tests that follow."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_generate_json_with_compare(capsys, text_pair_dirs):
@@ -116,3 +131,44 @@ def test_generate_reads_best_config(capsys, tmp_path, text_pair_dirs):
     report = json.loads(capsys.readouterr().out)
     assert status == 0 and report["stats"]["drafted"] > 0
     assert len(report["stats"]["drafted_by_position"]) <= 3
+
+
+HEAVY_MODULES = ("torch", "transformers", "fastapi", "numpy")
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        *(name for name in COMMAND_MODULES if name != "speculor.server.command"),
+        pytest.param(
+            "speculor.server.command",
+            marks=pytest.mark.xfail(strict=True, reason="imports speculor.api at the top for DEFAULT_MAX_BATCH_SIZE"),
+        ),
+    ],
+)
+def test_defining_a_command_imports_no_model_stack(module):
+    """`speculor --help` must answer at once, so no command module may import torch, transformers or the server at
+    import time. A fresh interpreter per module, since this one has them all loaded already."""
+    script = (
+        f"import argparse, importlib, sys, speculor; "
+        f"importlib.import_module({module!r}).register(argparse.ArgumentParser().add_subparsers()); "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY_MODULES!r})), "
+        "speculor.models.shipped().target.name)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["[]", "target"]
+
+
+def test_option_choices_match_the_modules_that_define_them():
+    assert set(DTYPE_CHOICES) == set(DTYPES)
+    assert RUNNER_CHOICES == RUNNER_KINDS
+    assert KERNEL_CHOICES == fast.KERNEL_CHOICES
+
+
+def test_generate_reports_its_cpu_threads(capsys, text_pair_dirs):
+    target, _ = map(str, text_pair_dirs)
+    argv = ["generate", "--target", target, "--ngram", "2", "--prompt", "x = 1\n", "--max-new-tokens", "4"]
+    assert main([*argv, "--ignore-eos", "--device", "cpu", "--threads", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cpu_threads"] == torch.get_num_threads() == 1
+    assert main([*argv, "--device", "cpu", "--threads", "0"]) == 2
+    assert "threads must be at least 1" in capsys.readouterr().err

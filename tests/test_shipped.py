@@ -3,6 +3,9 @@ draft really is a good draft for the target."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -103,3 +106,10 @@ def test_best_draft_acceptance_rate_on_held_out_prompts(decoder):
         drafted += stats.drafted
         accepted += stats.accepted
     assert accepted / drafted > 0.6
+
+
+def test_shipped_is_reachable_after_a_plain_import():
+    """`import speculor; speculor.models.shipped()` works in a fresh interpreter, without importing torch."""
+    script = "import sys, speculor; print(speculor.models.shipped().best_draft_name, 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == [BEST_DRAFT, "False"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -18,11 +19,13 @@ from speculor.errors import SpeculorError
 from speculor.train import (
     END_OF_TEXT,
     ModelShape,
+    TrainSettings,
     build_tokenizer,
     collect_corpus,
     distillation_loss,
     learning_rate_at,
     train_family,
+    train_model,
 )
 
 SOURCE = Path(speculor.__file__).parent
@@ -152,3 +155,15 @@ def test_bad_family_requests_are_refused(tmp_path, corpus_dir):
         train_family(tmp_path, ["a:1x16"], corpus=corpus_dir, distill_from="a", **TINY)
     with pytest.raises(SpeculorError, match="fewer than one window"):
         train_family(tmp_path, ["a:1x16"], corpus=corpus_dir, **(TINY | {"sequence_length": 1_000_000}))
+
+
+def test_progress_bar_shows_a_live_loss_and_no_seconds_per_second(capsys):
+    """With a time budget the bar counts seconds; its postfix (step, steps/s, smoothed loss, tok/s) is redrawn
+    about once a second with fresh values, and the meaningless seconds-per-second rate is not shown."""
+    stream = torch.randint(0, 64, (4096,), generator=torch.Generator().manual_seed(0))
+    settings = TrainSettings(seconds=3.0, batch_size=2, sequence_length=16, progress=True)
+    train_model(ModelShape("tiny", 1, 16), stream, stream[:512], 64, 0, settings)
+    shown = capsys.readouterr().err
+    losses = re.findall(r"loss (\d+\.\d+)", shown)
+    assert not re.search(r"\ds/s", shown) and "steps/s" in shown and "/3 s [" in shown
+    assert len(losses) >= 3 and len(set(losses)) >= 2

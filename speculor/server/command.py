@@ -71,8 +71,10 @@ def run_serve(args: argparse.Namespace) -> int:
             f"`speculor serve` needs fastapi, uvicorn, pydantic and prometheus_client installed ({error})"
         ) from error
     from speculor.api import SpeculativeDecoder
+    from speculor.threads import use_cpu_threads
 
     apply_config_file(args)
+    use_cpu_threads(args.threads, args.device)  # --threads comes with add_model_arguments
     if args.config:
         # A best_config.json names the target it was measured on (its draft only makes sense with that target) and
         # the γ that paid best there, which beats the load-aware default when no --gamma is given.

@@ -1,0 +1,107 @@
+"""The `speculor train` subcommand's options. Training itself lives in `speculor.train`, which imports torch,
+tokenizers and transformers; it is imported only when the command runs, so the rest of the command line starts
+quickly. This module imports nothing beyond the standard library, so `python -m speculor.train` still runs on a
+machine that has only torch, transformers and tokenizers (speculor.threads needs nothing more)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from speculor.threads import add_threads_argument, use_cpu_threads
+
+# The shapes of the shipped family (speculor/models), each trained for --seconds.
+DEFAULT_FAMILY = ("target:8x384", "draft-4x128:4x128", "draft-3x128:3x128", "draft-1x192:1x192")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a tokenizer and a family of small Llama models (a target and drafts) on Python source",
+        description="Train a byte-level BPE tokenizer and Llama models that share it, then save each model as a "
+        "Hugging Face directory OUTPUT/NAME with a model card. The default corpus is this interpreter's own Python "
+        "source.",
+    )
+    parser.add_argument("--output", required=True, help="directory to write the family into")
+    parser.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME:LAYERSxWIDTH[@SECONDS]",
+        help=f"a model to train, in order (repeatable; default: {' '.join(DEFAULT_FAMILY)})",
+    )
+    parser.add_argument(
+        "--corpus", action="append", help="directory of .py files (repeatable; default: stdlib + site-packages)"
+    )
+    parser.add_argument("--max-corpus-bytes", type=int, help="use at most this many bytes of source")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--seconds", type=float, default=60.0, help="training time per model (default 60)")
+    parser.add_argument("--steps", type=int, help="train each model for this many steps instead of a time budget")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    parser.add_argument("--sequence-length", type=int, default=1024, help="tokens per sequence, also the context")
+    parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: by width)")
+    parser.add_argument(
+        "--distill-from",
+        help="name of an earlier model that later ones learn to imitate, or the directory of a saved one (new drafts "
+        "for an existing target; its tokenizer is reused)",
+    )
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_threads_argument(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=run_train)
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, rebuilt from the parsed options (defaults spelled out)."""
+    words = ["speculor", "train", "--output", args.output]
+    for shape in args.models or DEFAULT_FAMILY:
+        words += ["--model", shape]
+    for directory in args.corpus or []:
+        words += ["--corpus", directory]
+    options = {
+        "--max-corpus-bytes": args.max_corpus_bytes,
+        "--vocab-size": args.vocab_size,
+        "--seconds": None if args.steps else args.seconds,
+        "--steps": args.steps,
+        "--batch-size": args.batch_size,
+        "--sequence-length": args.sequence_length,
+        "--learning-rate": args.learning_rate,
+        "--distill-from": args.distill_from,
+        "--device": args.device,
+        "--threads": args.threads,
+        "--seed": args.seed,
+    }
+    for flag, value in options.items():
+        if value is not None:
+            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return shlex.join(words)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from speculor.train import train_family
+
+    use_cpu_threads(args.threads, args.device)
+    result = train_family(
+        args.output,
+        args.models or list(DEFAULT_FAMILY),
+        corpus=args.corpus,
+        max_corpus_bytes=args.max_corpus_bytes,
+        vocab_size=args.vocab_size,
+        seconds=args.seconds,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        sequence_length=args.sequence_length,
+        learning_rate=args.learning_rate,
+        distill_from=args.distill_from,
+        device=args.device,
+        seed=args.seed,
+        command=_command_line(args),
+        progress=not args.quiet,
+    )
+    for trained in result.models.values():
+        print(
+            f"{trained.name}\t{trained.shape}\t{trained.parameters:,} params\t{trained.tokens_seen:,} tokens\t"
+            f"held-out loss {trained.held_out_loss:.4f}\t{trained.path}"
+        )
+    return 0
