@@ -13,13 +13,19 @@ import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 
 from speculor.errors import SpeculorError
-from speculor.threads import add_threads_argument
+from speculor.threads import ThreadChoice, add_threads_argument
+
+if TYPE_CHECKING:
+    from speculor.api import SpeculativeDecoder
 
 # Modules that add a subcommand through `register(subparsers)`.
 COMMAND_MODULES = (
@@ -33,6 +39,8 @@ COMMAND_MODULES = (
 DTYPE_CHOICES = ("bf16", "bfloat16", "float16", "float32", "float64", "fp16", "fp32", "fp64")
 RUNNER_CHOICES = ("auto", "fast", "hf")
 KERNEL_CHOICES = ("auto", "triton", "torch")
+# speculor.api.DEFAULT_MAX_BATCH_SIZE: rows `generate --prompts-file` runs together unless --batch-size says otherwise.
+DEFAULT_BATCH_SIZE = 8
 
 console = Console(stderr=True, highlight=False)
 
@@ -73,7 +81,9 @@ def quiet_weight_loading() -> None:
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Generation options, named as in the Python API."""
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--gamma", type=int, default=4, help="tokens drafted per step")
+    parser.add_argument(
+        "--gamma", type=int, help="tokens drafted per step (default: chosen each step from measured step costs)"
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
@@ -95,6 +105,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    prompt.add_argument(
+        "--prompts-file",
+        help='many prompts, generated as a batch: JSON lines with a "prompt" field (text or token ids), or one prompt '
+        "per line; prints one JSON line per prompt, in order",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"with --prompts-file: rows generated together (default {DEFAULT_BATCH_SIZE}); later prompts take the "
+        "place of finished rows",
+    )
     add_sampling_arguments(parser)
     parser.add_argument("--config", help="best_config.json written by `speculor bench` (draft and gamma)")
     parser.add_argument("--compare", action="store_true", help="also run the target alone and compare")
@@ -134,8 +155,35 @@ def apply_config_file(args: argparse.Namespace) -> None:
     if args.draft is None and args.ngram is None:
         args.draft = config.get("draft")
         args.ngram = config.get("ngram")
-    if "gamma" in config and args.gamma == 4:
+    if "gamma" in config and args.gamma is None:
         args.gamma = config["gamma"]
+
+
+def read_prompts_file(path: str) -> list[str | list[int]]:
+    """The prompts of `--prompts-file`: JSON lines, each an object with a "prompt" (text or a list of token ids),
+    when the first non-blank line starts with "{"; otherwise one prompt per line, as written (blank lines skipped).
+    A prompt spanning lines, such as code, needs the JSON form."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpeculorError(f"cannot read --prompts-file {path!r}: {error}") from error
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not lines:
+        raise SpeculorError(f"--prompts-file {path!r} holds no prompt")
+    if not lines[0][1].lstrip().startswith("{"):
+        return [line for _, line in lines]
+    prompts: list[str | list[int]] = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SpeculorError(f"{path}, line {number}: not a JSON object ({error.msg})") from error
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        if not (isinstance(prompt, str) or ids):
+            raise SpeculorError(f'{path}, line {number}: needs a "prompt" holding text or a list of token ids')
+        prompts.append(prompt)
+    return prompts
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -143,8 +191,12 @@ def run_generate(args: argparse.Namespace) -> int:
     from speculor.threads import use_cpu_threads
 
     apply_config_file(args)
+    if args.batch_size is not None and args.prompts_file is None:
+        raise SpeculorError("--batch-size applies to --prompts-file; a single prompt is one row")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise SpeculorError(f"--batch-size must be at least 1, got {args.batch_size}")
+    prompts = read_prompts_file(args.prompts_file) if args.prompts_file is not None else None
     threads = use_cpu_threads(args.threads, args.device)
-    prompt = parse_token_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
     decoder = SpeculativeDecoder(
         args.target,
         args.draft,
@@ -154,8 +206,12 @@ def run_generate(args: argparse.Namespace) -> int:
         runner=args.runner,
         fixed_width=args.fixed_width,
         kernels=args.kernels,
+        max_batch_size=1 if prompts is None else args.batch_size or DEFAULT_BATCH_SIZE,
     )
     options = generation_options(args)
+    if prompts is not None:
+        return generate_batch(decoder, prompts, args, options, threads)
+    prompt = parse_token_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
     decoding = decoder.decoding(prompt, **options)
     out = Console(highlight=False)
     for delta in decoding:
@@ -194,6 +250,59 @@ def run_generate(args: argparse.Namespace) -> int:
     if threads is not None:
         line += f", {threads.describe()}"
     console.print(f"[dim]{line}[/dim]", soft_wrap=True)
+    return 0
+
+
+def generate_batch(
+    decoder: SpeculativeDecoder,
+    prompts: list[str | list[int]],
+    args: argparse.Namespace,
+    options: dict,
+    threads: ThreadChoice | None,
+) -> int:
+    """`generate --prompts-file`: every prompt through one rolling batch, one JSON line per prompt in order, then a
+    summary line (total tokens/s, what γ the steps drafted, and with --compare the target alone on the same batch)
+    on stderr. Step shapes and step costs are measured first, so the timing covers generation only."""
+    decoder.warm_up(args.gamma)
+    began = time.perf_counter()
+    results = decoder.generate(prompts, **options)
+    seconds = time.perf_counter() - began
+    baselines = None
+    if args.compare:
+        began = time.perf_counter()
+        baselines = decoder.generate(prompts, speculative=False, **options)
+        baseline_seconds = time.perf_counter() - began
+    gamma_steps: dict[int, int] = {}
+    for index, result in enumerate(results):
+        line = {
+            "index": index,
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason,
+            "stats": result.stats.to_dict(),
+        }
+        for gamma, steps in result.stats.gamma_steps.items():
+            gamma_steps[gamma] = gamma_steps.get(gamma, 0) + steps
+        if baselines is not None:
+            alone = baselines[index]
+            line["baseline"] = {"text": alone.text, "token_ids": alone.token_ids}
+            if args.temperature == 0:
+                line["identical"] = alone.token_ids == result.token_ids
+        print(json.dumps(line), flush=True)
+    tokens = sum(result.stats.new_tokens for result in results)
+    summary = (
+        f"{len(prompts)} prompts, batch size {decoder.max_batch_size}: {tokens} tokens in {seconds:.2f} s, "
+        f"{tokens / seconds:.1f} tok/s total; γ drafted per row step {dict(sorted(gamma_steps.items()))}"
+    )
+    if baselines is not None:
+        alone_rate = sum(result.stats.new_tokens for result in baselines) / baseline_seconds
+        summary += f"; target alone {alone_rate:.1f} tok/s, speedup {tokens / seconds / alone_rate:.2f}x"
+        if args.temperature == 0:
+            same = sum(alone.token_ids == result.token_ids for alone, result in zip(baselines, results, strict=True))
+            summary += f", identical {same}/{len(prompts)}"
+    if threads is not None:
+        summary += f"; {threads.describe()}"
+    console.print(f"[dim]{escape(summary)}[/dim]", soft_wrap=True)
     return 0
 
 

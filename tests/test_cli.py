@@ -172,3 +172,46 @@ def test_generate_reports_its_cpu_threads(capsys, text_pair_dirs):
     assert json.loads(capsys.readouterr().out)["cpu_threads"] == torch.get_num_threads() == 1
     assert main([*argv, "--device", "cpu", "--threads", "0"]) == 2
     assert "threads must be at least 1" in capsys.readouterr().err
+
+
+def test_prompts_file_prints_one_json_line_per_prompt_in_order(capsys, tmp_path, text_pair_dirs):
+    target, draft = map(str, text_pair_dirs)
+    prompts = ["def add(a, b):\n", "import os\n", [5, 6, 7], "class Point:\n"]
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in prompts))
+    argv = ["generate", "--target", target, "--draft", draft, "--max-new-tokens", "6", "--ignore-eos", "--compare"]
+    assert main([*argv, "--prompts-file", str(jsonl), "--batch-size", "3", "--gamma", "2"]) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert [line["index"] for line in lines] == [0, 1, 2, 3]
+    assert all(line["identical"] and len(line["token_ids"]) == 6 for line in lines)
+    assert len({tuple(line["token_ids"]) for line in lines}) > 1
+    assert "4 prompts, batch size 3: 24 tokens" in captured.err and "identical 4/4" in captured.err
+
+    plain = tmp_path / "prompts.txt"
+    plain.write_text("x = 1\n\nfor item in items:\n")
+    assert main(["generate", "--target", target, "--ngram", "2", "--prompts-file", str(plain)]) == 0
+    assert [json.loads(line)["index"] for line in capsys.readouterr().out.splitlines()] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "message"),
+    [
+        ('{"prompt": "a"}\n{"text": "b"}\n', [], 'line 2: needs a "prompt"'),
+        ('{"prompt": "a"}\nnot json\n', [], "line 2: not a JSON object"),
+        ("\n\n", [], "holds no prompt"),
+        ("x = 1\n", ["--batch-size", "0"], "--batch-size must be at least 1"),
+    ],
+)
+def test_prompts_file_mistakes_are_one_clear_line(capsys, tmp_path, text_pair_dirs, content, extra, message):
+    target, _ = map(str, text_pair_dirs)
+    path = tmp_path / "prompts"
+    path.write_text(content)
+    assert main(["generate", "--target", target, "--prompts-file", str(path), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_batch_size_needs_a_prompts_file(capsys, text_pair_dirs):
+    target, _ = map(str, text_pair_dirs)
+    assert main(["generate", "--target", target, "--prompt", "x", "--batch-size", "4"]) == 2
+    assert "--batch-size applies to --prompts-file" in capsys.readouterr().err
