@@ -104,6 +104,15 @@ def test_include_usage_adds_one_usage_chunk_and_nulls_usage_elsewhere(server_url
     assert all(chunk.usage is None for chunk in received[:-1])
 
 
+def test_continuous_usage_stats_count_the_tokens_each_chunk_carries(server_url):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 9, "temperature": 0, "stream": True}
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    *chunks, final, _ = sse_events(httpx.post(f"{server_url}/v1/completions", json={**body, "stream_options": options}))
+    counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
+    assert counts == sorted(counts) and counts[-1] == final["usage"]["completion_tokens"] == 9
+    assert all(chunk["usage"]["prompt_tokens"] == final["usage"]["prompt_tokens"] for chunk in chunks)
+
+
 def test_models_retrieve(client, model_dirs):
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(NotFoundError) as raised:

@@ -188,22 +188,33 @@ def usage(results: Sequence[GenerationResult], prompt_tokens: Sequence[int]) -> 
 
 class ResponseFormat:
     """The OpenAI envelope shared by both endpoints; subclasses shape the choices and their log-probabilities.
-    With `include_usage`, stream chunks carry `usage: null` until the final usage chunk. `token_text` turns a token
-    id into the text shown next to its log-probability; `with_logprobs` says whether the request asked for them."""
+    With `include_usage`, stream chunks carry `usage: null` until the final usage chunk; with `continuous_usage`
+    every chunk carries the usage so far (`prompt_tokens` is the request's). `token_text` turns a token id into the
+    text shown next to its log-probability; `with_logprobs` says whether the request asked for them."""
 
     id_prefix = ""
     object_name = ""
     chunk_object_name = ""
 
     def __init__(
-        self, model: str, token_text: Callable[[int], str], *, include_usage: bool = False, with_logprobs: bool = False
+        self,
+        model: str,
+        token_text: Callable[[int], str],
+        *,
+        prompt_tokens: int = 0,
+        include_usage: bool = False,
+        continuous_usage: bool = False,
+        with_logprobs: bool = False,
     ) -> None:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
         self.token_text = token_text
+        self.prompt_tokens = prompt_tokens
         self.include_usage = include_usage
+        self.continuous_usage = continuous_usage
         self.with_logprobs = with_logprobs
+        self._completion_tokens = 0
 
     def _envelope(self, object_name: str, choices: list[dict], **extra: Any) -> dict[str, Any]:
         return {
@@ -216,7 +227,16 @@ class ResponseFormat:
         }
 
     def _chunk(self, choices: list[dict], **extra: Any) -> dict[str, Any]:
-        if self.include_usage:
+        if self.continuous_usage:
+            extra.setdefault(
+                "usage",
+                {
+                    "prompt_tokens": self.prompt_tokens,
+                    "completion_tokens": self._completion_tokens,
+                    "total_tokens": self.prompt_tokens + self._completion_tokens,
+                },
+            )
+        elif self.include_usage:
             extra.setdefault("usage", None)
         return self._envelope(self.chunk_object_name, choices, **extra)
 
@@ -246,6 +266,7 @@ class ResponseFormat:
 
     def delta_chunk(self, index: int, delta: Delta) -> dict[str, Any] | None:
         """The chunk for a step's new text (and log-probabilities), or None when it has nothing to show."""
+        self._completion_tokens += len(delta.token_ids)
         if not delta.text and not (self.with_logprobs and delta.logprobs):
             return None
         return self._chunk([self.choice(index, delta.text, None, self._logprobs(index, delta.logprobs))])
@@ -507,9 +528,17 @@ def create_app(
             return APIError(499, "the client closed the request", code="client_closed_request").response()
         return JSONResponse(form.response(generations, results))
 
-    def response_format(shape: type[ResponseFormat], body: SamplingRequest) -> ResponseFormat:
-        with_logprobs = body.logprob_alternatives is not None
-        return shape(served.name, served.token_text, include_usage=body.include_usage, with_logprobs=with_logprobs)
+    def response_format(
+        shape: type[ResponseFormat], body: SamplingRequest, requests: list[tuple[DecodeRequest, int]]
+    ) -> ResponseFormat:
+        return shape(
+            served.name,
+            served.token_text,
+            prompt_tokens=sum(tokens for _, tokens in requests),
+            include_usage=body.include_usage,
+            continuous_usage=body.continuous_usage,
+            with_logprobs=body.logprob_alternatives is not None,
+        )
 
     async def read_body(request: Request, schema: type[Body]) -> Body:
         request.state.arrived = time.perf_counter()
@@ -521,13 +550,13 @@ def create_app(
     async def completions(request: Request) -> Response:
         body = await read_body(request, CompletionRequest)
         requests = await run_in_threadpool(served.completion, body)
-        return await answer(request, body, requests, response_format(CompletionFormat, body))
+        return await answer(request, body, requests, response_format(CompletionFormat, body, requests))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await read_body(request, ChatCompletionRequest)
         requests = await run_in_threadpool(served.chat, body)
-        return await answer(request, body, requests, response_format(ChatFormat, body))
+        return await answer(request, body, requests, response_format(ChatFormat, body, requests))
 
     def model_card() -> dict[str, Any]:
         return {

@@ -58,9 +58,13 @@ def _is_neutral(value: Any, neutral: Any) -> bool:
 
 
 class StreamOptions(BaseModel):
+    """`include_usage` is OpenAI's final usage chunk; `continuous_usage_stats` is vLLM's extension putting the usage
+    so far on every chunk, which tells a client how many tokens each chunk carried (benchmarks/serve.py uses it)."""
+
     model_config = ConfigDict(strict=True, extra="allow")
 
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
 
 
 class SamplingRequest(BaseModel):
@@ -100,6 +104,10 @@ class SamplingRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
 
     def refused_option(self) -> APIError | None:
         """The error for the first option this server would have to ignore to answer, or None."""
