@@ -1,16 +1,23 @@
-"""Serving throughput and latency: requests/s and p50/p95 latency at several concurrencies, speculative decoding
-against the target alone.
+"""Serving throughput and latency under concurrency, speculative decoding against the target alone.
 
-    python benchmarks/serve.py                                    # shipped family, best draft, HumanEval, CPU
-    python benchmarks/serve.py --target T --draft D --gamma 4 --concurrency 1 4 16 --requests 32 --max-tokens 64
+    python benchmarks/serve.py --quick                              # CPU smoke run: shipped pair, small load
+    python benchmarks/serve.py                                      # shipped pair, concurrency 1 4 16 64
+    python benchmarks/serve.py --target T --draft D --device cuda --max-batch-size 64 --json serve.json
 
 Each mode starts `python -m speculor serve` as its own process on a free 127.0.0.1 port (the server a user would
-run); the modes take turns at each concurrency, so a shared machine's changing load falls on both alike. Each run
-is a closed loop: `c` clients, each sending its next streamed request as soon as its last one ends, until
-`--requests` have been answered. Every mode and concurrency sends the same prompts in the same order with greedy
-decoding, so both modes generate the same tokens (checked and reported); only the time differs. The server runs
-one generation at a time, so requests/s should not grow with concurrency while latency grows about linearly with
-it: the table shows how much of that queueing speculative decoding buys back.
+run, batching up to `--max-batch-size` requests; speculative with its load-aware γ unless `--gamma` is given); the
+modes take turns at each concurrency, so a shared machine's changing load falls on both alike. Each run is a closed
+loop: `c` clients, each sending its next streamed greedy request as soon as its last one ends, until `--requests`
+have been answered; every mode and concurrency sends the same prompts in the same order, so both modes generate the
+same tokens (checked and reported) and only the time differs.
+
+Reported per mode and concurrency: requests/s, output tokens/s, time to first token (TTFT) p50/p99, and per-token
+latency p50/p99. Speculative decoding delivers several tokens in one chunk, so a per-chunk latency would overstate
+its gaps: the server's per-chunk usage counts (`stream_options.continuous_usage_stats`) say how many tokens each
+chunk carried, and the gap before a chunk is split evenly among its tokens (the first chunk's tokens count in TTFT).
+
+Needs only httpx on the client side; the server side needs the web stack (fastapi, uvicorn, pydantic), which a
+machine without it can get as wheels (see the report for the exact GPU command).
 """
 
 from __future__ import annotations
@@ -36,13 +43,14 @@ import httpx
 from speculor.prompts import load_prompts
 
 MODEL_NAME = "bench"
+QUICK = {"requests": 8, "concurrency": [1, 4], "max_tokens": 16, "max_batch_size": 8}
 
 
 @dataclass
 class Answer:
     text: str
-    latency: float
     time_to_first_token: float
+    token_latencies: list[float]
     completion_tokens: int
     drafted: int
     accepted: int
@@ -55,10 +63,12 @@ class Row:
     requests: int
     seconds: float
     requests_per_second: float
-    tokens_per_second: float
-    latency_p50: float
-    latency_p95: float
+    output_tokens_per_second: float
     time_to_first_token_p50: float
+    time_to_first_token_p99: float
+    token_latency_p50: float
+    token_latency_p99: float
+    drafted: int
     acceptance_rate: float
 
 
@@ -89,7 +99,7 @@ class ServerProcess:
     """`speculor serve` in a child process with `threads` torch threads; stopped with SIGINT, the graceful path a
     user's Ctrl-C takes."""
 
-    def __init__(self, arguments: list[str], threads: int, startup_seconds: float = 300.0) -> None:
+    def __init__(self, arguments: list[str], threads: int, startup_seconds: float = 600.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "speculor", "serve", *arguments, "--port", str(self.port)]
@@ -122,18 +132,20 @@ class ServerProcess:
 
 
 async def ask(client: httpx.AsyncClient, prompt: str, max_tokens: int, ignore_eos: bool) -> Answer:
-    """One streamed greedy completion, timed from sending to the last event."""
+    """One streamed greedy completion, with the arrival time and token count of every chunk."""
     body = {
         "model": MODEL_NAME,
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         "ignore_eos": ignore_eos,
     }
     started = time.perf_counter()
-    first_token = None
+    first_token: float | None = None
+    last_arrival, tokens_seen = started, 0
+    token_latencies: list[float] = []
     pieces: list[str] = []
     final: dict = {}
     async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -144,18 +156,23 @@ async def ask(client: httpx.AsyncClient, prompt: str, max_tokens: int, ignore_eo
             event = json.loads(line.removeprefix("data: "))
             if "error" in event:
                 raise RuntimeError(event["error"]["message"])
-            if event["choices"]:
-                if first_token is None:
-                    first_token = time.perf_counter() - started
-                pieces.append(event["choices"][0]["text"])
-            else:
+            if not event["choices"]:
                 final = event
-    latency = time.perf_counter() - started
+                continue
+            pieces.append(event["choices"][0]["text"])
+            arrived, tokens = time.perf_counter(), event["usage"]["completion_tokens"]
+            if tokens > tokens_seen:
+                if first_token is None:
+                    first_token = arrived - started
+                else:
+                    gap = (arrived - last_arrival) / (tokens - tokens_seen)
+                    token_latencies += [gap] * (tokens - tokens_seen)
+                last_arrival, tokens_seen = arrived, tokens
     speculative = final["speculative"]
     return Answer(
         "".join(pieces),
-        latency,
-        first_token if first_token is not None else latency,
+        first_token if first_token is not None else time.perf_counter() - started,
+        token_latencies,
         final["usage"]["completion_tokens"],
         speculative["drafted"],
         speculative["accepted"],
@@ -175,7 +192,7 @@ async def closed_loop(
             index, next_index = next_index, next_index + 1
             answers[index] = await ask(client, prompts[index], max_tokens, ignore_eos)
 
-    limits = httpx.Limits(max_connections=concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 1)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
         await ask(client, prompts[0], max_tokens, ignore_eos)  # warm-up, not timed
         started = time.perf_counter()
@@ -185,12 +202,16 @@ async def closed_loop(
 
 
 def percentile(values: list[float], fraction: float) -> float:
+    """The nearest-rank percentile; 0 for no values (a run whose answers were all one token long)."""
+    if not values:
+        return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def summarize(mode: str, concurrency: int, answers: list[Answer], seconds: float) -> Row:
-    latencies = [answer.latency for answer in answers]
+    first_tokens = [answer.time_to_first_token for answer in answers]
+    token_latencies = [latency for answer in answers for latency in answer.token_latencies]
     drafted = sum(answer.drafted for answer in answers)
     return Row(
         mode=mode,
@@ -198,10 +219,12 @@ def summarize(mode: str, concurrency: int, answers: list[Answer], seconds: float
         requests=len(answers),
         seconds=seconds,
         requests_per_second=len(answers) / seconds,
-        tokens_per_second=sum(answer.completion_tokens for answer in answers) / seconds,
-        latency_p50=statistics.median(latencies),
-        latency_p95=percentile(latencies, 0.95),
-        time_to_first_token_p50=statistics.median(answer.time_to_first_token for answer in answers),
+        output_tokens_per_second=sum(answer.completion_tokens for answer in answers) / seconds,
+        time_to_first_token_p50=statistics.median(first_tokens),
+        time_to_first_token_p99=percentile(first_tokens, 0.99),
+        token_latency_p50=percentile(token_latencies, 0.5),
+        token_latency_p99=percentile(token_latencies, 0.99),
+        drafted=drafted,
         acceptance_rate=sum(answer.accepted for answer in answers) / drafted if drafted else 0.0,
     )
 
@@ -209,44 +232,60 @@ def summarize(mode: str, concurrency: int, answers: list[Answer], seconds: float
 def markdown_table(rows: list[Row]) -> str:
     baseline = {row.concurrency: row for row in rows if row.mode == "target alone"}
     lines = [
-        "| mode | concurrency | requests/s | tokens/s | p50 latency (s) | p95 latency (s) | p50 TTFT (s) | TAR "
-        "| speedup (req/s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | concurrency | requests/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | per-token p50 (ms) "
+        "| per-token p99 (ms) | TAR | speedup (tok/s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         base = baseline.get(row.concurrency)
-        speedup = f"{row.requests_per_second / base.requests_per_second:.2f}x" if base else "—"
-        tar = f"{row.acceptance_rate:.3f}" if row.mode != "target alone" else "—"
+        speedup = f"{row.output_tokens_per_second / base.output_tokens_per_second:.2f}x" if base else "—"
+        tar = f"{row.acceptance_rate:.3f}" if row.drafted else "— (none drafted)" if row.mode != "target alone" else "—"
         lines.append(
-            f"| {row.mode} | {row.concurrency} | {row.requests_per_second:.3f} | {row.tokens_per_second:.1f} "
-            f"| {row.latency_p50:.2f} | {row.latency_p95:.2f} | {row.time_to_first_token_p50:.3f} | {tar} | {speedup} |"
+            f"| {row.mode} | {row.concurrency} | {row.requests_per_second:.2f} | {row.output_tokens_per_second:.1f} "
+            f"| {row.time_to_first_token_p50 * 1e3:.1f} | {row.time_to_first_token_p99 * 1e3:.1f} "
+            f"| {row.token_latency_p50 * 1e3:.2f} | {row.token_latency_p99 * 1e3:.2f} | {tar} | {speedup} |"
         )
     return "\n".join(lines)
 
 
-def main() -> int:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", help="target model (default: the shipped target)")
     drafting = parser.add_mutually_exclusive_group()
     drafting.add_argument("--draft", help="draft model (default: the shipped best draft)")
     drafting.add_argument("--ngram", type=int, help="draft by prompt lookup instead")
-    parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--gamma", type=int, help="fixed γ for the speculative server (default: load-aware)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", help="server dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="batch slots of each server")
     parser.add_argument("--prompts", default="humaneval", help="prompt set name or JSONL file")
-    parser.add_argument("--requests", type=int, default=32, help="requests per mode and concurrency")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=128, help="requests per mode and concurrency")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens per request")
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="torch threads of the server (OMP_NUM_THREADS); 1 keeps a shared "
-        "machine's other work from stalling OpenMP's spinning threads",
+        help="torch threads of each server (OMP_NUM_THREADS); 1 keeps a shared machine's other work from stalling "
+        "OpenMP's spinning threads",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a CPU smoke run: {QUICK['requests']} requests at concurrency {QUICK['concurrency']}, "
+        f"{QUICK['max_tokens']} tokens each, {QUICK['max_batch_size']} batch slots",
     )
     parser.add_argument("--json", type=Path, help="also write the rows and settings here")
     args = parser.parse_args()
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
+    return args
 
+
+def main() -> int:
+    args = parse_arguments()
     target, draft = args.target, args.draft
     if target is None:
         target, shipped_draft = shipped_pair()
@@ -254,13 +293,13 @@ def main() -> int:
             draft = shipped_draft
     drafting_arguments = ["--draft", draft] if draft else ["--ngram", str(args.ngram)] if args.ngram else []
     if not drafting_arguments:
-        parser.error("give --draft or --ngram (or neither --target nor --draft for the shipped pair)")
-    prompts = load_prompts(args.prompts, limit=args.requests)
-    common = ["--target", target, "--device", args.device]
-    modes = {
-        "target alone": common,
-        "speculative": [*common, *drafting_arguments, "--gamma", str(args.gamma)],
-    }
+        sys.exit("give --draft or --ngram (or neither --target nor --draft for the shipped pair)")
+    prompt_set = load_prompts(args.prompts, limit=args.requests)
+    prompts = [prompt_set[index % len(prompt_set)] for index in range(args.requests)]
+    common = ["--target", target, "--device", args.device, "--max-batch-size", str(args.max_batch_size)]
+    common += ["--dtype", args.dtype] if args.dtype else []
+    gamma = ["--gamma", str(args.gamma)] if args.gamma else []
+    modes = {"target alone": common, "speculative": [*common, *drafting_arguments, *gamma]}
     load_before = os.getloadavg()
     rows: list[Row] = []
     texts: dict[str, list[str]] = {}
@@ -277,7 +316,10 @@ def main() -> int:
                 )
                 rows.append(summarize(mode, concurrency, answers, seconds))
                 texts.setdefault(mode, [answer.text for answer in answers])
-                print(f"{mode}, concurrency {concurrency}: {rows[-1].requests_per_second:.3f} requests/s", flush=True)
+                print(
+                    f"{mode}, concurrency {concurrency}: {rows[-1].output_tokens_per_second:.1f} output tokens/s",
+                    flush=True,
+                )
     finally:
         for server in servers.values():
             server.stop()
