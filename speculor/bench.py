@@ -9,6 +9,11 @@ prompt, every configuration on a prompt before the next prompt, with seed `--see
 each configuration's run next to the baseline's run on the same prompt, so the per-prompt speedup ratios stay fair
 when the machine's load drifts during a long benchmark.
 
+With `--batch-size 1,4,16`, every configuration also runs at each batch size: a run is then one batch of that many
+prompts generated together (the prompt list repeats when shorter), every configuration on a batch before the next
+batch, and the engine's load-aware γ policy joins the configurations, so the report shows how throughput (total and
+per row) and the γ that policy drafts change with the batch size.
+
 The Leviathan policy needs the cost ratio c before any timed run, so it is measured up front by timing
 single-token forwards of the draft and the target after the same prefill. Adaptive policies apply to draft models
 only: prompt lookup has no draft probabilities to threshold, and its near-zero cost would always make the Leviathan
@@ -90,11 +95,11 @@ class BenchSettings:
 @dataclass(frozen=True)
 class Plan:
     """One configuration to run: what it is, the decoder that runs it, and how to make a fresh γ policy (one per
-    generation, so that prompts do not influence each other)."""
+    generation, so that prompts do not influence each other); None leaves γ to the engine's load-aware policy."""
 
     config: BenchConfig
     decoder: SpeculativeDecoder
-    make_policy: Callable[[], GammaPolicy]
+    make_policy: Callable[[], GammaPolicy] | None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -139,24 +144,40 @@ def plan_configurations(
     drafters: Sequence[Drafter],
     cost_ratios: dict[str, float],
 ) -> list[Plan]:
-    """Every configuration in run order; `cost_ratios` maps each draft to the c its Leviathan policy uses."""
+    """Every configuration in run order; `cost_ratios` maps each draft to the c its Leviathan policy uses. The
+    load-aware policy (the engine's default, which picks γ for a whole batch) runs with --adaptive or whenever a
+    batch size above 1 is swept."""
     from speculor.bench_report import BenchConfig
 
     plans = []
     top = max(args.gamma)
-    for temperature in args.temperature:
-        plans.append(Plan(BenchConfig(temperature), baseline, partial(FixedGamma, 1)))
-        for drafter in drafters:
-            draft, ngram, decoder = drafter.draft, drafter.ngram, drafter.decoder
-            for gamma in args.gamma:
-                config = BenchConfig(temperature, "fixed", draft, ngram, gamma)
-                plans.append(Plan(config, decoder, partial(FixedGamma, gamma)))
-            if args.adaptive and draft is not None:
-                confidence = partial(ConfidenceThreshold, top, args.confidence_threshold)
-                plans.append(Plan(BenchConfig(temperature, "confidence", draft, None, top), decoder, confidence))
-                leviathan = partial(LeviathanGamma, top, cost_ratio=cost_ratios[draft])
-                plans.append(Plan(BenchConfig(temperature, "leviathan", draft, None, top), decoder, leviathan))
+    load_aware = args.adaptive or max(args.batch_size) > 1
+    for size in args.batch_size:
+        for temperature in args.temperature:
+            plans.append(Plan(BenchConfig(temperature, batch_size=size), baseline, partial(FixedGamma, 1)))
+            for drafter in drafters:
+                draft, ngram, decoder = drafter.draft, drafter.ngram, drafter.decoder
+                for gamma in args.gamma:
+                    config = BenchConfig(temperature, "fixed", draft, ngram, gamma, size)
+                    plans.append(Plan(config, decoder, partial(FixedGamma, gamma)))
+                if args.adaptive and draft is not None:
+                    confidence = partial(ConfidenceThreshold, top, args.confidence_threshold)
+                    config = BenchConfig(temperature, "confidence", draft, None, top, size)
+                    plans.append(Plan(config, decoder, confidence))
+                    leviathan = partial(LeviathanGamma, top, cost_ratio=cost_ratios[draft])
+                    plans.append(
+                        Plan(BenchConfig(temperature, "leviathan", draft, None, top, size), decoder, leviathan)
+                    )
+                if load_aware:
+                    plans.append(Plan(BenchConfig(temperature, "load-aware", draft, ngram, None, size), decoder, None))
     return plans
+
+
+def batches(prompts: int, size: int) -> list[list[int]]:
+    """Prompt indices of each batch at batch size `size`: every prompt at least once, every batch full (the list
+    repeats when it is shorter than a batch), so a batch size's throughput is measured at that many rows."""
+    count = max(1, -(-prompts // size))
+    return [[(batch * size + row) % prompts for row in range(size)] for batch in range(count)]
 
 
 def warmup_order(prompt_ids: list[list[int]]) -> list[int]:
@@ -182,34 +203,60 @@ def _prefill_every_prompt(decoders: Sequence[SpeculativeDecoder], prompt_ids: li
 def run_plans(
     plans: Sequence[Plan], prompt_ids: list[list[int]], settings: BenchSettings, progress: tqdm
 ) -> list[ConfigResult]:
-    """Warm every runner and configuration up, then run prompt by prompt (see the module docstring for why)."""
-    from speculor.bench_report import ConfigResult, PromptRun
+    """Warm every runner and configuration up, then run batch by batch (one prompt each at batch size 1), every
+    configuration of a batch size on a batch before the next batch (see the module docstring for why)."""
+    from speculor.api import run_batch
+    from speculor.bench_report import ConfigResult, PromptRun, batch_run
 
-    def generate(plan: Plan, prompt_index: int, seed: int) -> PromptRun:
+    def generate(plan: Plan, index: int, rows: list[int], seeds: list[int]) -> PromptRun:
         progress.set_postfix_str(plan.config.label, refresh=False)
-        counter = RejectionCounter(plan.make_policy())
-        generation = plan.decoder.generate(
-            prompt_ids[prompt_index],
-            gamma=counter,
-            seed=seed,
-            max_new_tokens=settings.max_new_tokens,
-            temperature=plan.config.temperature,
-            ignore_eos=settings.ignore_eos,
-            speculative=plan.config.policy != "target",
-        )
-        progress.update()
-        return PromptRun(prompt_index, generation.stats.to_dict(), generation.token_ids, counter.rejections)
+        counters = [RejectionCounter(plan.make_policy()) if plan.make_policy else None for _ in rows]
+        requests = [
+            plan.decoder.request(
+                prompt_ids[row],
+                gamma=counter,
+                seed=seed,
+                max_new_tokens=settings.max_new_tokens,
+                temperature=plan.config.temperature,
+                ignore_eos=settings.ignore_eos,
+                speculative=plan.config.policy != "target",
+            )
+            for row, seed, counter in zip(rows, seeds, counters, strict=True)
+        ]
+        engine = plan.decoder.new_engine()
+        _synchronize(plan.decoder.device)
+        started = time.perf_counter()
+        generations = run_batch(engine, requests)
+        wall_seconds = time.perf_counter() - started
+        progress.update(len(rows))
+        rejections = None if plan.make_policy is None else sum(counter.rejections for counter in counters if counter)
+        if len(rows) == 1:
+            only = generations[0]
+            return PromptRun(index, only.stats.to_dict(), only.token_ids, rejections)
+        stats = [generation.stats.to_dict() for generation in generations]
+        return batch_run(index, stats, [g.token_ids for g in generations], wall_seconds, rejections)
 
-    _prefill_every_prompt([plan.decoder for plan in plans], prompt_ids)
+    decoders = list({id(plan.decoder): plan.decoder for plan in plans}.values())
+    _prefill_every_prompt(decoders, prompt_ids)
+    for decoder in decoders:
+        if decoder.speculative:
+            decoder.calibrate()
     warmup_prompts = warmup_order(prompt_ids)
     for plan in plans:
-        for turn in range(settings.warmup):
-            generate(plan, warmup_prompts[turn % len(warmup_prompts)], turn)
-    results = [ConfigResult(plan.config) for plan in plans]
-    for index in range(len(prompt_ids)):
-        for plan, result in zip(plans, results, strict=True):
-            result.runs.append(generate(plan, index, settings.seed + index))
-    return results
+        size = plan.config.batch_size
+        # One warm-up batch reaches a batch size's step shapes; single prompts warm up longest and shortest first.
+        turns = settings.warmup if size == 1 else min(settings.warmup, 1)
+        for turn in range(turns):
+            rows = [warmup_prompts[turn % len(warmup_prompts)]] if size == 1 else batches(len(prompt_ids), size)[0]
+            generate(plan, turn, rows, [turn] * len(rows))
+    results = {id(plan): ConfigResult(plan.config) for plan in plans}
+    for size in dict.fromkeys(plan.config.batch_size for plan in plans):
+        sized = [plan for plan in plans if plan.config.batch_size == size]
+        for index, rows in enumerate(batches(len(prompt_ids), size)):
+            for plan in sized:
+                run = generate(plan, index, rows, [settings.seed + row for row in rows])
+                results[id(plan)].runs.append(run)
+    return [results[id(plan)] for plan in plans]
 
 
 def parse_list(kind: type, minimum: float) -> Callable[[str], list]:
@@ -240,6 +287,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--draft", action="append", default=[], help="draft model (repeatable)")
     parser.add_argument("--ngram", action="append", type=int, default=[], help="prompt lookup up to n (repeatable)")
     parser.add_argument("--gamma", type=parse_list(int, 1), default=list(DEFAULT_GAMMAS), help="e.g. 1,2,4,6,8")
+    parser.add_argument(
+        "--batch-size",
+        type=parse_list(int, 1),
+        default=[1],
+        help="rows generated together, e.g. 1,4,16,64: every configuration at each size, plus the load-aware γ "
+        "policy when a size is above 1 (default 1)",
+    )
     parser.add_argument("--adaptive", action="store_true", help="also run the confidence and Leviathan γ policies")
     parser.add_argument(
         "--confidence-threshold", type=float, default=DEFAULT_CONFIDENCE_THRESHOLD, help="for --adaptive"
@@ -275,6 +329,7 @@ def command_line(args: argparse.Namespace) -> str:
     for ngram in args.ngram:
         parts += ["--ngram", str(ngram)]
     parts += ["--gamma", ",".join(map(str, args.gamma)), "--temperature", ",".join(f"{t:g}" for t in args.temperature)]
+    parts += ["--batch-size", ",".join(map(str, args.batch_size))]
     if args.adaptive:
         parts += ["--adaptive", "--confidence-threshold", f"{args.confidence_threshold:g}"]
     parts += ["--prompts", args.prompts, "--num-prompts", str(args.num_prompts)]
@@ -334,6 +389,7 @@ def run_bench(args: argparse.Namespace) -> int:
     threads = use_cpu_threads(args.threads, args.device)
     prompts = load_prompt_set(args.prompts, limit=args.num_prompts)
     loader = {"device": args.device, "dtype": args.dtype, "runner": args.runner, "kernels": args.kernels}
+    loader["max_batch_size"] = max(args.batch_size)
     baseline_decoder = SpeculativeDecoder(args.target, **loader)
     if baseline_decoder.tokenizer is None:
         raise SpeculorError(f"target {args.target!r} has no tokenizer, which the prompt sets need")
@@ -349,11 +405,15 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.adaptive:
         cost_ratios = {d.draft: forward_cost_ratio(d.decoder, prompt_ids[0]) for d in drafters if d.draft is not None}
     plans = plan_configurations(args, baseline_decoder, drafters, cost_ratios)
-    total = len(plans) * (len(prompt_ids) + args.warmup)
+    total = 0
+    for plan in plans:
+        size = plan.config.batch_size
+        timed = sum(map(len, batches(len(prompt_ids), size)))
+        total += timed + (args.warmup if size == 1 else min(args.warmup, 1) * size)
     with tqdm(total=total, desc="speculor bench", unit="gen", dynamic_ncols=True) as progress:
         results = run_plans(plans, prompt_ids, settings, progress)
-    baselines = {r.config.temperature: r for r in results if r.config.policy == "target"}
-    rows = [summarize(result, baselines[result.config.temperature]) for result in results]
+    baselines = {(r.config.temperature, r.config.batch_size): r for r in results if r.config.policy == "target"}
+    rows = [summarize(result, baselines[result.config.temperature, result.config.batch_size]) for result in results]
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(args),
@@ -361,6 +421,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "drafts": args.draft,
         "ngrams": args.ngram,
         "gammas": args.gamma,
+        "batch_sizes": args.batch_size,
         "temperatures": args.temperature,
         "prompts": args.prompts,
         "num_prompts": len(prompt_ids),

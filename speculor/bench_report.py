@@ -14,6 +14,10 @@ Definitions (per configuration, over the same prompts as the target-alone baseli
   a draft step is a draft-model forward, or one lookup (one per target step) for prompt lookup.
 - predicted speedup = E(α, γ̄) / (γ̄·c + 1) with γ̄ the mean number of tokens drafted per drafting step; draft
   models only, since the model assumes a cost per drafted token and a proposal at every step.
+- batch size B > 1: each run is one batch of B rows generated together, so its tokens/s is the batch's total (all
+  rows' tokens over the batch's wall time) and its speedup is against the target alone on the same batch; per-row
+  tokens/s is each row's own rate; γ per step is what the steps drafted (the load-aware policy's choices), averaged
+  over row-steps. The recommendation (best_config.json) is made at the smallest batch size swept.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from speculor.analysis import alpha_from_counts, cost_ratio, predicted_speedup
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-ADAPTIVE_POLICY_NAMES = {"confidence": "confidence threshold", "leviathan": "Leviathan γ"}
+ADAPTIVE_POLICY_NAMES = {"confidence": "confidence threshold", "leviathan": "Leviathan γ", "load-aware": "load-aware γ"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class BenchConfig:
     draft: str | None = None
     ngram: int | None = None
     gamma: int | None = None
+    batch_size: int = 1
 
     @property
     def drafter(self) -> str:
@@ -57,21 +62,60 @@ class BenchConfig:
 
     @property
     def label(self) -> str:
+        batch = f", B={self.batch_size}" if self.batch_size != 1 else ""
         if self.policy == "target":
-            return f"target alone, T={self.temperature:g}"
-        how = f"γ={self.gamma}" if self.policy == "fixed" else f"{ADAPTIVE_POLICY_NAMES[self.policy]} (γ≤{self.gamma})"
-        return f"{self.drafter}, {how}, T={self.temperature:g}"
+            return f"target alone, T={self.temperature:g}{batch}"
+        if self.policy == "fixed":
+            how = f"γ={self.gamma}"
+        elif self.gamma is None:
+            how = ADAPTIVE_POLICY_NAMES[self.policy]
+        else:
+            how = f"{ADAPTIVE_POLICY_NAMES[self.policy]} (γ≤{self.gamma})"
+        return f"{self.drafter}, {how}, T={self.temperature:g}{batch}"
 
 
 @dataclass
 class PromptRun:
     """One timed generation: the engine's statistics (`GenerationStats.to_dict()`), the generated ids, and how
-    many of its steps ended at a rejected draft."""
+    many of its steps ended at a rejected draft (None where the engine chose γ and nothing counted them). At a batch
+    size above 1 it is one batch (`batch_run`):
+    `prompt_index` numbers the batch, `token_ids` holds one list per row, and `stats` the batch's totals."""
 
     prompt_index: int
     stats: dict
-    token_ids: list[int]
-    rejections: int = 0
+    token_ids: list[int] | list[list[int]]
+    rejections: int | None = 0
+
+
+SUMMED_STATS = (
+    "drafted", "accepted", "new_tokens", "target_forwards", "draft_forwards", "draft_seconds", "verify_seconds",
+    "prefill_seconds",
+)  # fmt: skip
+
+
+def batch_run(
+    index: int, rows: Sequence[dict], token_ids: list[list[int]], wall_seconds: float, rejections: int | None
+) -> PromptRun:
+    """One batch's record from its rows' statistics (`GenerationStats.to_dict()` each) and the batch's wall time.
+    Counters and per-step times add up over rows, so ratios of them (TAR, mean accepted length, c) keep their
+    meaning; tokens/s is the batch's total; each row's own rate is kept in `row_tokens_per_second`."""
+    stats: dict = {key: sum(row[key] for row in rows) for key in SUMMED_STATS}
+    for key in ("drafted_by_position", "accepted_by_position"):
+        width = max(len(row[key]) for row in rows)
+        stats[key] = [sum(row[key][i] for row in rows if i < len(row[key])) for i in range(width)]
+    gamma_steps: dict[int, int] = {}
+    for row in rows:
+        for gamma, steps in row["gamma_steps"].items():
+            gamma_steps[int(gamma)] = gamma_steps.get(int(gamma), 0) + steps
+    stats.update(
+        gamma_steps=dict(sorted(gamma_steps.items())),
+        wall_seconds=wall_seconds,
+        tokens_per_second=stats["new_tokens"] / wall_seconds if wall_seconds > 0 else 0.0,
+        time_to_first_token=float(np.median([row["time_to_first_token"] for row in rows])),
+        row_tokens_per_second=[row["tokens_per_second"] for row in rows],
+        rows=len(rows),
+    )
+    return PromptRun(index, stats, token_ids, rejections)
 
 
 @dataclass
@@ -108,8 +152,21 @@ def measured_cost_ratio(result: ConfigResult, baseline: ConfigResult) -> float |
     return cost_ratio(_total(result.runs, "draft_seconds"), int(draft_steps), target_seconds, int(target_steps))
 
 
+def _row_token_ids(run: PromptRun, batch_size: int) -> list[list[int]]:
+    return [run.token_ids] if batch_size == 1 else list(run.token_ids)
+
+
+def _gamma_steps(runs: Sequence[PromptRun]) -> dict[int, int]:
+    """How many (row) steps drafted each γ, over every run; 0 counts steps that drafted nothing."""
+    total: dict[int, int] = {}
+    for run in runs:
+        for gamma, steps in run.stats.get("gamma_steps", {}).items():
+            total[int(gamma)] = total.get(int(gamma), 0) + steps
+    return dict(sorted(total.items()))
+
+
 def summarize(result: ConfigResult, baseline: ConfigResult) -> dict:
-    """The summary row of one configuration against the target-alone baseline at its temperature."""
+    """The summary row of one configuration against the target-alone baseline at its temperature and batch size."""
     config, runs = result.config, result.runs
     baseline_by_prompt = {run.prompt_index: run for run in baseline.runs}
     tokens_per_second = [run.stats["tokens_per_second"] for run in runs]
@@ -120,7 +177,8 @@ def summarize(result: ConfigResult, baseline: ConfigResult) -> dict:
     ]
     median_tps, p10_tps, p90_tps = _percentiles(tokens_per_second)
     drafted, accepted = _total(runs, "drafted"), _total(runs, "accepted")
-    alpha = alpha_from_counts(int(accepted), sum(run.rejections for run in runs)) if drafted else None
+    counted = drafted and all(run.rejections is not None for run in runs)
+    alpha = alpha_from_counts(int(accepted), sum(run.rejections or 0 for run in runs)) if counted else None
     # Every step that drafted anything drafted position 0.
     drafting_steps = sum(run.stats["drafted_by_position"][0] for run in runs if run.stats["drafted_by_position"])
     mean_gamma = drafted / drafting_steps if drafting_steps else None
@@ -129,6 +187,7 @@ def summarize(result: ConfigResult, baseline: ConfigResult) -> dict:
     # lookup (a cheap step that often proposes nothing), so lookup gets no prediction.
     modelled = config.draft is not None and None not in (alpha, mean_gamma, c)
     predicted = predicted_speedup(alpha, mean_gamma, c) if modelled else None
+    gamma_steps = _gamma_steps(runs)
     row = {
         "label": config.label,
         "drafter": config.drafter,
@@ -152,6 +211,21 @@ def summarize(result: ConfigResult, baseline: ConfigResult) -> dict:
         * _percentiles([run.stats["wall_seconds"] / max(run.stats["new_tokens"], 1) for run in runs])[0],
         "speedup_median": _percentiles(speedups)[0] if speedups else None,
         "speedup_by_prompt": speedups,
+        "batch_size": config.batch_size,
+        "rows": sum(run.stats.get("rows", 1) for run in runs),
+        "row_tokens_per_second_median": float(
+            np.median(
+                [
+                    rate
+                    for run in runs
+                    for rate in run.stats.get("row_tokens_per_second", [run.stats["tokens_per_second"]])
+                ]
+            )
+        ),
+        "gamma_steps": gamma_steps,
+        "gamma_per_step": sum(g * n for g, n in gamma_steps.items()) / sum(gamma_steps.values())
+        if gamma_steps
+        else None,
         "draft_ms_per_forward": _milliseconds_per(runs, "draft_seconds", "draft_forwards"),
         "verify_ms_per_forward": _milliseconds_per(runs, "verify_seconds", "target_forwards"),
         "cost_ratio": c,
@@ -160,8 +234,16 @@ def summarize(result: ConfigResult, baseline: ConfigResult) -> dict:
         "greedy_checked": None,
     }
     if config.temperature == 0 and config.policy != "target":
-        identical = sum(run.token_ids == baseline_by_prompt[run.prompt_index].token_ids for run in runs)
-        row.update(greedy_identical=identical, greedy_checked=len(runs))
+        pairs = [
+            pair
+            for run in runs
+            for pair in zip(
+                _row_token_ids(run, config.batch_size),
+                _row_token_ids(baseline_by_prompt[run.prompt_index], config.batch_size),
+                strict=True,
+            )
+        ]
+        row.update(greedy_identical=sum(mine == theirs for mine, theirs in pairs), greedy_checked=len(pairs))
     return row
 
 
@@ -170,32 +252,42 @@ def _milliseconds_per(runs: Sequence[PromptRun], seconds_key: str, count_key: st
     return 1000 * _total(runs, seconds_key) / count if count else None
 
 
-def best_fixed(rows: Sequence[dict], temperature: float, drafter: str | None = None) -> dict | None:
-    """The fixed-γ row with the highest median speedup at `temperature` (optionally for one drafter)."""
+def best_fixed(
+    rows: Sequence[dict], temperature: float, drafter: str | None = None, batch_size: int | None = None
+) -> dict | None:
+    """The fixed-γ row with the highest median speedup at `temperature` and `batch_size` (default: the smallest
+    batch size among the rows), optionally for one drafter."""
+    batch_size = smallest_batch_size(rows) if batch_size is None else batch_size
     candidates = [
         row
         for row in rows
         if row["policy"] == "fixed"
         and row["temperature"] == temperature
+        and row["batch_size"] == batch_size
         and (drafter is None or row["drafter"] == drafter)
         and row["speedup_median"] is not None
     ]
     return max(candidates, key=lambda row: row["speedup_median"], default=None)
 
 
+def smallest_batch_size(rows: Sequence[dict]) -> int:
+    return min((row["batch_size"] for row in rows), default=1)
+
+
 def recommendation(rows: Sequence[dict], temperature: float) -> dict | None:
-    """The best fixed (drafter, γ) at `temperature`, or None when no configuration beats the target alone."""
+    """The best fixed (drafter, γ) at `temperature` and the smallest batch size, or None when no configuration
+    beats the target alone there."""
     best = best_fixed(rows, temperature)
     return best if best is not None and best["speedup_median"] > 1 else None
 
 
 def adaptive_comparisons(rows: Sequence[dict]) -> list[dict]:
-    """Each adaptive row against the best fixed γ of the same drafter at the same temperature."""
+    """Each adaptive row against the best fixed γ of the same drafter at the same temperature and batch size."""
     comparisons = []
     for row in rows:
         if row["policy"] in ("target", "fixed") or row["speedup_median"] is None:
             continue
-        fixed = best_fixed(rows, row["temperature"], row["drafter"])
+        fixed = best_fixed(rows, row["temperature"], row["drafter"], row["batch_size"])
         if fixed is None:
             continue
         paired = zip(row["speedup_by_prompt"], fixed["speedup_by_prompt"], strict=True)
@@ -261,17 +353,27 @@ def _identity(row: dict) -> str:
 def _gamma_text(row: dict) -> str:
     if row["policy"] in ("target", "fixed"):
         return "–" if row["gamma"] is None else str(row["gamma"])
+    if row["policy"] == "load-aware":
+        return "auto"
     return f"{'conf' if row['policy'] == 'confidence' else 'Lev'} ≤{row['gamma']}"
+
+
+def _gamma_steps_text(gamma_steps: dict) -> str:
+    """ "γ:steps" pairs, e.g. "0:3 2:10 4:40" (0 = a step without speculation)."""
+    return " ".join(f"{gamma}:{steps}" for gamma, steps in gamma_steps.items())
 
 
 TABLE_COLUMNS = (
     ("drafter", lambda row: Path(row["drafter"]).name),
     ("γ", _gamma_text),
     ("T", lambda row: f"{row['temperature']:g}"),
+    ("B", lambda row: str(row["batch_size"])),
+    ("γ/step", lambda row: _number(row["gamma_per_step"])),
     ("TAR", lambda row: _number(row["tar"], 3)),
     ("α", lambda row: _number(row["alpha"], 3)),
     ("E", lambda row: _number(row["mean_accepted_length"])),
     ("tok/s p50 [p10–p90]", _throughput),
+    ("row tok/s", lambda row: _number(row["row_tokens_per_second_median"], 1)),
     ("TTFT ms", lambda row: _number(row["ttft_ms_median"], 1)),
     ("ms/tok", lambda row: _number(row["ms_per_token_median"])),
     ("draft ms", lambda row: _number(row["draft_ms_per_forward"])),
@@ -303,7 +405,7 @@ CSV_FIELDS = (
     "mean_accepted_length", "acceptance_by_position", "alpha", "mean_gamma", "tokens_per_second_median",
     "tokens_per_second_p10", "tokens_per_second_p90", "ttft_ms_median", "ms_per_token_median", "speedup_median",
     "draft_ms_per_forward", "verify_ms_per_forward", "cost_ratio", "predicted_speedup", "greedy_identical",
-    "greedy_checked",
+    "greedy_checked", "batch_size", "rows", "row_tokens_per_second_median", "gamma_per_step", "gamma_steps",
 )  # fmt: skip
 
 
@@ -312,16 +414,21 @@ def write_csv(rows: Sequence[dict], path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for row in rows:
-            flat = dict(row, acceptance_by_position=";".join(f"{v:g}" for v in row["acceptance_by_position"]))
+            flat = dict(
+                row,
+                acceptance_by_position=";".join(f"{v:g}" for v in row["acceptance_by_position"]),
+                gamma_steps=_gamma_steps_text(row["gamma_steps"]),
+            )
             writer.writerow({key: "" if flat[key] is None else flat[key] for key in CSV_FIELDS})
 
 
-POLICY_MARKERS = {"target": "*", "fixed": "o", "confidence": "^", "leviathan": "s"}
+POLICY_MARKERS = {"target": "*", "fixed": "o", "confidence": "^", "leviathan": "s", "load-aware": "D"}
 POLICY_LEGEND = {
     "target": "target alone",
     "fixed": "fixed γ",
     "confidence": "confidence threshold (adaptive γ)",
     "leviathan": "Leviathan γ (adaptive γ)",
+    "load-aware": "load-aware γ (adaptive γ)",
 }
 TARGET_COLOR = "black"
 
@@ -403,7 +510,9 @@ def plot_speedup_vs_gamma(rows: Sequence[dict], path: Path) -> Figure:
             for row in mine:
                 if row["policy"] != "fixed":
                     gamma = row["mean_gamma"] or row["gamma"]
-                    axes.plot(gamma, row["speedup_median"], POLICY_MARKERS[row["policy"]], color=color, markersize=9)
+                    if gamma is not None:
+                        marker = POLICY_MARKERS[row["policy"]]
+                        axes.plot(gamma, row["speedup_median"], marker, color=color, markersize=9)
         axes.axhline(1.0, color=TARGET_COLOR, linewidth=0.8)
         axes.set_xticks(sorted({row["gamma"] for row in group if row["policy"] == "fixed"}))
         adaptive = any(row["policy"] not in ("target", "fixed") for row in group)
@@ -464,7 +573,7 @@ def plot_throughput_vs_latency(rows: Sequence[dict], path: Path) -> Figure:
             marker = POLICY_MARKERS[row["policy"]]
             axes.plot(*point, marker, color=color, markersize=12 if marker == "*" else 7)
             if row["policy"] != "target":
-                label = f"γ={row['gamma']}" if row["policy"] == "fixed" else f"γ≤{row['gamma']}"
+                label = f"γ={row['gamma']}" if row["policy"] == "fixed" else _gamma_text(row)
                 axes.annotate(label, point, xytext=(5, 3), textcoords="offset points", fontsize=8, color=color)
         axes.margins(x=0.15, y=0.08)
         axes.set_xlabel("median time to first token (ms)")
@@ -476,11 +585,119 @@ def plot_throughput_vs_latency(rows: Sequence[dict], path: Path) -> Figure:
     return figure
 
 
+def plot_batch_scaling(rows: Sequence[dict], path: Path) -> Figure:
+    """How decoding scales with the batch size, a row of panels per temperature: total tokens/s, tokens/s per row,
+    and the γ per step the load-aware policy drafted. The target alone is black; each drafter has its colour, solid
+    for the load-aware policy and dashed for its best fixed γ at each batch size (labelled with that γ)."""
+    from matplotlib.lines import Line2D
+
+    colors = _drafter_colors(rows)
+    sizes = sorted({row["batch_size"] for row in rows})
+    groups = _by_temperature(rows) or {0.0: []}
+    figure = _figure(3 * 4.2 + 2.6, 3.6 * len(groups))
+    grid = figure.subplots(len(groups), 3, squeeze=False)
+    metrics = (
+        ("tokens_per_second_median", "total tokens/s"),
+        ("row_tokens_per_second_median", "tokens/s per row"),
+        ("gamma_per_step", "γ per step (load-aware)"),
+    )
+    for (temperature, group), panels in zip(groups.items(), grid, strict=True):
+        lines: list[tuple[str, str, str, list[dict]]] = [
+            ("target", TARGET_COLOR, "*-", [row for row in group if row["policy"] == "target"])
+        ]
+        for drafter, color in colors.items():
+            mine = [row for row in group if row["drafter"] == drafter]
+            lines.append(("load-aware", color, "D-", [row for row in mine if row["policy"] == "load-aware"]))
+            best = [best_fixed(group, temperature, drafter, size) for size in sizes]
+            lines.append(("fixed", color, "o--", [row for row in best if row is not None]))
+        for axes, (key, name) in zip(panels, metrics, strict=True):
+            for number, (policy, color, style, series) in enumerate(lines):
+                series = sorted((row for row in series if row[key] is not None), key=lambda row: row["batch_size"])
+                if not series or (key == "gamma_per_step" and policy != "load-aware"):
+                    continue
+                points = [(row["batch_size"], row[key]) for row in series]
+                axes.plot(*zip(*points, strict=True), style, color=color, markersize=10 if policy == "target" else 6)
+                if policy == "fixed" and key == "tokens_per_second_median":
+                    # Alternate labels above and below the line, so two drafters' labels at one size do not collide.
+                    offset = (4, 4) if number % 4 == 2 else (4, -11)
+                    for row, point in zip(series, points, strict=True):
+                        label = f"γ={row['gamma']}"
+                        axes.annotate(label, point, xytext=offset, textcoords="offset points", fontsize=8, color=color)
+            axes.set_xscale("log", base=2)
+            axes.set_xticks(sizes, [str(size) for size in sizes])
+            axes.minorticks_off()
+            axes.margins(x=0.2, y=0.1)
+            axes.set_ylim(bottom=0)
+            axes.set_xlabel("batch size")
+            axes.set_title(f"{name}, T={temperature:g}")
+    figure.suptitle("Scaling with the batch size")
+    styles = [
+        Line2D([], [], color=TARGET_COLOR, marker="*", markersize=10, label="target alone"),
+        Line2D([], [], color="grey", marker="D", label="load-aware γ"),
+        Line2D([], [], color="grey", marker="o", linestyle="--", label="best fixed γ at that size"),
+    ]
+    _legend(figure, colors, styles)
+    figure.savefig(path, dpi=120)
+    return figure
+
+
+BATCH_PLOT = "batch_scaling.png"
+
+
 PLOTS = {
     "speedup_vs_gamma.png": plot_speedup_vs_gamma,
     "tar_vs_cost.png": plot_tar_vs_cost,
     "throughput_vs_latency.png": plot_throughput_vs_latency,
 }
+
+
+def plot_names(rows: Sequence[dict]) -> list[str]:
+    """The plots a run gets: the batch-size plot only when it swept more than one batch size."""
+    return [*PLOTS, *([BATCH_PLOT] if len({row["batch_size"] for row in rows}) > 1 else [])]
+
+
+def _rate(row: dict, prefix: str = "") -> str:
+    return f"{row[f'{prefix}tokens_per_second_median']:.1f}"
+
+
+def _speedup(row: dict) -> str:
+    return f"{_number(row['speedup_median'])}x"
+
+
+def batch_table(rows: Sequence[dict]) -> list[str]:
+    """Markdown lines: per temperature, batch size and drafter, the target alone, the best fixed γ and the load-aware
+    policy side by side, in total tokens/s (speedup) and tokens/s per row, with the γ the load-aware steps drafted."""
+    lines = [
+        "| T | B | drafter | target alone tok/s (per row) | best fixed γ: tok/s (speedup) | load-aware: tok/s (speedup)"
+        " | load-aware per row | γ per step | γ:steps |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for temperature, group in _by_temperature(rows).items():
+        for size in sorted({row["batch_size"] for row in group}):
+            here = [row for row in group if row["batch_size"] == size]
+            alone = next((row for row in here if row["policy"] == "target"), None)
+            alone_text = "–" if alone is None else f"{_rate(alone)} ({_rate(alone, 'row_')})"
+            for drafter in dict.fromkeys(row["drafter"] for row in here if row["policy"] != "target"):
+                fixed = best_fixed(here, temperature, drafter, size)
+                fixed_text = "–" if fixed is None else f"γ={fixed['gamma']}: {_rate(fixed)} ({_speedup(fixed)})"
+                auto = next((r for r in here if r["drafter"] == drafter and r["policy"] == "load-aware"), None)
+                auto_cells = ["–"] * 4
+                if auto is not None:
+                    auto_cells = [
+                        f"{_rate(auto)} ({_speedup(auto)})",
+                        _rate(auto, "row_"),
+                        _number(auto["gamma_per_step"]),
+                        _gamma_steps_text(auto["gamma_steps"]),
+                    ]
+                cells = [f"{temperature:g}", str(size), Path(drafter).name, alone_text, fixed_text, *auto_cells]
+                lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Each run at batch size B generates B prompts together (the prompt list repeats when it is shorter than B);"
+        " tokens/s is the batch total, per row each row's own rate (medians over runs and rows); γ:steps counts"
+        " row-steps by the γ they drafted (0: no speculation).",
+    ]
+    return lines
 
 
 def report_markdown(meta: dict, rows: Sequence[dict], best: dict) -> str:
@@ -518,6 +735,8 @@ def report_markdown(meta: dict, rows: Sequence[dict], best: dict) -> str:
                 f"({item['best_fixed_speedup_median']:.2f}x); faster on {item['prompts_won']} of {item['prompts']} "
                 "prompts"
             )
+    if len({row["batch_size"] for row in rows}) > 1:
+        lines += ["", "## By batch size", "", *batch_table(rows)]
     checked = [row for row in rows if row["greedy_checked"] is not None]
     if checked:
         passed = sum(row["greedy_identical"] for row in checked)
@@ -547,7 +766,7 @@ def report_markdown(meta: dict, rows: Sequence[dict], best: dict) -> str:
         "",
         "## Plots",
         "",
-        *(f"![{name}]({name})" for name in PLOTS),
+        *(f"![{name}]({name})" for name in plot_names(rows)),
         "",
     ]
     return "\n".join(lines)
@@ -567,8 +786,12 @@ def write_outputs(out_dir: Path, meta: dict, results: Sequence[ConfigResult], ro
     }
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
     write_csv(rows, out_dir / "results.csv")
+    # The per-γ plots compare configurations at one batch size: the smallest, where the recommendation is made.
+    smallest = smallest_batch_size(rows)
     for name, plot in PLOTS.items():
-        plot(rows, out_dir / name)
+        plot([row for row in rows if row["batch_size"] == smallest], out_dir / name)
+    if BATCH_PLOT in plot_names(rows):
+        plot_batch_scaling(rows, out_dir / BATCH_PLOT)
     (out_dir / "best_config.json").write_text(json.dumps(best, indent=2) + "\n")
     (out_dir / "vllm_speculative_config.json").write_text(json.dumps(best["vllm_speculative_config"]) + "\n")
     (out_dir / "report.md").write_text(report_markdown(meta, rows, best))

@@ -10,6 +10,7 @@ from speculor.bench_report import (
     ConfigResult,
     PromptRun,
     adaptive_comparisons,
+    batch_run,
     best_config,
     summarize,
 )
@@ -38,6 +39,7 @@ def stats(**values) -> dict:
         "wall_seconds": 1.0,
         "draft_seconds": 0.0,
         "verify_seconds": 1.0,
+        "prefill_seconds": 0.0,
         "time_to_first_token": 0.1,
     }
     base.update(values)
@@ -160,9 +162,10 @@ def test_bench_command_writes_every_output(text_pair_dirs, prompt_file, tmp_path
 
     results = json.loads((out / "results.json").read_text())
     rows = results["configs"]
-    # Per temperature: the target alone, the draft at γ 1 and 2 plus two adaptive policies, n-gram at γ 1 and 2.
-    assert len(rows) == 2 * (1 + 4 + 2)
-    assert {row["policy"] for row in rows} == {"target", "fixed", "confidence", "leviathan"}
+    # Per temperature: the target alone, the draft at γ 1 and 2 plus three adaptive policies, n-gram at γ 1 and 2 plus
+    # the load-aware policy.
+    assert len(rows) == 2 * (1 + 5 + 3)
+    assert {row["policy"] for row in rows} == {"target", "fixed", "confidence", "leviathan", "load-aware"}
     for row in rows:
         assert row["prompts"] == 2
         assert row["tokens_per_second_median"] > 0
@@ -188,7 +191,7 @@ def test_bench_command_writes_every_output(text_pair_dirs, prompt_file, tmp_path
     if vllm is not None:
         assert best["gamma"] in (1, 2) and ("draft" in best or "ngram" in best)
     report = (out / "report.md").read_text()
-    assert "## Recommendation" in report and "12/12 generations identical" in report
+    assert "## Recommendation" in report and "16/16 generations identical" in report
     assert "speculor bench" in capsys.readouterr().out
 
 
@@ -212,6 +215,7 @@ def plot_row(drafter: str, policy: str, gamma: int | None, temperature: float, s
         "tar": None if policy == "target" else 0.9 - 0.1 * step,
         "cost_ratio": None if policy == "target" else 0.2 + 0.01 * step,
         "ttft_ms_median": 10.0 + step,
+        "batch_size": 1,
         "tokens_per_second_median": 50.0 * speedup,
     }
 
@@ -235,3 +239,48 @@ def test_plots_tick_measured_gammas_and_carry_a_legend(tmp_path):
             assert "confidence threshold (adaptive γ)" in labels and "Leviathan γ (adaptive γ)" not in labels
         if name == "throughput_vs_latency.png":
             assert "target alone" in labels
+
+
+def test_bench_sweeps_batch_sizes_with_the_load_aware_policy(text_pair_dirs, prompt_file, tmp_path):
+    target, _ = text_pair_dirs
+    out = tmp_path / "out"
+    argv = ["bench", "--target", str(target), "--ngram", "2", "--gamma", "2", "--batch-size", "1,3", "--prompts"]
+    argv += [str(prompt_file), "--max-new-tokens", "6", "--dtype", "float64", "--device", "cpu", "--threads", "1"]
+    assert main([*argv, "--warmup", "1", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {(row["batch_size"], row["policy"]): row for row in results["configs"]}
+    assert set(rows) == {(size, policy) for size in (1, 3) for policy in ("target", "fixed", "load-aware")}
+    # Batch size 3 over 2 prompts: one full batch, the first prompt twice.
+    assert [row["rows"] for (size, _), row in rows.items() if size == 3] == [3, 3, 3]
+    checked = [row for row in rows.values() if row["greedy_checked"] is not None]
+    assert len(checked) == 4 and all(row["greedy_identical"] == row["greedy_checked"] == row["rows"] for row in checked)
+    assert rows[3, "fixed"]["gamma_steps"].keys() <= {"0", "1", "2"} and rows[3, "fixed"]["gamma_per_step"] > 0
+    assert sum(rows[3, "load-aware"]["gamma_steps"].values()) > 0
+    assert results["meta"]["batch_sizes"] == [1, 3] and "--batch-size 1,3" in results["meta"]["command"]
+    assert (out / "batch_scaling.png").read_bytes().startswith(PNG_SIGNATURE)
+    report = (out / "report.md").read_text()
+    assert "## By batch size" in report and "![batch_scaling.png](batch_scaling.png)" in report
+
+
+def test_a_batch_run_adds_its_rows_up_and_keeps_each_rows_rate():
+    """Two rows of 10 tokens each in a 0.5 s batch: 40 tok/s total; each row keeps its own rate. The baseline batch
+    took 1 s, so the speedup is 2; one of the two rows matches the baseline's output."""
+    rows = [
+        stats(drafted=4, accepted=3, draft_forwards=4, drafted_by_position=[2, 2], accepted_by_position=[2, 1]),
+        stats(wall_seconds=0.5, drafted=2, accepted=2, drafted_by_position=[2], accepted_by_position=[2]),
+    ]
+    rows[0]["gamma_steps"], rows[1]["gamma_steps"] = {2: 2, 0: 1}, {"2": 1}
+    run = batch_run(0, rows, [[1, 2], [3, 4]], wall_seconds=0.5, rejections=None)
+    assert run.stats["new_tokens"] == 20 and run.stats["tokens_per_second"] == pytest.approx(40.0)
+    assert run.stats["row_tokens_per_second"] == [10.0, 20.0] and run.stats["rows"] == 2
+    assert run.stats["drafted_by_position"] == [4, 2] and run.stats["accepted_by_position"] == [4, 1]
+    assert run.stats["gamma_steps"] == {0: 1, 2: 3}
+    alone = [stats(), stats()]
+    for row in alone:
+        row["gamma_steps"] = {0: 10}
+    baseline = ConfigResult(BenchConfig(0.0, batch_size=2), [batch_run(0, alone, [[1, 2], [3, 5]], 1.0, 0)])
+    row = summarize(ConfigResult(BenchConfig(0.0, "load-aware", ngram=2, batch_size=2), [run]), baseline)
+    assert row["speedup_median"] == pytest.approx(2.0) and row["row_tokens_per_second_median"] == pytest.approx(15.0)
+    assert (row["greedy_identical"], row["greedy_checked"], row["rows"]) == (1, 2, 2)
+    assert row["alpha"] is None and row["tar"] == pytest.approx(5 / 6)
+    assert row["gamma_per_step"] == pytest.approx(1.5) and row["label"] == "ngram:2, load-aware γ, T=0, B=2"
