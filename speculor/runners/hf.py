@@ -1,4 +1,5 @@
-"""A runner for any Hugging Face causal LM, built on its own `DynamicCache`.
+"""A runner for any Hugging Face causal LM, on transformers' own dynamic caches, with exact rollback for each kind of
+cache layer transformers builds.
 
 This is the path that works for every architecture transformers knows; it pays the eager-mode Python overhead on
 each forward, which the static-cache fast runner removes for the Llama family.
@@ -7,9 +8,27 @@ each forward, which the static-cache fast runner removes for the Llama family.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import (
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionAndFullAttentionLayer,
+    LinearAttentionCacheLayerMixin,
+)
+
+from speculor.errors import SpeculorError
+
+# transformers renamed `past_key_values` to `cache` during 5.x, and recurrent models called it `cache_params`.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")
+# Attributes of a cache layer that hold attention keys and values: cropped, never copied into a checkpoint.
+KV_ATTRIBUTES = ("keys", "values")
+
+RecurrentCheckpoint = list[tuple[int, dict[str, Any]]]
 
 
 def _context_length(model: PreTrainedModel) -> int:
@@ -22,18 +41,91 @@ def _context_length(model: PreTrainedModel) -> int:
     return 1 << 31
 
 
-class HFRunner:
-    """Wraps a `PreTrainedModel` in eval mode; the cache is a transformers `DynamicCache` cropped on rollback."""
+def _copy_state(value: Any) -> Any:
+    """A copy of a cache layer attribute that later in-place updates of the layer cannot reach."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {key: _copy_state(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_state(item) for item in value]
+    return value
 
-    def __init__(self, model: PreTrainedModel) -> None:
+
+@dataclass
+class _Slot:
+    """One sequence: its cache, how many tokens it holds and, for recurrent models, what rollback needs."""
+
+    cache: DynamicCache | None = None
+    length: int = 0
+    # Recurrent models only: the recurrent state just before each token fed since the last rollback, by length...
+    checkpoints: dict[int, RecurrentCheckpoint] = field(default_factory=dict)
+    # ...and every token fed since the slot was reset, to rebuild the state when a rollback goes further back.
+    history: list[torch.Tensor] = field(default_factory=list)
+
+
+class HFRunner:
+    """Wraps a `PreTrainedModel` in eval mode, with one transformers `DynamicCache` (batch size 1) per slot.
+
+    A step runs its rows one after another: rows of one transformers cache share a single length and cannot be cut
+    back independently, so each slot keeps a cache of its own. Rollback is exact for every cache layer kind:
+
+    - Full attention: the keys and values are cropped.
+    - Sliding-window and chunked attention (Mistral/Qwen2 with a window in use, Gemma 2/3, Starcoder2, ...):
+      transformers' sliding layers drop positions that leave the window and then cannot be cropped, so every layer
+      here keeps all positions (`DynamicLayer`) and the model's own mask still applies the window. Exact, at the price
+      of memory growing with the sequence instead of the window.
+    - Recurrent state (Mamba-style linear-attention layers, alone or in hybrids): a state cannot be cropped, and a
+      multi-token forward over an existing state is not exact in every architecture (Mamba's scan restarts from a
+      zero state), so after the prefill tokens go in one forward each and the recurrent state is copied before each
+      one. Rollback restores the copy taken at the wanted length (and crops any attention layers); going back past
+      the last rollback, which speculative decoding never does, re-feeds the sequence from its start.
+
+    Models that take no cache argument, or whose cache layers are of a kind not listed above, are refused at
+    construction, before anything is generated.
+    """
+
+    def __init__(self, model: PreTrainedModel, slots: int = 1) -> None:
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise SpeculorError(f"slots must be an integer ≥ 1, got {slots!r}")
         self.model = model.eval()
-        self._cache: DynamicCache | None = None
-        self._length = 0
-        self._vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        self._max_length = _context_length(model)
-        # transformers renamed `past_key_values` to `cache` during 5.x; pass whichever this version's model takes.
         parameters = inspect.signature(model.forward).parameters
-        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        argument = next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+        if argument is None:
+            raise SpeculorError(
+                f"{type(model).__name__} takes no KV cache argument ({', '.join(CACHE_ARGUMENTS)}), so it cannot "
+                "decode incrementally; speculor's Hugging Face runner needs a transformers Cache"
+            )
+        self._cache_argument = argument
+        self._takes_position_ids = "position_ids" in parameters
+        self._takes_logits_to_keep = "logits_to_keep" in parameters
+        self._recurrent = any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in self._new_cache().layers)
+        output_embeddings = model.get_output_embeddings()
+        weight = getattr(output_embeddings, "weight", None)
+        self._vocab_size = (
+            int(weight.shape[0]) if weight is not None else int(model.config.get_text_config().vocab_size)
+        )
+        self._max_length = _context_length(model)
+        self._slots = [_Slot() for _ in range(slots)]
+
+    def _new_cache(self) -> DynamicCache:
+        """A cache laid out as transformers would build it for this model, with every sliding-window layer replaced
+        by one that keeps all positions (see the class docstring); refuses layer kinds it cannot roll back."""
+        cache = DynamicCache(config=self.model.config)
+        for index, layer in enumerate(cache.layers):
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                if isinstance(layer, LinearAttentionCacheLayerMixin):
+                    cache.layers[index] = LinearAttentionAndFullAttentionLayer(number_of_states=layer.number_of_states)
+                else:
+                    cache.layers[index] = DynamicLayer()
+            elif not isinstance(layer, (DynamicLayer, LinearAttentionCacheLayerMixin)) and not getattr(
+                layer, "is_croppable", False
+            ):
+                raise SpeculorError(
+                    f"{type(self.model).__name__} uses cache layers of kind {type(layer).__name__}, which speculor "
+                    "cannot roll back exactly after a rejected draft"
+                )
+        return cache
 
     @property
     def device(self) -> torch.device:
@@ -48,38 +140,116 @@ class HFRunner:
         return self._max_length
 
     @property
-    def cache_length(self) -> int:
-        return self._length
+    def slots(self) -> int:
+        return len(self._slots)
+
+    def _slot(self, slot: int) -> _Slot:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < len(self._slots):
+            raise SpeculorError(f"slot {slot!r} does not exist: this runner holds slots 0..{len(self._slots) - 1}")
+        return self._slots[slot]
+
+    def length(self, slot: int) -> int:
+        return self._slot(slot).length
+
+    def reset(self, slot: int) -> None:
+        self._slot(slot)
+        self._slots[slot] = _Slot()
 
     @torch.inference_mode()
-    def prefill(self, token_ids: torch.Tensor) -> None:
-        self._cache = DynamicCache(config=self.model.config)
-        self._length = 0
+    def extend(self, slot: int, token_ids: torch.Tensor) -> None:
         if token_ids.numel():
-            self._run(token_ids, logits_to_keep=1)
+            self._feed(self._slot(slot), token_ids.view(-1), logits_to_keep=1)
 
     @torch.inference_mode()
+    def step(self, slots: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
+        if token_ids.dim() != 2 or token_ids.shape[0] != len(slots) or token_ids.shape[1] < 1:
+            raise SpeculorError(
+                f"step needs token ids of shape (rows, k ≥ 1) with one row per slot; got {tuple(token_ids.shape)} "
+                f"for {len(slots)} slots"
+            )
+        if len(set(slots)) != len(slots):
+            raise SpeculorError(f"step lists a slot twice: {list(slots)}")
+        width = token_ids.shape[1]
+        states = [self._slot(slot) for slot in slots]
+        return torch.stack([self._feed(state, row, width) for state, row in zip(states, token_ids, strict=True)])
+
+    @torch.inference_mode()
+    def rollback(self, slot: int, length: int) -> None:
+        state = self._slot(slot)
+        surplus = state.length - length
+        if surplus > 0 and self._recurrent and length not in state.checkpoints:
+            self._refeed(slot, length)
+            return
+        if surplus > 0:
+            for layer in state.cache.layers:
+                if not isinstance(layer, LinearAttentionCacheLayerMixin):
+                    layer.crop(-surplus)
+                elif isinstance(layer, DynamicLayer):
+                    # A hybrid layer: crop only its attention part; the checkpoint below restores the recurrent one.
+                    DynamicLayer.crop(layer, -surplus)
+            for index, saved in state.checkpoints.get(length, ()):
+                state.cache.layers[index].__dict__.update(saved)
+            state.length = length
+            if self._recurrent:
+                state.history = [torch.cat(state.history)[:length]]
+        state.checkpoints.clear()
+
+    def _refeed(self, slot: int, length: int) -> None:
+        """Rebuild a recurrent slot at `length` from its token history (a rollback past the last checkpoint)."""
+        tokens = torch.cat(self._slot(slot).history)[:length]
+        self.reset(slot)
+        if tokens.numel():
+            self._feed(self._slot(slot), tokens, logits_to_keep=1)
+
+    def _feed(self, state: _Slot, token_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        """Append `token_ids` (1-D) to the slot's cache; returns the float logits of its last `logits_to_keep`."""
+        if state.cache is None:
+            state.cache = self._new_cache()
+        if not self._recurrent:
+            return self._run(state, token_ids, logits_to_keep)
+        state.history.append(token_ids)
+        if state.length == 0:
+            # A fresh state: the model's own prefill path is exact over many tokens.
+            return self._run(state, token_ids, logits_to_keep)
+        rows = []
+        for position in range(token_ids.numel()):
+            state.checkpoints[state.length] = self._recurrent_checkpoint(state.cache)
+            rows.append(self._run(state, token_ids[position : position + 1], 1))
+        return torch.cat(rows)[-logits_to_keep:]
+
+    @staticmethod
+    def _recurrent_checkpoint(cache: DynamicCache) -> RecurrentCheckpoint:
+        """Copies of every recurrent layer's state (everything but attention keys and values), by layer index."""
+        return [
+            (index, {name: _copy_state(value) for name, value in vars(layer).items() if name not in KV_ATTRIBUTES})
+            for index, layer in enumerate(cache.layers)
+            if isinstance(layer, LinearAttentionCacheLayerMixin)
+        ]
+
+    def _run(self, state: _Slot, token_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        count = token_ids.numel()
+        options: dict[str, Any] = {self._cache_argument: state.cache, "use_cache": True}
+        if self._takes_position_ids:
+            positions = torch.arange(state.length, state.length + count, device=token_ids.device)
+            options["position_ids"] = positions.view(1, -1)
+        if self._takes_logits_to_keep:
+            options["logits_to_keep"] = logits_to_keep
+        output = self.model(input_ids=token_ids.view(1, -1), **options)
+        state.length += count
+        return output.logits[0, -logits_to_keep:].float()
+
+    # The single-sequence interface the engine used before slots: thin wrappers over slot 0.
+
+    @property
+    def cache_length(self) -> int:
+        return self.length(0)
+
+    def prefill(self, token_ids: torch.Tensor) -> None:
+        self.reset(0)
+        self.extend(0, token_ids)
+
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        if self._cache is None:
-            self.prefill(token_ids[:0])
-        return self._run(token_ids, logits_to_keep=token_ids.numel())
+        return self.step([0], token_ids.view(1, -1))[0]
 
     def truncate(self, length: int) -> None:
-        surplus = self._length - length
-        if surplus > 0 and self._cache is not None:
-            # A negative argument means "remove this many" in every transformers 5.x release.
-            self._cache.crop(-surplus)
-            self._length = length
-
-    def _run(self, token_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
-        count = token_ids.numel()
-        positions = torch.arange(self._length, self._length + count, device=token_ids.device)
-        output = self.model(
-            input_ids=token_ids.view(1, -1),
-            **{self._cache_argument: self._cache},
-            use_cache=True,
-            position_ids=positions.view(1, -1),
-            logits_to_keep=logits_to_keep,
-        )
-        self._length += count
-        return output.logits[0]
+        self.rollback(0, length)
