@@ -8,6 +8,12 @@ import logging
 import pytest
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -25,6 +31,7 @@ from speculor.errors import SpeculorError
 from speculor.runners import FastRunner, HFRunner, make_runner
 
 VOCAB = 97
+WINDOW = 8
 SHAPE = dict(
     vocab_size=VOCAB,
     hidden_size=64,
@@ -57,6 +64,36 @@ ARCHITECTURES = {
     "mistral": lambda: MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=None)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SHAPE)),
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SHAPE, head_dim=24)),
+    # Windows short enough to mask inside every test's sequences (the fused-kernel test's are 15 tokens long).
+    "mistral-window": lambda: MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=WINDOW)),
+    "qwen2-window-on-layer-1": lambda: Qwen2ForCausalLM(
+        Qwen2Config(**SHAPE, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    ),
+    "gemma": lambda: GemmaForCausalLM(GemmaConfig(**SHAPE, head_dim=16)),
+    # Small caps, so that soft-capping changes the random model's scores and logits.
+    "gemma2": lambda: Gemma2ForCausalLM(
+        Gemma2Config(
+            **SHAPE,
+            head_dim=16,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=20,
+            attn_logit_softcapping=0.5,
+            final_logit_softcapping=0.3,
+        )
+    ),
+    "gemma3": lambda: Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            **SHAPE,
+            head_dim=16,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=20,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+            },
+        )
+    ),
 }
 
 
@@ -106,7 +143,7 @@ def float64_model(name: str) -> torch.nn.Module:
     return build(name).double()
 
 
-@pytest.mark.parametrize("name", ["llama3-rope", "qwen3"])
+@pytest.mark.parametrize("name", ["llama3-rope", "qwen3", "gemma3"])
 def test_a_batched_step_equals_each_row_run_alone(name: str) -> None:
     """Rows of different lengths, listed out of slot order, three rows padded to a bucket of four; then per-row
     rollbacks and a step over another set of rows. Float64, so batched and alone must agree to rounding."""
@@ -191,7 +228,7 @@ def test_mistakes_name_what_is_wrong() -> None:
         runner.warm_up([0, 2])
 
 
-@pytest.mark.parametrize("name", ["llama3-rope", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama3-rope", "qwen2", "qwen3", "gemma2"])
 def test_greedy_speculative_output_is_identical_across_runners(name: str) -> None:
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]
     outputs = {}
@@ -240,18 +277,21 @@ def test_fast_on_gpt2_names_the_reason() -> None:
         make_runner(tiny_gpt2(), "fast")
 
 
-def test_sliding_window_in_use_is_unsupported() -> None:
+def test_sliding_window_models_take_the_fast_runner() -> None:
+    assert isinstance(make_runner(build("mistral-window"), "auto"), FastRunner)
+    runner = make_runner(build("gemma2"), "auto")
+    assert isinstance(runner, FastRunner)
+    assert [layer.window for layer in runner.weights.layers] == [WINDOW, None]
+    assert runner.weights.attention_softcap == 0.5
+
+
+def test_length_dependent_rope_is_unsupported() -> None:
     torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=16)).eval()
-    with pytest.raises(SpeculorError, match="sliding window of 16 tokens is in use"):
+    dynamic = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE, rope_parameters=dynamic)).eval()
+    with pytest.raises(SpeculorError, match="rope type 'dynamic' is not one of"):
         make_runner(model, "fast")
     assert isinstance(make_runner(model, "auto"), HFRunner)
-
-
-def test_window_no_shorter_than_the_cache_is_not_in_use() -> None:
-    torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=4096)).eval()
-    assert isinstance(make_runner(model, "auto"), FastRunner)
 
 
 def test_cache_cap_bounds_max_length_and_overflow_is_a_clear_error() -> None:

@@ -115,14 +115,25 @@ def test_kernel_choice_is_checked():
 
 
 @pytest.mark.parametrize(
-    ("lengths", "tokens", "programs"),
-    [((64,), 1, 128), ((120,), 4, 128), ((300, 7, 130), 5, 128), ((300, 70), 2, 16), ((300, 70), 3, 4)],
+    ("lengths", "tokens", "programs", "window", "softcap"),
+    [
+        ((64,), 1, 128, None, None),
+        ((120,), 4, 128, None, None),
+        ((300, 7, 130), 5, 128, None, None),
+        ((300, 70), 2, 16, None, None),
+        ((300, 70), 3, 4, None, None),
+        ((300, 7, 130), 3, 128, 70, None),
+        ((300, 90), 4, 4, 70, 0.7),
+        ((40,), 2, 128, None, 0.7),
+    ],
 )
-def test_attention_matches_sdpa(monkeypatch, lengths, tokens, programs):
+def test_attention_matches_sdpa(monkeypatch, lengths, tokens, programs, window, softcap):
     """Rows of different lengths, each reading its own cache row (listed out of order) up to its own length: one
     row in one split (64 keys) or several one-tile splits (120), three rows whose splits hold up to one tile each
     and trailing splits with none (a row of 7 keys), splits of several tiles combined (16 programs: 4 splits), and
-    one split of every tile (4 programs). Stale cache positions past each row's last position must stay masked."""
+    one split of every tile (4 programs). Stale cache positions past each row's last position must stay masked.
+    Then sliding windows of 70 keys (the first tiles of a 300-key row skipped, a 7-key row inside its window) and
+    soft-capped scores (Gemma 2)."""
     monkeypatch.setattr(triton_ops, "_TARGET_PROGRAMS", programs)
     generator = torch.Generator().manual_seed(tokens)
     rows, heads, kv_heads, head_dim, capacity = len(lengths), 4, 2, 24, 320
@@ -132,8 +143,8 @@ def test_attention_matches_sdpa(monkeypatch, lengths, tokens, programs):
     positions = torch.cat([torch.arange(length - tokens, length) for length in lengths]).to(DEVICE)
     slots = torch.arange(capacity, device=DEVICE)
     static = llama.StaticCache(cache, cache, cache, slots)
-    mask = llama.causal_mask(static, positions, rows, capacity, 2, cache.dtype)
+    mask = llama.causal_mask(static, positions, rows, capacity, 2, cache.dtype, window)
     gathered = cache[:, sequences]
-    expected = llama.attend(query, gathered[0], gathered[1], mask, 0.3)
-    actual = triton_ops.attention(query, cache, positions, sequences, 0.3)
+    expected = llama.attend(query, gathered[0], gathered[1], mask, 0.3, softcap)
+    actual = triton_ops.attention(query, cache, positions, sequences, 0.3, window, softcap)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

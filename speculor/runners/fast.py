@@ -1,5 +1,5 @@
 """The fast runner: a static KV cache for several sequences and fixed-shape batched steps replayed as CUDA graphs,
-for the Llama family.
+for the Llama family (Llama, Mistral, Qwen2/3, Gemma 1/2/3 text; see `speculor.runners.llama`).
 
 Why it is fast: the Hugging Face runner pays hundreds of microseconds of Python and kernel launches per forward,
 which on a GPU is most of a small model's step and a large share of a big one's. Here the cache is preallocated,
@@ -84,8 +84,8 @@ class CapturedStep:
 
 
 class FastRunner:
-    """Runs a Llama-family `PreTrainedModel` through `speculor.runners.llama` on its own weights (no copy), for
-    `slots` sequences at once (see `speculor.runners.base.Runner`).
+    """Runs a Llama- or Gemma-family `PreTrainedModel` through `speculor.runners.llama` on its own weights (no
+    copy), for `slots` sequences at once (see `speculor.runners.base.Runner`).
 
     `max_cache_length` caps each slot's preallocated cache (and so `max_length`) below the model's context length,
     since e.g. a 128k-token cache of an 8B model would take 16 GB per slot. `capture` picks the step mode: "graph"

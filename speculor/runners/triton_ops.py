@@ -201,6 +201,7 @@ _KEYS_PER_TILE = 64
 # Programs to aim for: at small batches each sequence's key range is split over several programs (flash-decoding)
 # so that the GPU is occupied; at large batches the sequences alone occupy it and one split needs no combine.
 _TARGET_PROGRAMS = 128
+_LOG2_E = 1.4426950408889634
 
 
 @triton.jit
@@ -223,11 +224,15 @@ def _attention_kernel(
     cache_head_stride,
     cache_position_stride,
     scale_log2,
+    softcap_scale,
+    window,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -252,12 +257,17 @@ def _attention_kernel(
     running_max = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     accumulated = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    # The sequence's tiles are spread evenly over the splits; trailing splits of a short sequence get none.
+    # The sequence's tiles are spread evenly over the splits; trailing splits of a short sequence get none. With a
+    # sliding window, tiles wholly before the first query's window are skipped.
     tiles = tl.cdiv(row_length, BLOCK_N)
-    tiles_per_split = tl.cdiv(tiles, splits)
+    first_tile = 0
+    if WINDOWED:
+        first_position = tl.load(positions + sequence_row * tokens_per_row)
+        first_tile = tl.maximum(first_position - window + 1, 0) // BLOCK_N
+    tiles_per_split = tl.cdiv(tiles - first_tile, splits)
     # A while loop, not `for … in range(…)`: Triton's CPU interpreter cannot take a runtime bound in range() under
     # NumPy ≥ 2.4, and a split holds only a few tiles, so software pipelining gains little here.
-    tile = split * tiles_per_split
+    tile = first_tile + split * tiles_per_split
     last_tile = tl.minimum(tile + tiles_per_split, tiles)
     while tile < last_tile:
         slot = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -269,6 +279,11 @@ def _attention_kernel(
         )
         scores = tl.dot(query_tile, key_tile, input_precision="ieee") if IEEE else tl.dot(query_tile, key_tile)
         allowed = slot[None, :] <= last_key[:, None]
+        if WINDOWED:
+            allowed = allowed & (slot[None, :] > last_key[:, None] - window)
+        if SOFTCAP:  # cap · tanh(score / cap), tanh spelled with exp (the interpreter has no tanh)
+            capped = scores * softcap_scale
+            scores = 1.0 - 2.0 / (tl.exp(2.0 * capped) + 1.0)
         scores = tl.where(allowed, (scores * scale_log2).to(tl.float32), -1.0e30)
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         weights = tl.where(allowed, tl.exp2(scores - new_max[:, None]), 0.0)
@@ -335,7 +350,13 @@ def _combine_splits_kernel(
 
 
 def attention(
-    query: torch.Tensor, layer_cache: torch.Tensor, positions: torch.Tensor, sequences: torch.Tensor, scaling: float
+    query: torch.Tensor,
+    layer_cache: torch.Tensor,
+    positions: torch.Tensor,
+    sequences: torch.Tensor,
+    scaling: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of a step's queries (rows·k, heads, head_dim), k tokens per row, each row over its own
     cache row `sequences[i]` of `layer_cache` (2, sequences, kv_heads, capacity, head_dim), each query seeing the
@@ -346,7 +367,9 @@ def attention(
     only on the number of rows, k and the cache's capacity, which keeps it fixed for graph capture. Grouped-query
     heads are folded into their key/value head's query rows, so each cached key is read once per step; at small
     batches each row's keys are split over several programs whose partial results a second kernel combines
-    (flash-decoding). Needs `group · k` ≤ ATTENTION_MAX_ROWS.
+    (flash-decoding). A sliding `window` masks keys more than `window - 1` positions before a query (and skips
+    the tiles no query of the row sees); a `softcap` soft-caps the scaled scores (cap · tanh(score / cap), Gemma 2).
+    Needs `group · k` ≤ ATTENTION_MAX_ROWS.
     """
     tokens, heads, head_dim = query.shape
     kv_heads, capacity = layer_cache.shape[2], layer_cache.shape[3]
@@ -382,12 +405,16 @@ def attention(
         layer_cache.stride(1),
         layer_cache.stride(2),
         layer_cache.stride(3),
-        scaling * 1.4426950408889634,
+        (softcap if softcap is not None else scaling) * _LOG2_E,
+        scaling / softcap if softcap is not None else 1.0,
+        window or 0,
         BLOCK_M=block_m,
         BLOCK_N=_KEYS_PER_TILE,
         BLOCK_D=block_d,
         SINGLE_SPLIT=splits == 1,
         IEEE=query.dtype == torch.float32,
+        SOFTCAP=softcap is not None,
+        WINDOWED=window is not None,
         num_warps=4,
     )
     if splits > 1:
