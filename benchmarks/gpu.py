@@ -4,6 +4,7 @@
     python benchmarks/gpu.py --parts a,b,d --out OUT                      # 6.5 min on an H200 (measured)
     python benchmarks/gpu.py --parts c --family-dir /tmp/family --out OUT  # 9 min; a rerun reuses the family
     python benchmarks/gpu.py --parts e --out OUT                           # batched runner steps, 90 s on an H200
+    python benchmarks/gpu.py --parts f --out OUT                           # the same on the Gemma-2 pair
     python benchmarks/gpu.py --device cpu --quick --parts a,b,c,e --out /tmp/gpu-smoke   # the same code, seconds
 
 Where a machine gives a command 10 minutes, run parts a, b, d and part c as two commands (the times above were
@@ -25,6 +26,7 @@ Parts (`--parts a,b,c,d,e`):
      for batch B = 1..64 rows × k = 1..6 tokens per row (rows of different lengths), AR decode tokens/s at each B
      (one-token steps over B rows, each row's argmax fed back), Hugging Face `generate` on the same left-padded
      batch as the reference, the warm-up (graph captures) time, and batch 1 against the stored part b step times.
+  f  part e's measurements on Gemma-2-9B and Gemma-2-2B shapes (sliding-window and global layers, soft-capping).
 Parts whose dependencies are missing are skipped with a note. Tokens/s are decode rates: tokens after the first
 over the time after the first (prefill and time to first token excluded), for HF and speculor alike.
 """
@@ -48,14 +50,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from speculor.analysis import alpha_from_tar, predicted_speedup
 from speculor.api import SpeculativeDecoder
 from speculor.engine import GenerationResult
 from speculor.runners import FastRunner, HFRunner
 
-PARTS = ("a", "b", "c", "d", "e")
+PARTS = ("a", "b", "c", "d", "e", "f")
 VERIFY_WIDTHS = (1, 2, 4, 8, 16)
 GAMMAS = (2, 3, 4, 5, 6, 8)
 TEMPERATURES = (0.0, 0.8)
@@ -67,6 +76,38 @@ STORED_PART_B = Path(__file__).parent / "results" / "gpu-2026-11-27-h200-fused-a
 
 # (target shape, draft shape) pairs of part b: the brief's 8B/1B pair, and the launch-bound scale of part c.
 SHAPE_PAIRS = (("llama-3-8b", "llama-3.2-1b"), ("small-32x576", "small-4x256"))
+GEMMA_PAIR = ("gemma-2-9b", "gemma-2-2b")
+
+
+def gemma2_shapes(quick: bool) -> dict[str, Gemma2Config]:
+    """Gemma-2-9B and Gemma-2-2B shapes (their published configs: alternating 4096-token sliding-window and global
+    layers, soft-capped attention scores and logits, 256k vocabulary); toy stand-ins for a smoke test (window 16)."""
+    if quick:
+        toy = dict(vocab_size=1000, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+        return {
+            name: Gemma2Config(**toy, hidden_size=width, num_hidden_layers=layers, sliding_window=16)
+            for name, layers, width in zip(GEMMA_PAIR, (4, 2), (128, 64), strict=True)
+        }
+    common = dict(vocab_size=256000, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096)
+    common |= dict(max_position_embeddings=8192, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    return {
+        "gemma-2-9b": Gemma2Config(
+            **common,
+            hidden_size=3584,
+            intermediate_size=14336,
+            num_hidden_layers=42,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+        ),
+        "gemma-2-2b": Gemma2Config(
+            **common,
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+        ),
+    }
 
 
 def llama_shapes(quick: bool) -> dict[str, LlamaConfig]:
@@ -238,11 +279,11 @@ def part_a(settings: Settings) -> dict:
 # ---------------------------------------------------------------------------------------------------- part b
 
 
-def random_model(config: LlamaConfig, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+def random_model(config: PretrainedConfig, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
     """A randomly initialised model built directly in `dtype` on `device` (no float32 copy on the way)."""
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
 
@@ -822,18 +863,17 @@ def stored_batch_one_steps() -> dict[str, dict[str, float]]:
     return {name: shape["fast_step_ms"] for name, shape in shapes.items()}
 
 
-def part_e(settings: Settings, found: dict) -> None:
-    """The batched fast runner, runner level (no engine): see the module docstring. Prompts of different lengths
-    (half to all of `random_prompt_tokens`; slot 0 the longest), so each row attends over its own length."""
+def part_e(settings: Settings, found: dict, shapes: dict[str, PretrainedConfig]) -> None:
+    """The batched fast runner, runner level (no engine), on each of `shapes`: see the module docstring. Prompts of
+    different lengths (half to all of `random_prompt_tokens`; slot 0 the longest), so each row attends over its own
+    length."""
     device = settings.device
-    shapes = llama_shapes(settings.quick)
     batches = BATCH_SIZES[:3] if settings.quick else BATCH_SIZES
     widths = ROW_WIDTHS[:3] if settings.quick else ROW_WIDTHS
     stored = stored_batch_one_steps() if device.type == "cuda" and not settings.quick else {}
     found.update(batch_sizes=list(batches), widths=list(widths), shapes={})
     found["stored_part_b"] = STORED_PART_B.name if stored else None
-    for name in SHAPE_PAIRS[0]:
-        config = shapes[name]
+    for name, config in shapes.items():
         model = random_model(config, device, settings.dtype)
         generator = torch.Generator().manual_seed(2)
         longest = settings.random_prompt_tokens
@@ -917,11 +957,12 @@ def markdown(report: dict) -> str:
                 lines += markdown_family(part, report["parts"][part])
             except KeyError:
                 lines += [f"**{part}** incomplete: what it measured is in gpu.json", ""]
-    if "e" in report["parts"]:
-        try:
-            lines += markdown_e(report["parts"]["e"])
-        except KeyError:
-            lines += ["**e** incomplete: what it measured is in gpu.json", ""]
+    for part in ("e", "f"):
+        if part in report["parts"]:
+            try:
+                lines += markdown_e(part, report["parts"][part])
+            except KeyError:
+                lines += [f"**{part}** incomplete: what it measured is in gpu.json", ""]
     if report["notes"]:
         lines += ["Notes:", *[f"- {note}" for note in report["notes"]], ""]
     return "\n".join(lines)
@@ -1003,13 +1044,13 @@ def markdown_b(b: dict) -> list[str]:
     return lines
 
 
-def markdown_e(e: dict) -> list[str]:
+def markdown_e(part: str, e: dict) -> list[str]:
     if "skipped" in e:
-        return [f"**e** skipped: {e['skipped']}", ""]
+        return [f"**{part}** skipped: {e['skipped']}", ""]
     widths = " | ".join(f"k={k}" for k in e["widths"])
     lines = [
-        "**e** batched fast runner (random weights, bf16 on a GPU): ms per step by rows B and tokens per row k; AR "
-        "decode tok/s summed over rows, speculor loop and HF `generate` (left-padded batch)",
+        f"**{part}** batched fast runner (random weights, bf16 on a GPU): ms per step by rows B and tokens per row k; "
+        "AR decode tok/s summed over rows, speculor loop and HF `generate` (left-padded batch)",
         "",
         f"| shape | B | {widths} | speculor AR tok/s | HF generate tok/s |",
         "|---|---|" + "---|" * len(e["widths"]) + "---|---|",
@@ -1077,7 +1118,7 @@ def markdown_family(part: str, found: dict) -> list[str]:
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    parser.add_argument("--parts", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test of every code path")
     parser.add_argument("--out", default="benchmarks/results/gpu", help="directory for gpu.json and gpu.md")
@@ -1143,7 +1184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "b": lambda found: found.update(part_b(settings, report["parts"].get("a", {}).get("shapes", {}))),
         "c": lambda found: part_c(settings, found),
         "d": lambda found: part_d(settings, found),
-        "e": lambda found: part_e(settings, found),
+        "e": lambda found: part_e(
+            settings, found, {name: llama_shapes(settings.quick)[name] for name in SHAPE_PAIRS[0]}
+        ),
+        "f": lambda found: part_e(settings, found, gemma2_shapes(settings.quick)),
     }
     for part in PARTS:
         if part not in parts:
