@@ -228,7 +228,7 @@ def test_mistakes_name_what_is_wrong() -> None:
         runner.warm_up([0, 2])
 
 
-@pytest.mark.parametrize("name", ["llama3-rope", "qwen2", "qwen3", "gemma2"])
+@pytest.mark.parametrize("name", ["llama3-rope", "qwen3", "gemma2"])
 def test_greedy_speculative_output_is_identical_across_runners(name: str) -> None:
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]
     outputs = {}
