@@ -9,7 +9,15 @@ import sys
 import pytest
 import torch
 
-from speculor.cli import COMMAND_MODULES, DTYPE_CHOICES, KERNEL_CHOICES, RUNNER_CHOICES, main
+from speculor.api import DEFAULT_MAX_BATCH_SIZE
+from speculor.cli import (
+    COMMAND_MODULES,
+    DEFAULT_BATCH_SIZE,
+    DTYPE_CHOICES,
+    KERNEL_CHOICES,
+    RUNNER_CHOICES,
+    main,
+)
 from speculor.loading import DTYPES
 from speculor.runners import RUNNER_KINDS, fast
 
@@ -163,6 +171,7 @@ def test_option_choices_match_the_modules_that_define_them():
     assert set(DTYPE_CHOICES) == set(DTYPES)
     assert RUNNER_CHOICES == RUNNER_KINDS
     assert KERNEL_CHOICES == fast.KERNEL_CHOICES
+    assert DEFAULT_BATCH_SIZE == DEFAULT_MAX_BATCH_SIZE
 
 
 def test_generate_reports_its_cpu_threads(capsys, text_pair_dirs):
