@@ -16,6 +16,23 @@ logger = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
+# The files Hugging Face tokenizers are built from. A directory holding none of them has no tokenizer, whatever
+# transformers makes of it: version 5 builds an empty placeholder (one to a few special tokens) for many
+# architectures, whose length would then pass for the vocabulary and reject every prompt.
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "tekken.json",
+    }
+)
+
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -83,21 +100,53 @@ def load_model(source: str | os.PathLike | PreTrainedModel, device: torch.device
     return LoadedModel(name, model.to(device).eval(), _load_tokenizer(name))
 
 
+def _has_tokenizer_files(directory: str) -> bool:
+    return any(name in TOKENIZER_FILES or name.endswith(".tiktoken") for name in os.listdir(directory))
+
+
 def _load_tokenizer(name: str) -> PreTrainedTokenizerBase | None:
+    """The model's tokenizer, or None when it has none: a directory without tokenizer files, a tokenizer that fails
+    to load, or one whose vocabulary is nothing but special tokens (a placeholder, not a tokenizer)."""
+    if os.path.isdir(name) and not _has_tokenizer_files(name):
+        logger.info("no tokenizer files in %s: prompts must be token ids", name)
+        return None
     try:
-        return AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, KeyError, TypeError):
         logger.info("no tokenizer found for %s: prompts must be token ids", name)
         return None
+    if set(tokenizer.get_vocab()) <= set(tokenizer.all_special_tokens):
+        logger.info("the tokenizer of %s holds only special tokens, so it is ignored: prompts must be token ids", name)
+        return None
+    return tokenizer
 
 
 def shared_vocab_size(target: LoadedModel, draft: LoadedModel) -> int:
     """The number of token ids both models can score, after checking that they mean the same tokens.
 
     With tokenizers on both sides the vocabularies must be identical; a model whose embedding is padded past its
-    tokenizer (Qwen style) is fine, and logits are compared over the tokenizer's range. Without tokenizers the
-    logits widths must agree.
+    tokenizer (Qwen style) is fine, and logits are compared over the tokenizer's range. With a tokenizer on one side
+    only, nothing can be compared: both models must score at least the tokenizer's range, and a warning says the
+    vocabularies are assumed to agree. Without tokenizers the logits widths must agree.
     """
+    if (target.tokenizer is None) != (draft.tokenizer is None):
+        known, unknown = (target, draft) if target.tokenizer is not None else (draft, target)
+        size = len(known.tokenizer)
+        if unknown.logits_width < size:
+            raise SpeculorError(
+                f"model {unknown.name!r} has no tokenizer and scores {unknown.logits_width} tokens, fewer than the "
+                f"{size} of the tokenizer of {known.name!r}; speculative decoding needs one shared vocabulary"
+            )
+        if known.logits_width < size:
+            raise SpeculorError(f"model {known.name!r} scores {known.logits_width} tokens but its tokenizer has {size}")
+        logger.warning(
+            "model %r has a tokenizer and %r has none, so the vocabularies could not be compared: token ids below %d "
+            "are assumed to mean the same tokens in both",
+            known.name,
+            unknown.name,
+            size,
+        )
+        return size
     if target.tokenizer is not None and draft.tokenizer is not None:
         target_vocab, draft_vocab = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
         if target_vocab != draft_vocab:

@@ -89,6 +89,14 @@ class HFRunner:
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise SpeculorError(f"slots must be an integer ≥ 1, got {slots!r}")
         self.model = model.eval()
+        # transformers' own list of models whose decoding state lives outside its standard cache (MiniMax's lightning
+        # attention, RWKV, xLSTM, ...): nothing speculor can crop or checkpoint.
+        supports_dynamic_cache = getattr(model, "_supports_default_dynamic_cache", lambda: True)
+        if not supports_dynamic_cache():
+            raise SpeculorError(
+                f"{type(model).__name__} keeps its decoding state in a cache of its own rather than a transformers "
+                "DynamicCache, so speculor cannot roll it back exactly after a rejected draft"
+            )
         parameters = inspect.signature(model.forward).parameters
         argument = next((name for name in CACHE_ARGUMENTS if name in parameters), None)
         if argument is None:
