@@ -8,9 +8,12 @@ the shipped pair decoded at 4–12 tokens/s with torch's two threads against 140
 
     threads = physical cores this process may use − cores other work keeps busy  (at least 1)
 
-where the busy cores are the larger of the 1-minute load average (slow to notice a new process) and the number of
-tasks runnable right now besides this one (noisy, but immediate). Erring towards fewer threads is cheap (on an idle
-machine one thread too few costs a fraction of a core) and erring towards more is not.
+where the busy cores are the tasks runnable on the machine right now besides this one (Linux's `procs_running`,
+the median of a few samples 10 ms apart), or the 1-minute load average where that count is not available. The load
+average is only the fallback because it lags: it takes a minute to notice a new busy process, and it still counts
+the previous `speculor` command's own threads for a minute after it ended, so back-to-back runs on an idle machine
+would halve their threads. Erring towards fewer threads is cheap (on an idle machine one thread too few costs a
+fraction of a core) and erring towards more is not.
 
 An explicit count (`--threads`, `threads=`) or an `OMP_NUM_THREADS` set in the environment always wins. Only the CPU
 is affected: on a GPU, torch's CPU threads are left alone.
@@ -21,6 +24,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +34,8 @@ from speculor.errors import SpeculorError
 CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
 CGROUP_CPU_LIMIT = Path("/sys/fs/cgroup/cpu.max")
 PROC_STAT = Path("/proc/stat")
+RUNNABLE_SAMPLES = 5
+RUNNABLE_SAMPLE_SECONDS = 0.01
 
 
 @dataclass(frozen=True)
@@ -81,15 +88,19 @@ def cgroup_cpu_limit() -> int | None:
     return max(1, math.ceil(int(quota) / int(period)))
 
 
-def runnable_tasks_besides_this_one() -> int:
-    """Tasks runnable at this instant on the whole machine, this process's reading thread excluded (Linux)."""
-    try:
-        for line in PROC_STAT.read_text().splitlines():
-            if line.startswith("procs_running "):
-                return max(0, int(line.split()[1]) - 1)
-    except (OSError, ValueError):
-        pass
-    return 0
+def runnable_tasks_besides_this_one() -> float | None:
+    """Tasks runnable on the whole machine besides this process's reading thread: the median of a few samples of
+    Linux's `procs_running`, since one sample catches short bursts. None where /proc/stat does not say."""
+    samples = []
+    for sample in range(RUNNABLE_SAMPLES):
+        if sample:
+            time.sleep(RUNNABLE_SAMPLE_SECONDS)
+        try:
+            line = next(line for line in PROC_STAT.read_text().splitlines() if line.startswith("procs_running "))
+            samples.append(max(0, int(line.split()[1]) - 1))
+        except (OSError, ValueError, StopIteration):
+            return None
+    return float(statistics.median(samples))
 
 
 def usable_cores() -> int:
@@ -100,9 +111,11 @@ def usable_cores() -> int:
 
 
 def busy_cores() -> float:
-    """Cores other work keeps busy: the larger of the 1-minute load average and the tasks runnable right now."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(load, float(runnable_tasks_besides_this_one()))
+    """Cores other work keeps busy: the tasks runnable right now, else the 1-minute load average, else none."""
+    running = runnable_tasks_besides_this_one()
+    if running is not None:
+        return running
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
 def choose_cpu_threads(threads: int | None = None) -> ThreadChoice:

@@ -75,10 +75,13 @@ def test_hyper_threads_of_one_core_count_once(tmp_path, monkeypatch):
     assert threads.physical_cores({0, 7}) == 2  # no topology for cpu7: every logical CPU counts
 
 
-def test_runnable_tasks_exclude_the_reader(tmp_path, monkeypatch):
+def test_busy_cores_count_runnable_tasks_and_fall_back_to_the_load_average(tmp_path, monkeypatch):
     stat = tmp_path / "stat"
     stat.write_text("cpu  1 2 3\nprocs_running 3\nprocs_blocked 0\n")
     monkeypatch.setattr(threads, "PROC_STAT", stat)
-    assert threads.runnable_tasks_besides_this_one() == 2
+    monkeypatch.setattr(threads, "RUNNABLE_SAMPLE_SECONDS", 0.0)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (5.0, 4.0, 3.0))
+    assert threads.runnable_tasks_besides_this_one() == threads.busy_cores() == 2.0
     monkeypatch.setattr(threads, "PROC_STAT", tmp_path / "missing")
-    assert threads.runnable_tasks_besides_this_one() == 0
+    assert threads.runnable_tasks_besides_this_one() is None
+    assert threads.busy_cores() == 5.0
