@@ -59,10 +59,15 @@ def test_rope_and_store_matches_torch(head_dim, with_norm):
     torch.testing.assert_close(cache, expected_cache, rtol=1e-5, atol=1e-5)
 
 
-def test_silu_and_multiply_matches_torch():
-    gate_up = torch.randn(3, 2 * 1500, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    expected = F.silu(gate_up[:, :1500]) * gate_up[:, 1500:]
-    torch.testing.assert_close(triton_ops.silu_and_multiply(gate_up, 1500), expected, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize(
+    ("activation", "function"),
+    [("silu", F.silu), ("gelu_pytorch_tanh", lambda gate: F.gelu(gate, approximate="tanh"))],
+)
+def test_gated_activation_matches_torch(activation, function):
+    gate_up = 3 * torch.randn(3, 2 * 1500, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    expected = function(gate_up[:, :1500]) * gate_up[:, 1500:]
+    actual = triton_ops.gated_activation(gate_up, 1500, activation)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 # Between them: biases and tied embeddings, q/k norms, soft-capping, sliding and global layers, Gemma's norms and

@@ -426,8 +426,8 @@ def forward_tokens(
         hidden = residual_block(hidden, attended, layer.o, layer.o_bias, layer.attention_output_norm, norm, eps)
         normed = norm(hidden, layer.mlp_norm, eps)
         gate_up = F.linear(normed, layer.gate_up, layer.gate_up_bias)
-        if fused is not None and weights.activation_name in ("silu", "swish"):
-            gated = fused.silu_and_multiply(gate_up, width)
+        if fused is not None and weights.activation_name in fused.GATED_ACTIVATIONS:
+            gated = fused.gated_activation(gate_up, width, weights.activation_name)
         else:
             gated = weights.activation(gate_up[:, :width]) * gate_up[:, width:]
         hidden = residual_block(hidden, gated, layer.down, layer.down_bias, layer.mlp_output_norm, norm, eps)

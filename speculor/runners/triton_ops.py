@@ -9,7 +9,8 @@ is left is a few hundred small kernels per step, each paying a minimum duration 
 - `rope_and_store`: for every token, the optional per-head q/k RMSNorm (Qwen3), the rotary embedding of queries
   and keys, and the write of keys and values into the static cache at the token's position: one launch instead of
   about six (norms, roll, multiply, multiply-add, index copy).
-- `silu_and_multiply`: the gated MLP's activation and product, one launch instead of two.
+- `gated_activation`: the gated MLP's activation (SiLU, or Gemma's tanh GELU) and product, one launch instead of
+  two.
 
 Each computes in float32 and rounds once to the model dtype, so in float32 the results equal the PyTorch path's to
 rounding (tests/test_triton_ops.py runs these kernels in Triton's CPU interpreter against it).
@@ -169,23 +170,41 @@ def rope_and_store(
 
 
 @triton.jit
-def _silu_and_multiply_kernel(gate_up, out, width, row_stride, BLOCK: tl.constexpr):
+def _tanh(x):
+    """tanh spelled with exp (Triton's CPU interpreter has no tanh), clamped so that exp cannot overflow: tanh(40)
+    is 1 in float32."""
+    return 1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * x, 80.0)) + 1.0)
+
+
+# The gated MLP activations the fused kernel knows, by the config's `hidden_act` name.
+GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+@triton.jit
+def _gated_activation_kernel(gate_up, out, width, row_stride, BLOCK: tl.constexpr, GELU_TANH: tl.constexpr):
     row = tl.program_id(0)
     columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = columns < width
     gate = tl.load(gate_up + row * row_stride + columns, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(gate_up + row * row_stride + width + columns, mask=inside, other=0.0).to(tl.float32)
-    product = gate * tl.sigmoid(gate) * up
-    tl.store(out + row * width + columns, product.to(out.dtype.element_ty), mask=inside)
+    if GELU_TANH:  # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+        activated = 0.5 * gate * (1.0 + _tanh(0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)))
+    else:
+        activated = gate * tl.sigmoid(gate)
+    tl.store(out + row * width + columns, (activated * up).to(out.dtype.element_ty), mask=inside)
 
 
-def silu_and_multiply(gate_up: torch.Tensor, width: int) -> torch.Tensor:
-    """silu(gate) · up for `gate_up` (tokens, 2·width) holding gate then up, as `LlamaMLP` computes it."""
+def gated_activation(gate_up: torch.Tensor, width: int, activation: str) -> torch.Tensor:
+    """act(gate) · up for `gate_up` (tokens, 2·width) holding gate then up, as the gated MLPs compute it;
+    `activation` is a key of GATED_ACTIVATIONS (SiLU for Llama and Qwen, tanh-approximated GELU for Gemma)."""
     tokens = gate_up.shape[0]
     out = torch.empty((tokens, width), dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(width))
     grid = (tokens, triton.cdiv(width, block))
-    _silu_and_multiply_kernel[grid](gate_up, out, width, gate_up.stride(0), BLOCK=block, num_warps=_warps(block))
+    gelu_tanh = GATED_ACTIVATIONS[activation] == "gelu_tanh"
+    _gated_activation_kernel[grid](
+        gate_up, out, width, gate_up.stride(0), BLOCK=block, GELU_TANH=gelu_tanh, num_warps=_warps(block)
+    )
     return out
 
 
@@ -281,9 +300,8 @@ def _attention_kernel(
         allowed = slot[None, :] <= last_key[:, None]
         if WINDOWED:
             allowed = allowed & (slot[None, :] > last_key[:, None] - window)
-        if SOFTCAP:  # cap · tanh(score / cap), tanh spelled with exp (the interpreter has no tanh)
-            capped = scores * softcap_scale
-            scores = 1.0 - 2.0 / (tl.exp(2.0 * capped) + 1.0)
+        if SOFTCAP:  # cap · tanh(score / cap); the cap multiplies in through scale_log2
+            scores = _tanh(scores * softcap_scale)
         scores = tl.where(allowed, (scores * scale_log2).to(tl.float32), -1.0e30)
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         weights = tl.where(allowed, tl.exp2(scores - new_max[:, None]), 0.0)
