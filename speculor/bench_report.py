@@ -300,6 +300,7 @@ def adaptive_comparisons(rows: Sequence[dict]) -> list[dict]:
                 "beats_best_fixed": row["speedup_median"] > fixed["speedup_median"],
                 "prompts_won": sum(mine > theirs for mine, theirs in paired),
                 "prompts": len(row["speedup_by_prompt"]),
+                "batch_size": row["batch_size"],
             }
         )
     return comparisons
@@ -733,7 +734,7 @@ def report_markdown(meta: dict, rows: Sequence[dict], best: dict) -> str:
             lines.append(
                 f"- {item['label']}: {item['speedup_median']:.2f}x {verdict} {item['best_fixed_label']} "
                 f"({item['best_fixed_speedup_median']:.2f}x); faster on {item['prompts_won']} of {item['prompts']} "
-                "prompts"
+                + ("prompts" if item["batch_size"] == 1 else "batches")
             )
     if len({row["batch_size"] for row in rows}) > 1:
         lines += ["", "## By batch size", "", *batch_table(rows)]
