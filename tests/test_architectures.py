@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import train_tiny_tokenizer
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from speculor import SpeculativeDecoder, SpeculorError
 
@@ -148,6 +148,8 @@ def save_pair(target: PreTrainedModel, draft: PreTrainedModel, root: Path, token
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES, ids=lambda architecture: architecture.name)
 def test_greedy_output_equals_the_targets_own_generate(architecture, tokenizer, tmp_path):
+    if architecture.model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers version has no {architecture.model_type!r} architecture")
     vocab_size = len(tokenizer)
     target = architecture.model(vocab_size, layers=2, seed=0)
     draft = architecture.model(vocab_size, layers=1, seed=1)
