@@ -319,8 +319,8 @@ class BatchEngine:
         return self._decode(rows)
 
     def _prefill_some(self) -> None:
-        """Feed waiting prompts (everything but their last token) to the caches, oldest first, at most
-        `prefill_chunk` tokens per step."""
+        """Feed waiting prompts (everything but their last token) to the target's cache, oldest first, at most
+        `prefill_chunk` tokens per step. The proposer reads a prompt when it first drafts for the row."""
         budget = self.prefill_chunk
         for row in self._rows.values():
             if budget == 0:
@@ -333,8 +333,6 @@ class BatchEngine:
             ids = row.request.prompt_ids[row.prefilled : row.prefilled + chunk]
             token_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
             self.target.extend(row.slot, token_ids)
-            if self.proposer is not None:
-                self.proposer.extend(row.slot, token_ids)
             row.prefilled += chunk
             budget -= chunk
             _synchronize(self.device)

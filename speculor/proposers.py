@@ -3,7 +3,9 @@
 A proposer sees each row's committed context (prompt plus everything emitted, the last token not yet fed to any
 model) and returns up to γ tokens per row together with the exact distribution q each was drawn from. Rows live in
 slots (the same slot numbers as the target runner's); after verification the engine tells the proposer how much of
-a row's context survives (`rollback`), so it can resync its own state.
+a row's context survives (`rollback`), so it can resync its own state. A proposer reads the prompt from the context
+when it first drafts for a row: a row that never drafts (γ = 0 under load, or a target-alone request) costs it
+nothing, not even a prefill.
 """
 
 from __future__ import annotations
@@ -36,10 +38,6 @@ class Proposer(Protocol):
         """A new sequence starts in `slot`."""
         ...
 
-    def extend(self, slot: int, token_ids: torch.Tensor) -> None:
-        """The next chunk of the slot's prompt (everything but its last token, in order)."""
-        ...
-
     def propose(
         self,
         slots: Sequence[int],
@@ -63,8 +61,8 @@ class DraftModelProposer:
 
     A row's draft cache holds every committed token except the newest; when all of a row's drafts were accepted the
     draft never saw the last one, so the next proposal feeds two tokens instead of one (rows that need one are
-    padded in that first step, and the padding is rolled back). A row that went a while without drafting (γ = 0
-    steps) first catches up with an `extend`.
+    padded in that first step, and the padding is rolled back). A row that is further behind — its first proposal,
+    which prefills its prompt, or after steps without drafting (γ = 0) — first catches up with an `extend`.
     """
 
     def __init__(self, runner: Runner, vocab_size: int) -> None:
@@ -73,9 +71,6 @@ class DraftModelProposer:
 
     def reset(self, slot: int) -> None:
         self.runner.reset(slot)
-
-    def extend(self, slot: int, token_ids: torch.Tensor) -> None:
-        self.runner.extend(slot, token_ids)
 
     def propose(
         self,
@@ -155,9 +150,6 @@ class PromptLookupProposer:
 
     def reset(self, slot: int) -> None:
         """Nothing to prepare: the lookup reads the context afresh each step."""
-
-    def extend(self, slot: int, token_ids: torch.Tensor) -> None:
-        """Stateless: the prompt is read from the context when proposing."""
 
     def propose(
         self,
