@@ -59,6 +59,18 @@ def test_rope_and_store_matches_torch(head_dim, with_norm):
     torch.testing.assert_close(cache, expected_cache, rtol=1e-5, atol=1e-5)
 
 
+def test_advance_positions_matches_torch():
+    """Rows 2 and 0 step 3 tokens; two padding rows share the scratch row 3, whose length stays 0."""
+    expected_lengths = torch.tensor([5, 0, 9, 0], device=DEVICE)
+    actual_lengths = expected_lengths.clone()
+    inputs = torch.tensor([2, 0, 3, 3, 3, 3, 0, 0], device=DEVICE)
+    offsets = torch.arange(3, device=DEVICE)
+    expected = fast.advance_positions(expected_lengths, inputs, offsets)
+    torch.testing.assert_close(triton_ops.advance_positions(actual_lengths, inputs, offsets), expected)
+    assert expected.tolist() == [9, 10, 11, 5, 6, 7, 0, 1, 2, 0, 1, 2]
+    assert actual_lengths.tolist() == expected_lengths.tolist() == [8, 0, 12, 0]
+
+
 @pytest.mark.parametrize(
     ("activation", "function"),
     [("silu", F.silu), ("gelu_pytorch_tanh", lambda gate: F.gelu(gate, approximate="tanh"))],
@@ -155,3 +167,25 @@ def test_attention_matches_sdpa(monkeypatch, lengths, tokens, programs, window, 
     expected = llama.attend(query, gathered[0], gathered[1], mask, 0.3, softcap)
     actual = triton_ops.attention(query, cache, positions, sequences, 0.3, window, softcap)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_captured_step_matches_the_eager_step(fused):
+    """The code a CUDA graph captures (`FastRunner._static_step`: positions from the lengths kept on the device, which
+    it then advances; rows padded on the scratch row), run eagerly here — with PyTorch's operations, and with the
+    fused kernels (the interpreter on a CPU) — against the eager step, which takes positions from the host."""
+    torch.manual_seed(0)
+    model = ARCHITECTURES["gemma3"]().eval().to(DEVICE)
+    eager, static = (FastRunner(model, slots=5, capture="eager", kernels="torch") for _ in range(2))
+    static.fused = triton_ops if fused else None
+    for slot, length in ((0, 10), (1, 4), (2, 20)):
+        prompt = torch.randint(0, static.vocab_size, (length,)).to(DEVICE)
+        eager.extend(slot, prompt)
+        static.extend(slot, prompt)
+    static._device_lengths.copy_(torch.tensor([10, 4, 20, 0, 0, 0]))
+    tokens = torch.randint(0, static.vocab_size, (4, 2)).to(DEVICE)
+    inputs = torch.tensor([2, 0, 1, static._scratch_row, 2, 2, 2, 0], device=DEVICE)  # three rows and one padding
+    with torch.inference_mode():
+        logits = static._static_step(tokens, inputs, None, None).view(4, 2, -1)[:3]
+    torch.testing.assert_close(logits, eager.step([2, 0, 1], tokens[:3]), rtol=1e-4, atol=1e-4)
+    assert static._device_lengths.tolist() == [12, 6, 22, 0, 0, 0]

@@ -347,15 +347,12 @@ class FastRunner:
         """One step over static buffers: row i's tokens `tokens[i]` go to cache row `inputs[i]` from that row's
         device length on, which then advances by `inputs[bucket + i]`."""
         bucket, width = tokens.shape
-        rows, advances = inputs[:bucket], inputs[bucket:]
-        starts = self._device_lengths[rows]
-        positions = (starts[:, None] + self.cache.offsets[:width]).reshape(-1)
+        advance = self.fused.advance_positions if self.fused is not None else advance_positions
+        positions = advance(self._device_lengths, inputs, self.cache.offsets[:width])
         span = self.cache.capacity if span is None else span
         logits = forward_tokens(
-            self.weights, self.cache, tokens.view(-1), positions, rows, span, True, self.fused, logits_out
+            self.weights, self.cache, tokens.view(-1), positions, inputs[:bucket], span, True, self.fused, logits_out
         )
-        # Padding rows advance by 0, so the scratch row's length stays 0 however many of them there are.
-        self._device_lengths.index_put_((rows,), starts + advances)
         assert logits is not None
         return logits
 
@@ -402,6 +399,18 @@ class FastRunner:
         with torch.cuda.graph(graph, pool=self._graph_pool):
             logits = self._static_step(tokens, inputs, span, logits_out)
         return CapturedStep(tokens, inputs, logits, graph)
+
+
+def advance_positions(lengths: torch.Tensor, inputs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The positions (bucket·width,) of a step whose row i writes width = len(`offsets`) tokens (`offsets` is
+    0..width-1) to cache row `inputs[i]` from that row's `lengths` entry on; then advances each row's entry by
+    `inputs[bucket + i]` (0 for padding rows, so the scratch row's length stays 0 however many of them share it).
+    `triton_ops.advance_positions` does the same in one launch."""
+    bucket = inputs.shape[0] // 2
+    rows, advances = inputs[:bucket], inputs[bucket:]
+    starts = lengths[rows]
+    lengths.index_put_((rows,), starts + advances)
+    return (starts[:, None] + offsets).reshape(-1)
 
 
 def fused_kernels(choice: str, device: torch.device) -> ModuleType | None:

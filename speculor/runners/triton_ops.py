@@ -9,6 +9,8 @@ is left is a few hundred small kernels per step, each paying a minimum duration 
 - `rope_and_store`: for every token, the optional per-head q/k RMSNorm (Qwen3), the rotary embedding of queries
   and keys, and the write of keys and values into the static cache at the token's position: one launch instead of
   about six (norms, roll, multiply, multiply-add, index copy).
+- `advance_positions`: a batched step's token positions from the per-row lengths on the device, and the lengths
+  advanced, one launch instead of about four.
 - `gated_activation`: the gated MLP's activation (SiLU, or Gemma's tanh GELU) and product, one launch instead of
   two.
 
@@ -174,6 +176,27 @@ def _tanh(x):
     """tanh spelled with exp (Triton's CPU interpreter has no tanh), clamped so that exp cannot overflow: tanh(40)
     is 1 in float32."""
     return 1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * x, 80.0)) + 1.0)
+
+
+@triton.jit
+def _advance_positions_kernel(lengths, inputs, positions, bucket, width, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    sequence = tl.load(inputs + row)
+    start = tl.load(lengths + sequence)
+    offsets = tl.arange(0, BLOCK)
+    tl.store(positions + row * width + offsets, start + offsets, mask=offsets < width)
+    # Rows name distinct cache rows, except padding rows, which share the scratch row and advance it by 0.
+    tl.store(lengths + sequence, start + tl.load(inputs + bucket + row))
+
+
+def advance_positions(lengths: torch.Tensor, inputs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`speculor.runners.fast.advance_positions` in one launch instead of about four (a step's positions from the
+    device lengths, and the lengths advanced); only the length of `offsets` (0..width-1) is used."""
+    bucket, width = inputs.shape[0] // 2, offsets.shape[0]
+    positions = torch.empty(bucket * width, dtype=lengths.dtype, device=lengths.device)
+    block = max(16, triton.next_power_of_2(width))
+    _advance_positions_kernel[(bucket,)](lengths, inputs, positions, bucket, width, BLOCK=block, num_warps=1)
+    return positions
 
 
 # The gated MLP activations the fused kernel knows, by the config's `hidden_act` name.
