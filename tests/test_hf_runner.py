@@ -77,6 +77,17 @@ def test_rollback_anywhere_equals_a_fresh_prefill(model):
         torch.testing.assert_close(logits, fresh_logits(model, sequence[:keep], sequence[keep : keep + 3]))
 
 
+def test_a_prompt_extended_in_chunks_equals_one_prefill(model):
+    """Short chunks after a recurrent state go one token a forward, long ones rebuild the state: both exact."""
+    sequence = tokens(60, seed=7)
+    runner = HFRunner(model)
+    for start, end in ((0, 10), (10, 13), (13, 57)):
+        runner.extend(0, sequence[start:end])
+    assert runner.length(0) == 57
+    logits = runner.step([0], sequence[57:].view(1, -1))[0]
+    torch.testing.assert_close(logits, fresh_logits(model, sequence[:57], sequence[57:]))
+
+
 def test_rows_of_a_step_are_independent_sequences(model):
     """Two slots at different lengths stepped together give what each gives alone."""
     first, second = tokens(12, seed=2), tokens(5, seed=3)

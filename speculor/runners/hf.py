@@ -28,6 +28,11 @@ CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")
 # Attributes of a cache layer that hold attention keys and values: cropped, never copied into a checkpoint.
 KV_ATTRIBUTES = ("keys", "values")
 
+# A recurrent model extends a non-empty state by up to this many tokens one forward each; a longer chunk (a prompt
+# prefilled in pieces) rebuilds the state with one forward over the whole sequence, which costs less than hundreds
+# of one-token forwards, each paying the eager-mode overhead.
+ONE_TOKEN_EXTEND_LIMIT = 32
+
 RecurrentCheckpoint = list[tuple[int, dict[str, Any]]]
 
 
@@ -78,8 +83,9 @@ class HFRunner:
     - Recurrent state (Mamba-style linear-attention layers, alone or in hybrids): a state cannot be cropped, and a
       multi-token forward over an existing state is not exact in every architecture (Mamba's scan restarts from a
       zero state), so after the prefill tokens go in one forward each and the recurrent state is copied before each
-      one. Rollback restores the copy taken at the wanted length (and crops any attention layers); going back past
-      the last rollback, which speculative decoding never does, re-feeds the sequence from its start.
+      one of a step. Rollback restores the copy taken at the wanted length (and crops any attention layers); going
+      back past the last rollback, which speculative decoding never does, re-feeds the sequence from its start. A
+      verify of γ + 1 tokens therefore costs γ + 1 forwards here: exact, but speculation rarely pays on such models.
 
     Models that take no cache argument, or whose cache layers are of a kind not listed above, are refused at
     construction, before anything is generated.
@@ -165,8 +171,15 @@ class HFRunner:
 
     @torch.inference_mode()
     def extend(self, slot: int, token_ids: torch.Tensor) -> None:
-        if token_ids.numel():
-            self._feed(self._slot(slot), token_ids.view(-1), logits_to_keep=1)
+        state = self._slot(slot)
+        if not token_ids.numel():
+            return
+        if self._recurrent and state.length and token_ids.numel() > ONE_TOKEN_EXTEND_LIMIT:
+            # A long chunk after a recurrent state (a prompt prefilled in chunks): one fresh prefill of the whole
+            # sequence instead of a forward per token.
+            self._rebuild(slot, torch.cat([*state.history, token_ids.view(-1)]))
+            return
+        self._feed(state, token_ids.view(-1), logits_to_keep=1, checkpoints=False)
 
     @torch.inference_mode()
     def step(self, slots: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
@@ -186,7 +199,7 @@ class HFRunner:
         state = self._slot(slot)
         surplus = state.length - length
         if surplus > 0 and self._recurrent and length not in state.checkpoints:
-            self._refeed(slot, length)
+            self._rebuild(slot, torch.cat(state.history)[:length])
             return
         if surplus > 0:
             for layer in state.cache.layers:
@@ -202,15 +215,18 @@ class HFRunner:
                 state.history = [torch.cat(state.history)[:length]]
         state.checkpoints.clear()
 
-    def _refeed(self, slot: int, length: int) -> None:
-        """Rebuild a recurrent slot at `length` from its token history (a rollback past the last checkpoint)."""
-        tokens = torch.cat(self._slot(slot).history)[:length]
+    def _rebuild(self, slot: int, sequence: torch.Tensor) -> None:
+        """Replace a recurrent slot by a fresh one holding `sequence`, prefilled in one forward (exact: the state
+        starts from zero, as the model's own prefill expects)."""
         self.reset(slot)
-        if tokens.numel():
-            self._feed(self._slot(slot), tokens, logits_to_keep=1)
+        if sequence.numel():
+            self._feed(self._slots[slot], sequence, logits_to_keep=1, checkpoints=False)
 
-    def _feed(self, state: _Slot, token_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
-        """Append `token_ids` (1-D) to the slot's cache; returns the float logits of its last `logits_to_keep`."""
+    def _feed(
+        self, state: _Slot, token_ids: torch.Tensor, logits_to_keep: int, checkpoints: bool = True
+    ) -> torch.Tensor:
+        """Append `token_ids` (1-D) to the slot's cache; returns the float logits of its last `logits_to_keep`.
+        With `checkpoints`, a recurrent model's state is copied before each token, so rollback can return there."""
         if state.cache is None:
             state.cache = self._new_cache()
         if not self._recurrent:
@@ -221,7 +237,8 @@ class HFRunner:
             return self._run(state, token_ids, logits_to_keep)
         rows = []
         for position in range(token_ids.numel()):
-            state.checkpoints[state.length] = self._recurrent_checkpoint(state.cache)
+            if checkpoints:
+                state.checkpoints[state.length] = self._recurrent_checkpoint(state.cache)
             rows.append(self._run(state, token_ids[position : position + 1], 1))
         return torch.cat(rows)[-logits_to_keep:]
 
