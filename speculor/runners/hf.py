@@ -63,7 +63,8 @@ class _Slot:
 
     cache: DynamicCache | None = None
     length: int = 0
-    # Recurrent models only: the recurrent state just before each token fed since the last rollback, by length...
+    # Recurrent models only: the recurrent state just before each token of the steps since the last rollback, by
+    # length...
     checkpoints: dict[int, RecurrentCheckpoint] = field(default_factory=dict)
     # ...and every token fed since the slot was reset, to rebuild the state when a rollback goes further back.
     history: list[torch.Tensor] = field(default_factory=list)
