@@ -137,14 +137,14 @@ class StepCosts:
     draft: dict[int, float] = field(default_factory=dict)
     overhead: dict[int, float] = field(default_factory=dict)
 
-    def _bucket(self, batch: int) -> int:
+    def bucket(self, batch: int) -> int:
         buckets = sorted({bucket for bucket, _ in self.target})
         return next((bucket for bucket in buckets if bucket >= batch), buckets[-1])
 
     def step_seconds(self, batch: int, gamma: int) -> float:
         """Predicted seconds of one engine step of `batch` rows drafting γ tokens each: γ draft steps and one
         target step of γ + 1 tokens."""
-        bucket = self._bucket(batch)
+        bucket = self.bucket(batch)
         widest = max(k for b, k in self.target if b == bucket)
         verify = self.target[(bucket, min(gamma + 1, widest))]
         return gamma * self.draft.get(bucket, 0.0) + verify + self.overhead.get(bucket, 0.0)
@@ -157,27 +157,63 @@ class StepCosts:
 class LoadAwareGamma:
     """One γ per step for a whole batch — 0, no speculation, included — chosen to maximise the expected tokens per
     second: Σ_rows E(α_row, min(γ, cap_row)) / step_seconds(batch, γ), with E Leviathan's expected tokens per target
-    forward, α each row's running acceptance estimate and the step costs measured at warm-up (`StepCosts`).
+    forward and α each row's running acceptance estimate.
+
+    Step seconds start from the costs measured at warm-up (`StepCosts`) and are replaced by what the engine's steps
+    really take (`observe`: everything the step does, host work and draft catch-up included, which the warm-up's
+    bare model steps cannot see) as soon as a (batch bucket, γ) has run. A γ not yet run is predicted from the
+    warm-up cost scaled by how much slower the bucket's observed steps ran than their warm-up costs; a γ not chosen
+    drifts slowly back towards that prediction, so one unlucky observation is retried rather than avoided forever.
 
     Under a light load a verify of γ + 1 tokens per row costs about what one token costs and speculation wins; as
     the batch grows the verify becomes compute-bound, its cost grows with γ, and the best γ falls to 0. Every choice
-    is a step shape captured at warm-up, so switching never leaves the captured graphs."""
+    is a step shape captured at warm-up, so switching never leaves the captured graphs. `pair_acceptance` is the
+    acceptance over every row so far: a new row's estimate starts from it."""
+
+    OBSERVED_WEIGHT = 0.3
+    DRIFT = 0.01
 
     def __init__(self, costs: StepCosts, max_gamma: int = AUTO_MAX_GAMMA) -> None:
         if max_gamma < 0:
             raise SpeculorError(f"max_gamma must be ≥ 0, got {max_gamma!r}")
         self.costs = costs
         self.max_gamma = min(max_gamma, costs.widest - 1)
+        self.pair_acceptance = AcceptanceEstimate(decay=0.98)
+        self._observed: dict[tuple[int, int], float] = {}
+
+    def step_seconds(self, batch: int, gamma: int) -> float:
+        """What a step of `batch` rows drafting γ is expected to take: observed where it has run, else predicted."""
+        return self._observed.get((self.costs.bucket(batch), gamma), self._predicted(batch, gamma))
+
+    def _predicted(self, batch: int, gamma: int) -> float:
+        bucket = self.costs.bucket(batch)
+        ratios = [
+            seconds / self.costs.step_seconds(bucket, seen_gamma)
+            for (seen_bucket, seen_gamma), seconds in self._observed.items()
+            if seen_bucket == bucket
+        ]
+        return self.costs.step_seconds(batch, gamma) * (sum(ratios) / len(ratios) if ratios else 1.0)
+
+    def observe(self, batch: int, gamma: int, seconds: float) -> None:
+        """How long an engine step of `batch` rows that drafted γ took."""
+        bucket = self.costs.bucket(batch)
+        for key, value in self._observed.items():
+            if key[0] == bucket and key[1] != gamma:
+                self._observed[key] = value + self.DRIFT * (self._predicted(batch, key[1]) - value)
+        previous = self._observed.get((bucket, gamma))
+        self._observed[(bucket, gamma)] = (
+            seconds if previous is None else previous + self.OBSERVED_WEIGHT * (seconds - previous)
+        )
 
     def choose(self, alphas: Sequence[float], caps: Sequence[int]) -> int:
         """The best γ for rows with acceptance estimates `alphas` that may draft at most `caps` tokens each."""
         batch = len(alphas)
-        best_gamma, best_rate = 0, batch / self.costs.step_seconds(batch, 0)
+        best_gamma, best_rate = 0, batch / self.step_seconds(batch, 0)
         for gamma in range(1, min(self.max_gamma, max(caps, default=0)) + 1):
             tokens = sum(
                 expected_accepted_length(alpha, min(gamma, cap)) for alpha, cap in zip(alphas, caps, strict=True)
             )
-            rate = tokens / self.costs.step_seconds(batch, gamma)
+            rate = tokens / self.step_seconds(batch, gamma)
             if rate > best_rate:
                 best_gamma, best_rate = gamma, rate
         return best_gamma

@@ -89,6 +89,7 @@ class SpeculativeDecoder:
         if self.draft is not None:
             self.draft_runner = make_runner(self.draft.model, runner, kernels=kernels, slots=max_batch_size)
         self.step_costs: StepCosts | None = None
+        self._policy: LoadAwareGamma | None = None
         self.eos_ids = eos_token_ids(self.target.model)
 
     @property
@@ -207,10 +208,13 @@ class SpeculativeDecoder:
         )
 
     def _load_aware(self) -> LoadAwareGamma:
+        """The decoder's one load-aware policy: what it learns about step times and acceptance outlives an engine."""
         if self.step_costs is None:
             self.calibrate()
         assert self.step_costs is not None
-        return LoadAwareGamma(self.step_costs, self.auto_max_gamma)
+        if self._policy is None or self._policy.costs is not self.step_costs:
+            self._policy = LoadAwareGamma(self.step_costs, self.auto_max_gamma)
+        return self._policy
 
     def decoding(self, prompt: str | Sequence[int], **options) -> Decoding:
         """A checked, ready-to-iterate generation of one prompt (options as in `request`)."""

@@ -248,10 +248,11 @@ class BatchEngine:
         self.device = target.device
         self.clock = _PhaseClock(self.device)
         self.last_gamma = 0
+        self._policy_chose = False
         self.last_batch_size = 0
         # Acceptance over every row: a new row's estimate starts from it, since how well the draft guesses the target
-        # is mostly a property of the pair.
-        self._pair_acceptance = AcceptanceEstimate(decay=0.98)
+        # is mostly a property of the pair. The load-aware policy keeps it across engines of one decoder.
+        self._pair_acceptance = load_aware.pair_acceptance if load_aware is not None else AcceptanceEstimate(decay=0.98)
         self._free = list(range(target.slots))
         self._rows: dict[int, _Row] = {}
         self._next_id = 0
@@ -281,6 +282,7 @@ class BatchEngine:
         wants_policy = request.gamma is None and request.speculative and self.proposer is not None
         if wants_policy and self.load_aware is None and self._calibrate is not None and not self._rows:
             self.load_aware = self._calibrate()
+            self._pair_acceptance = self.load_aware.pair_acceptance
         slot = self._free.pop(0)
         request_id = self._next_id
         self._next_id += 1
@@ -348,6 +350,7 @@ class BatchEngine:
             caps.append(min(remaining - 1, row.request.max_gamma or remaining) if speculating else 0)
         auto = [index for index, row in enumerate(rows) if row.request.gamma is None and caps[index] > 0]
         chosen = self.AUTO_FALLBACK_GAMMA
+        self._policy_chose = bool(auto) and self.load_aware is not None
         if auto and self.load_aware is not None:
             chosen = self.load_aware.choose([rows[i].acceptance.alpha for i in auto], [caps[i] for i in auto])
         gammas = []
@@ -360,6 +363,7 @@ class BatchEngine:
         return gammas
 
     def _decode(self, rows: list[_Row]) -> list[RowEvent]:
+        began = time.perf_counter()
         clock, device, vocab = self.clock, self.device, self.vocab_size
         count = len(rows)
         sampling = self._sampling(rows)
@@ -406,6 +410,8 @@ class BatchEngine:
                     row.request.gamma.observe(drafted, kept_drafts)
             row_logprobs = logprobs[index] if logprobs is not None else None
             events.append(self._emit(row, emitted, gammas[index], drafted, kept_drafts, row_logprobs))
+        if self._policy_chose and self.load_aware is not None:
+            self.load_aware.observe(count, self.last_gamma, time.perf_counter() - began)
         return events
 
     def _sampling(self, rows: list[_Row]) -> RowSampling:

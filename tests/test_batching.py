@@ -186,3 +186,15 @@ def test_counters_add_up_when_eos_cuts_a_step_short():
     cut = run(frozenset({free.token_ids[1]}) - {free.token_ids[0]})
     assert cut.finish_reason == "eos" and len(cut.token_ids) == 2
     assert (cut.stats.drafted, cut.stats.accepted, cut.stats.new_tokens, cut.stats.target_forwards) == (2, 2, 2, 1)
+
+
+def test_load_aware_gamma_learns_from_observed_step_times():
+    """Warm-up costs say speculation is free; the engine's real steps say a drafting step takes four times as long.
+    After observing that, the policy stops speculating; γ values never run are predicted with the same slowdown."""
+    target = {(b, k): 0.01 for b in (1, 2, 4) for k in range(1, 8)}
+    policy = LoadAwareGamma(StepCosts(target=target, draft={1: 0.0, 2: 0.0, 4: 0.0}), max_gamma=6)
+    assert policy.choose([0.5] * 4, [6] * 4) == 6
+    policy.observe(4, 6, 0.04)
+    policy.observe(4, 0, 0.01)
+    assert policy.choose([0.5] * 4, [6] * 4) == 0
+    assert policy.step_seconds(4, 3) == pytest.approx(0.01 * (4 + 1) / 2)
