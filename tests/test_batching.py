@@ -98,11 +98,8 @@ def test_stop_strings_and_sampled_rows_share_a_batch(text_pair_dirs):
     engine = batched.new_engine()
     results = run_batch(engine, [batched.request(t, **o) for t, o in zip(texts, options, strict=True)])
     for text, option, result in zip(texts, options, results, strict=True):
-        if "temperature" in option:
-            # The same seed and γ give the same sample alone and in a batch.
-            expected = batched.generate(text, **option)
-        else:
-            expected = alone.generate(text, **option)
+        # A sampled row: the same seed and γ give the same sample alone as in a batch.
+        expected = (batched if "temperature" in option else alone).generate(text, **option)
         assert (result.text, result.token_ids, result.finish_reason) == (
             expected.text,
             expected.token_ids,
