@@ -161,8 +161,8 @@ class LoadAwareGamma:
 
     Step seconds start from the costs measured at warm-up (`StepCosts`) and are replaced by what the engine's steps
     really take (`observe`: everything the step does, host work and draft catch-up included, which the warm-up's
-    bare model steps cannot see) as soon as a (batch bucket, γ) has run. A γ not yet run is predicted from the
-    warm-up cost scaled by how much slower the bucket's observed steps ran than their warm-up costs; a γ not chosen
+    bare model steps cannot see) as soon as a (batch bucket, γ) has run. A γ not yet run is predicted from its
+    warm-up cost plus the extra the bucket's observed steps took over theirs, fitted linearly in γ; a γ not chosen
     drifts slowly back towards that prediction, so one unlucky observation is retried rather than avoided forever.
 
     Under a light load a verify of γ + 1 tokens per row costs about what one token costs and speculation wins; as
@@ -186,13 +186,22 @@ class LoadAwareGamma:
         return self._observed.get((self.costs.bucket(batch), gamma), self._predicted(batch, gamma))
 
     def _predicted(self, batch: int, gamma: int) -> float:
+        """The warm-up cost plus the host work the warm-up cannot see, fitted from the bucket's observed steps as
+        a + b·γ (a step's own work plus each draft pass's); a constant with one γ observed, nothing with none."""
         bucket = self.costs.bucket(batch)
-        ratios = [
-            seconds / self.costs.step_seconds(bucket, seen_gamma)
+        seen = [
+            (seen_gamma, seconds - self.costs.step_seconds(bucket, seen_gamma))
             for (seen_bucket, seen_gamma), seconds in self._observed.items()
             if seen_bucket == bucket
         ]
-        return self.costs.step_seconds(batch, gamma) * (sum(ratios) / len(ratios) if ratios else 1.0)
+        extra = 0.0
+        if seen:
+            mean_gamma = sum(g for g, _ in seen) / len(seen)
+            mean_extra = sum(e for _, e in seen) / len(seen)
+            spread = sum((g - mean_gamma) ** 2 for g, _ in seen)
+            slope = sum((g - mean_gamma) * (e - mean_extra) for g, e in seen) / spread if spread else 0.0
+            extra = mean_extra + slope * (gamma - mean_gamma)
+        return max(self.costs.step_seconds(batch, gamma) + extra, 1e-9)
 
     def observe(self, batch: int, gamma: int, seconds: float) -> None:
         """How long an engine step of `batch` rows that drafted γ took."""

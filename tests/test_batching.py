@@ -186,12 +186,12 @@ def test_counters_add_up_when_eos_cuts_a_step_short():
 
 
 def test_load_aware_gamma_learns_from_observed_step_times():
-    """Warm-up costs say speculation is free; the engine's real steps say a drafting step takes four times as long.
-    After observing that, the policy stops speculating; γ values never run are predicted with the same slowdown."""
+    """Warm-up costs say speculation is free; the engine's real steps say each drafted token adds 5 ms of host work.
+    After observing that, the policy stops speculating; γ values never run are predicted along the same line."""
     target = {(b, k): 0.01 for b in (1, 2, 4) for k in range(1, 8)}
     policy = LoadAwareGamma(StepCosts(target=target, draft={1: 0.0, 2: 0.0, 4: 0.0}), max_gamma=6)
     assert policy.choose([0.5] * 4, [6] * 4) == 6
     policy.observe(4, 6, 0.04)
     policy.observe(4, 0, 0.01)
     assert policy.choose([0.5] * 4, [6] * 4) == 0
-    assert policy.step_seconds(4, 3) == pytest.approx(0.01 * (4 + 1) / 2)
+    assert policy.step_seconds(4, 3) == pytest.approx(0.01 + 3 * 0.005)
