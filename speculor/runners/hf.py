@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, cache_utils
 from transformers.cache_utils import (
     DynamicLayer,
     DynamicSlidingWindowLayer,
     LinearAttentionAndFullAttentionLayer,
+    LinearAttentionAndSlidingWindowAttentionLayer,
     LinearAttentionCacheLayerMixin,
+    LinearAttentionLayer,
 )
 
 from speculor.errors import SpeculorError
@@ -27,6 +29,22 @@ from speculor.errors import SpeculorError
 CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")
 # Attributes of a cache layer that hold attention keys and values: cropped, never copied into a checkpoint.
 KV_ATTRIBUTES = ("keys", "values")
+
+# The cache layer kinds whose rollback is known to be exact, by exact class: a model's own subclass (DeepSeek-V4's
+# compressed attention, ...) carries state these rules do not cover, so it is refused. Cropped layers: plain
+# attention, attention with indexer keys (cropped alike) and the placeholder of layers that cache nothing (the last
+# two are missing from older transformers releases).
+CROPPED_LAYERS = tuple(
+    kind
+    for kind in (getattr(cache_utils, name, None) for name in ("DynamicLayer", "DynamicIndexedLayer", "DummyLayer"))
+    if kind is not None
+)
+RECURRENT_LAYERS = (LinearAttentionLayer, LinearAttentionAndFullAttentionLayer)
+# Sliding-window kinds and the kind that keeps every position instead (see HFRunner).
+FULL_COUNTERPARTS = {
+    DynamicSlidingWindowLayer: DynamicLayer,
+    LinearAttentionAndSlidingWindowAttentionLayer: LinearAttentionAndFullAttentionLayer,
+}
 
 # A recurrent model extends a non-empty state by up to this many tokens one forward each; a longer chunk (a prompt
 # prefilled in pieces) rebuilds the state with one forward over the whole sequence, which costs less than hundreds
@@ -128,16 +146,14 @@ class HFRunner:
         by one that keeps all positions (see the class docstring); refuses layer kinds it cannot roll back."""
         cache = DynamicCache(config=self.model.config)
         for index, layer in enumerate(cache.layers):
-            if isinstance(layer, DynamicSlidingWindowLayer):
-                if isinstance(layer, LinearAttentionCacheLayerMixin):
-                    cache.layers[index] = LinearAttentionAndFullAttentionLayer(number_of_states=layer.number_of_states)
-                else:
-                    cache.layers[index] = DynamicLayer()
-            elif not isinstance(layer, (DynamicLayer, LinearAttentionCacheLayerMixin)) and not getattr(
-                layer, "is_croppable", False
-            ):
+            kind = type(layer)
+            if kind in FULL_COUNTERPARTS:
+                full = FULL_COUNTERPARTS[kind]
+                recurrent = issubclass(full, LinearAttentionCacheLayerMixin)
+                cache.layers[index] = full(number_of_states=layer.number_of_states) if recurrent else full()
+            elif kind not in CROPPED_LAYERS + RECURRENT_LAYERS:
                 raise SpeculorError(
-                    f"{type(self.model).__name__} uses cache layers of kind {type(layer).__name__}, which speculor "
+                    f"{type(self.model).__name__} uses cache layers of kind {kind.__name__}, which speculor "
                     "cannot roll back exactly after a rejected draft"
                 )
         return cache
