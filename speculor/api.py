@@ -16,6 +16,7 @@ from speculor.loading import eos_token_ids, load_model, resolve_device, resolve_
 from speculor.proposers import DraftModelProposer, PromptLookupProposer, Proposer
 from speculor.runners import make_runner
 from speculor.sampling import SamplingParams
+from speculor.threads import use_cpu_threads
 
 ModelSource = str | os.PathLike | PreTrainedModel
 LOADER_OPTIONS = ("ngram", "device", "dtype", "runner", "fixed_width", "kernels", "max_batch_size")
@@ -41,6 +42,10 @@ class SpeculativeDecoder:
     up front: on the fast runner slots × max cache length × the model's key/value bytes per token). A prompt list
     longer than that runs as a rolling batch. `prefill_chunk` bounds the prompt tokens prefilled per engine step, so
     a long prompt joining a running batch delays the other rows by one chunk at a time.
+
+    `threads` sets torch's CPU threads (CPU only; process-wide, as torch's setting is): an int, or "auto" for one per
+    physical core no other process is busy on (`speculor.threads`; what the command line does by default). None
+    leaves torch's setting alone — on a shared machine torch's own default can collapse speed.
     """
 
     def __init__(
@@ -56,12 +61,17 @@ class SpeculativeDecoder:
         kernels: str = "auto",
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        threads: int | str | None = None,
     ) -> None:
         if draft is not None and ngram is not None:
             raise SpeculorError("give either a draft model or ngram prompt lookup, not both")
         if ngram is not None and (not isinstance(ngram, int) or ngram < 1):
             raise SpeculorError(f"ngram must be an integer ≥ 1, got {ngram!r}")
         self.device = resolve_device(device)
+        if threads is not None:
+            if threads != "auto" and (not isinstance(threads, int) or isinstance(threads, bool)):
+                raise SpeculorError(f"threads must be an integer ≥ 1 or 'auto', got {threads!r}")
+            use_cpu_threads(None if threads == "auto" else threads, self.device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.target = load_model(target, self.device, self.dtype)
         self.draft = load_model(draft, self.device, self.dtype) if draft is not None else None

@@ -146,13 +146,7 @@ HEAVY_MODULES = ("torch", "transformers", "fastapi", "numpy")
 
 @pytest.mark.parametrize(
     "module",
-    [
-        *(name for name in COMMAND_MODULES if name != "speculor.server.command"),
-        pytest.param(
-            "speculor.server.command",
-            marks=pytest.mark.xfail(strict=True, reason="imports speculor.api at the top for DEFAULT_MAX_BATCH_SIZE"),
-        ),
-    ],
+    COMMAND_MODULES,
 )
 def test_defining_a_command_imports_no_model_stack(module):
     """`speculor --help` must answer at once, so no command module may import torch, transformers or the server at

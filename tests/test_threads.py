@@ -85,3 +85,16 @@ def test_busy_cores_count_runnable_tasks_and_fall_back_to_the_load_average(tmp_p
     monkeypatch.setattr(threads, "PROC_STAT", tmp_path / "missing")
     assert threads.runnable_tasks_besides_this_one() is None
     assert threads.busy_cores() == 5.0
+
+
+def test_the_python_api_sets_cpu_threads_on_request(llama_pair):
+    from speculor import SpeculativeDecoder
+
+    before = torch.get_num_threads()
+    try:
+        SpeculativeDecoder(llama_pair[0], device="cpu", threads=1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(SpeculorError, match="threads"):
+            SpeculativeDecoder(llama_pair[0], device="cpu", threads="many")
+    finally:
+        torch.set_num_threads(before)

@@ -6,8 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from speculor.api import DEFAULT_MAX_BATCH_SIZE
-from speculor.cli import add_model_arguments, apply_config_file, console
+from speculor.cli import DEFAULT_BATCH_SIZE, add_model_arguments, apply_config_file, console
 from speculor.errors import SpeculorError
 
 # The model id clients send to the shipped family (its directory path would be an awkward name).
@@ -37,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-batch-size",
         type=int,
-        default=DEFAULT_MAX_BATCH_SIZE,
-        help=f"requests generating together in one batch (KV-cache slots; default {DEFAULT_MAX_BATCH_SIZE})",
+        default=DEFAULT_BATCH_SIZE,
+        help=f"requests generating together in one batch (KV-cache slots; default {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument(
         "--max-queue",
