@@ -307,18 +307,6 @@ def test_cache_cap_bounds_max_length_and_overflow_is_a_clear_error() -> None:
     assert runner.step([1], torch.arange(6).view(1, 6)).shape == (1, 6, VOCAB)
 
 
-def test_single_sequence_methods_run_on_slot_zero() -> None:
-    """The methods the engine used before slots (kept until it moves over): prefill, forward, truncate."""
-    model = build("llama")
-    runner = FastRunner(model)
-    runner.prefill(torch.arange(10))
-    logits = runner.forward(torch.tensor([4, 5]))
-    assert logits.shape == (2, VOCAB)
-    assert relative_error(logits, reference_logits(model, [*range(10), 4, 5], 2)) <= 1e-4
-    runner.truncate(7)
-    assert runner.cache_length == runner.length(0) == 7
-
-
 def test_graph_capture_needs_cuda() -> None:
     with pytest.raises(SpeculorError, match="needs a CUDA device"):
         FastRunner(build("llama"), capture="graph")

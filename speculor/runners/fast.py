@@ -267,23 +267,6 @@ class FastRunner:
                 else:
                     self._captured_step(bucket, width, span)
 
-    # Kept while the engine moves to the slot protocol: the single-sequence methods, on slot 0.
-    @property
-    def cache_length(self) -> int:
-        return self.length(0)
-
-    def prefill(self, token_ids: torch.Tensor) -> None:
-        self.reset(0)
-        self.extend(0, token_ids)
-
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        if token_ids.numel() < 1:
-            raise SpeculorError("forward needs at least one token")
-        return self.step([0], token_ids.view(1, -1))[0]
-
-    def truncate(self, length: int) -> None:
-        self.rollback(0, length)
-
     def _check_slot(self, slot: int) -> None:
         if not isinstance(slot, int) or not 0 <= slot < self._slots:
             raise SpeculorError(f"slot {slot!r} does not exist: this runner has slots 0..{self._slots - 1}")
