@@ -162,8 +162,8 @@ class LoadAwareGamma:
     Step seconds start from the costs measured at warm-up (`StepCosts`) and are replaced by what the engine's steps
     really take (`observe`: everything the step does, host work and draft catch-up included, which the warm-up's
     bare model steps cannot see) as soon as a (batch bucket, γ) has run. A γ not yet run is predicted from its
-    warm-up cost plus the extra the bucket's observed steps took over theirs, fitted linearly in γ; a γ not chosen
-    drifts slowly back towards that prediction, so one unlucky observation is retried rather than avoided forever.
+    warm-up cost plus the extra the bucket's observed steps took over theirs, fitted linearly in γ. Speculating must
+    promise `MARGIN` (5%) more tokens per second than not, so noise in the estimates does not make a batch slower.
 
     Under a light load a verify of γ + 1 tokens per row costs about what one token costs and speculation wins; as
     the batch grows the verify becomes compute-bound, its cost grows with γ, and the best γ falls to 0. Every choice
@@ -171,7 +171,7 @@ class LoadAwareGamma:
     acceptance over every row so far: a new row's estimate starts from it."""
 
     OBSERVED_WEIGHT = 0.3
-    DRIFT = 0.01
+    MARGIN = 1.05
 
     def __init__(self, costs: StepCosts, max_gamma: int = AUTO_MAX_GAMMA) -> None:
         if max_gamma < 0:
@@ -206,9 +206,6 @@ class LoadAwareGamma:
     def observe(self, batch: int, gamma: int, seconds: float) -> None:
         """How long an engine step of `batch` rows that drafted γ took."""
         bucket = self.costs.bucket(batch)
-        for key, value in self._observed.items():
-            if key[0] == bucket and key[1] != gamma:
-                self._observed[key] = value + self.DRIFT * (self._predicted(batch, key[1]) - value)
         previous = self._observed.get((bucket, gamma))
         self._observed[(bucket, gamma)] = (
             seconds if previous is None else previous + self.OBSERVED_WEIGHT * (seconds - previous)
@@ -217,7 +214,7 @@ class LoadAwareGamma:
     def choose(self, alphas: Sequence[float], caps: Sequence[int]) -> int:
         """The best γ for rows with acceptance estimates `alphas` that may draft at most `caps` tokens each."""
         batch = len(alphas)
-        best_gamma, best_rate = 0, batch / self.step_seconds(batch, 0)
+        best_gamma, best_rate = 0, self.MARGIN * batch / self.step_seconds(batch, 0)
         for gamma in range(1, min(self.max_gamma, max(caps, default=0)) + 1):
             tokens = sum(
                 expected_accepted_length(alpha, min(gamma, cap)) for alpha, cap in zip(alphas, caps, strict=True)
