@@ -89,6 +89,7 @@ ARCHITECTURES = [
     Architecture("starcoder2-window", "starcoder2", dict(sliding_window=WINDOW)),
     Architecture("gpt_neo-window", "gpt_neo", per_depth=gpt_neo_layers),
     Architecture("gpt2", "gpt2"),
+    Architecture("bert-decoder", "bert", dict(is_decoder=True, initializer_range=0.05)),
     Architecture("gptj", "gptj", dict(rotary_dim=4)),
     Architecture("codegen", "codegen", dict(rotary_dim=4)),
     Architecture("gpt_neox", "gpt_neox"),
@@ -182,6 +183,7 @@ REFUSED = [
     (Architecture("rwkv", "rwkv", dict(context_length=128)), "a cache of its own"),
     (Architecture("minimax", "minimax", dict(num_local_experts=2)), "a cache of its own"),
     (Architecture("deepseek_v4", "deepseek_v4"), "cache layers of kind DeepseekV4HCACache"),
+    (Architecture("bert-encoder", "bert"), "attends to later tokens too"),
 ]
 
 

@@ -64,6 +64,15 @@ def _context_length(model: PreTrainedModel) -> int:
     return 1 << 31
 
 
+def _bidirectional_attention(model: PreTrainedModel) -> str | None:
+    """The class of the first attention module of the language model that is not causal, if any (a vision tower's
+    attention over image features is bidirectional by design and does not count)."""
+    for path, module in model.named_modules():
+        if getattr(module, "is_causal", True) is False and "vision" not in path.lower():
+            return type(module).__name__
+    return None
+
+
 def _copy_state(value: Any) -> Any:
     """A copy of a cache layer attribute that later in-place updates of the layer cannot reach."""
     if isinstance(value, torch.Tensor):
@@ -121,6 +130,13 @@ class HFRunner:
             raise SpeculorError(
                 f"{type(model).__name__} keeps its decoding state in a cache of its own rather than a transformers "
                 "DynamicCache, so speculor cannot roll it back exactly after a rejected draft"
+            )
+        bidirectional = _bidirectional_attention(model)
+        if bidirectional is not None:
+            raise SpeculorError(
+                f"{type(model).__name__} attends to later tokens too ({bidirectional}.is_causal is False: an encoder "
+                "loaded as a language model without is_decoder=True), so a forward over several drafted tokens "
+                "cannot reproduce its own decoding"
             )
         parameters = inspect.signature(model.forward).parameters
         argument = next((name for name in CACHE_ARGUMENTS if name in parameters), None)
