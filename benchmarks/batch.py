@@ -37,6 +37,7 @@ import torch
 from speculor.api import SpeculativeDecoder
 from speculor.models import shipped
 from speculor.prompts import load_prompts
+from speculor.threads import use_cpu_threads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gamma", type=int, default=4, help="the fixed γ compared with the load-aware policy")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is reported")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: speculor's choice, speculor.threads)")
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     parser.add_argument("--quick", action="store_true", help="a smoke test: batch 1 and 2, 16 tokens, one repeat")
     args = parser.parse_args(argv)
@@ -142,8 +143,7 @@ def median_run(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_cpu_threads(args.threads, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     decoder, prompts, pair = load_pair(args, max(args.batch_sizes))
     began = time.perf_counter()
