@@ -103,17 +103,6 @@ def test_rows_of_a_step_are_independent_sequences(model):
     assert runner.length(1) == 0 and runner.length(0) == 15
 
 
-def test_single_sequence_wrappers_use_slot_zero(model):
-    sequence = tokens(9, seed=6)
-    runner = HFRunner(model)
-    runner.prefill(sequence[:6])
-    logits = runner.forward(sequence[6:])
-    assert runner.cache_length == 9
-    torch.testing.assert_close(logits, fresh_logits(model, sequence[:6], sequence[6:]))
-    runner.truncate(7)
-    assert runner.cache_length == 7 == runner.length(0)
-
-
 def test_misuse_is_refused_with_clear_errors():
     runner = HFRunner(LlamaForCausalLM(tiny_llama_config()).eval(), slots=2)
     with pytest.raises(SpeculorError, match="slot 2 does not exist"):

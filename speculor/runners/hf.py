@@ -295,19 +295,3 @@ class HFRunner:
         output = self.model(input_ids=token_ids.view(1, -1), **options)
         state.length += count
         return output.logits[0, -logits_to_keep:].float()
-
-    # The single-sequence interface the engine used before slots: thin wrappers over slot 0.
-
-    @property
-    def cache_length(self) -> int:
-        return self.length(0)
-
-    def prefill(self, token_ids: torch.Tensor) -> None:
-        self.reset(0)
-        self.extend(0, token_ids)
-
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.step([0], token_ids.view(1, -1))[0]
-
-    def truncate(self, length: int) -> None:
-        self.rollback(0, length)
