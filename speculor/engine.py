@@ -322,23 +322,30 @@ class BatchEngine:
 
     def _prefill_some(self) -> None:
         """Feed waiting prompts (everything but their last token) to the target's cache, oldest first, at most
-        `prefill_chunk` tokens per step. The proposer reads a prompt when it first drafts for the row."""
+        `prefill_chunk` tokens per step, every row's chunk in one call (one forward where the runner can). The
+        proposer reads a prompt when it first drafts for the row."""
         budget = self.prefill_chunk
+        chunks: list[tuple[_Row, int]] = []
         for row in self._rows.values():
             if budget == 0:
                 break
             todo = len(row.request.prompt_ids) - 1 - row.prefilled
-            if todo <= 0:
-                continue
-            began = time.perf_counter()
-            chunk = min(todo, budget)
-            ids = row.request.prompt_ids[row.prefilled : row.prefilled + chunk]
-            token_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-            self.target.extend(row.slot, token_ids)
-            row.prefilled += chunk
-            budget -= chunk
-            _synchronize(self.device)
-            row.stats.prefill_seconds += time.perf_counter() - began
+            if todo > 0:
+                chunks.append((row, min(todo, budget)))
+                budget -= chunks[-1][1]
+        if not chunks:
+            return
+        began = time.perf_counter()
+        token_ids = [
+            torch.tensor(row.request.prompt_ids[row.prefilled : row.prefilled + count], dtype=torch.long)
+            for row, count in chunks
+        ]
+        self.target.extend_rows([row.slot for row, _ in chunks], [ids.to(self.device) for ids in token_ids])
+        _synchronize(self.device)
+        seconds = time.perf_counter() - began
+        for row, count in chunks:
+            row.prefilled += count
+            row.stats.prefill_seconds += seconds
 
     def _gammas(self, rows: list[_Row]) -> list[int]:
         """γ for every row this step: 0 for rows that do not speculate; a row's own policy where it has one; the

@@ -81,13 +81,14 @@ class DraftModelProposer:
         confidence_thresholds: Sequence[float | None],
     ) -> Proposal:
         runner, device = self.runner, self.runner.device
-        missing = []
-        for slot, context in zip(slots, contexts, strict=True):
-            behind = len(context) - runner.length(slot)
-            if behind > 2:
-                runner.extend(slot, torch.tensor(context[-behind:-2], dtype=torch.long, device=device))
-                behind = 2
-            missing.append(behind)
+        behind = [len(context) - runner.length(slot) for slot, context in zip(slots, contexts, strict=True)]
+        catching_up = [index for index, count in enumerate(behind) if count > 2]
+        if catching_up:
+            runner.extend_rows(
+                [slots[i] for i in catching_up],
+                [torch.tensor(contexts[i][-behind[i] : -2], dtype=torch.long, device=device) for i in catching_up],
+            )
+        missing = [min(count, 2) for count in behind]
         width, rows, gamma = max(missing), len(slots), max(gammas)
         # Every per-row input of the proposal in one host-to-device copy, made while the device is idle (a copy
         # from host memory waits for the device's queued work).

@@ -46,6 +46,10 @@ class TableRunner:
     def extend(self, slot: int, token_ids: torch.Tensor) -> None:
         self.sequences[slot].extend(token_ids.tolist())
 
+    def extend_rows(self, slots, token_ids) -> None:
+        for slot, row in zip(slots, token_ids, strict=True):
+            self.extend(slot, row)
+
     def step(self, slots, token_ids: torch.Tensor) -> torch.Tensor:
         rows = []
         for slot, tokens in zip(slots, token_ids.tolist(), strict=True):

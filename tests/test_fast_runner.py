@@ -26,6 +26,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from speculor import runners
 from speculor.api import SpeculativeDecoder
 from speculor.errors import SpeculorError
 from speculor.runners import FastRunner, HFRunner, make_runner
@@ -265,11 +266,17 @@ def tiny_gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
 
 
-def test_auto_falls_back_to_hf_for_gpt2_with_a_notice(caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_falls_back_to_hf_for_gpt2_with_one_notice(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One notice per kind of model, however many runners (a target and a draft) fall back."""
+    monkeypatch.setattr(runners, "_noticed", set())
     with caplog.at_level(logging.WARNING, logger="speculor.runners"):
         runner = make_runner(tiny_gpt2(), "auto")
+        make_runner(tiny_gpt2(), "auto")
     assert isinstance(runner, HFRunner)
-    assert "'gpt2' is not one of" in caplog.text
+    assert caplog.text.count("'gpt2' is not one of") == 1
+    assert "one after another" in caplog.text
 
 
 def test_fast_on_gpt2_names_the_reason() -> None:
@@ -352,3 +359,20 @@ def test_fixed_width_makes_a_verified_token_bitwise_equal_to_decoding_it_alone()
     assert relative_error(verified, reference_logits(model, [*prompt.tolist(), *tokens.tolist()], 3)) <= 1e-4
     with pytest.raises(SpeculorError, match="at most fixed_width=4 tokens, got 5"):
         batched.step([0], torch.zeros((1, 5), dtype=torch.long))
+
+
+def test_extend_rows_prefills_several_slots_as_one_forward_would_each() -> None:
+    """Chunks of different lengths padded into one forward leave every slot's cache as its own extend would, so the
+    next steps' logits agree; the padding's keys past each row's end are never read."""
+    model = build("llama3-rope")
+    together, apart = FastRunner(model, slots=3), FastRunner(model, slots=3)
+    generator = torch.Generator().manual_seed(5)
+    chunks = [torch.randint(0, VOCAB, (length,), generator=generator) for length in (9, 30, 1)]
+    together.extend(1, torch.arange(4))
+    apart.extend(1, torch.arange(4))
+    together.extend_rows([2, 1, 0], chunks)
+    for slot, chunk in zip([2, 1, 0], chunks, strict=True):
+        apart.extend(slot, chunk)
+    assert [together.length(slot) for slot in range(3)] == [1, 34, 9]
+    step = torch.randint(0, VOCAB, (3, 2), generator=generator)
+    assert relative_error(together.step([0, 1, 2], step), apart.step([0, 1, 2], step)) <= 1e-6

@@ -53,6 +53,11 @@ class Runner(Protocol):
         chunk of it."""
         ...
 
+    def extend_rows(self, slots: Sequence[int], token_ids: Sequence[torch.Tensor]) -> None:
+        """`extend` for several slots at once (`token_ids[i]` to `slots[i]`, lengths may differ): prompts joining
+        together, prefilled in one forward where the runner can, so the weights are read once, not once per row."""
+        ...
+
     def step(self, slots: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
         """Append `token_ids[i]` to the cache of `slots[i]` for every row i and return their float logits, shape
         (rows, k, vocab_size), a tensor the caller owns. `token_ids` is (rows, k), k ≥ 1, the same k for every row;

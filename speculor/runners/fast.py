@@ -198,6 +198,36 @@ class FastRunner:
         self._stale = True
 
     @torch.inference_mode()
+    def extend_rows(self, slots: Sequence[int], token_ids: Sequence[torch.Tensor]) -> None:
+        """Several rows' chunks in one eager forward: each is padded at its end to the longest, and the padding's
+        keys and values land past the row's length, where they are stale and later overwritten. The weights are
+        read once for all rows — on a GPU a row's prefill alone is launch- and weight-read-bound. Rows whose padded
+        chunk would not fit their cache go on their own."""
+        rows = [(slot, row.view(-1)) for slot, row in zip(slots, token_ids, strict=True) if row.numel()]
+        for slot, row in rows:
+            self._check_slot(slot)
+            self._check_room(slot, row.numel())
+        width = max((row.numel() for _, row in rows), default=0)
+        alone = [(slot, row) for slot, row in rows if self._lengths[slot] + width > self._max_length]
+        together = [(slot, row) for slot, row in rows if self._lengths[slot] + width <= self._max_length]
+        for slot, row in alone:
+            self.extend(slot, row)
+        if len(together) < 2:
+            for slot, row in together:
+                self.extend(slot, row)
+            return
+        width = max(row.numel() for _, row in together)
+        tokens = torch.stack([F.pad(row.to(self.device), (0, width - row.numel())) for _, row in together])
+        starts = [self._lengths[slot] for slot, _ in together]
+        positions = (to_device(starts, self.device)[:, None] + self.cache.offsets[:width]).reshape(-1)
+        span = self._span(max(starts) + width)
+        sequences = [slot for slot, _ in together]
+        forward_tokens(self.weights, self.cache, tokens.reshape(-1), positions, sequences, span, False, self.fused)
+        for slot, row in together:
+            self._lengths[slot] += row.numel()
+        self._stale = True
+
+    @torch.inference_mode()
     def step(self, slots: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
         rows, shape = len(slots), token_ids.shape
         if len(shape) != 2 or shape[0] != rows or rows < 1 or shape[1] < 1:

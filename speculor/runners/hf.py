@@ -214,6 +214,11 @@ class HFRunner:
             return
         self._feed(state, token_ids.view(-1), logits_to_keep=1, checkpoints=False)
 
+    def extend_rows(self, slots: Sequence[int], token_ids: Sequence[torch.Tensor]) -> None:
+        """One row after another, as `step` runs them."""
+        for slot, row in zip(slots, token_ids, strict=True):
+            self.extend(slot, row)
+
     @torch.inference_mode()
     def step(self, slots: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
         if token_ids.dim() != 2 or token_ids.shape[0] != len(slots) or token_ids.shape[1] < 1:
