@@ -450,6 +450,8 @@ class BatchEngine:
             sampling if everyone else sampling.select(chosen),
             [self._confidence_threshold(rows[i]) for i in drafting],
         )
+        # A step whose drafts first caught up with their contexts says nothing about what drafting costs.
+        self._policy_chose = self._policy_chose and not proposal.caught_up
         if everyone:
             return proposal.tokens, proposal.counts, proposal.probs, proposal.forwards
         width = proposal.tokens.shape[1]

@@ -25,12 +25,15 @@ from speculor.sampling import DRAFT_STREAM, RowSampling, sample_rows
 class Proposal:
     """`tokens` (rows, γ) on the target's device, right-padded with zeros past each row's `counts` (rows,);
     `probs` (rows, γ, V) the q each token was sampled from, or None when q is one-hot at each token (greedy
-    drafting or a deterministic lookup); `forwards` counts draft-model steps."""
+    drafting or a deterministic lookup); `forwards` counts draft-model steps; `caught_up` says whether some row's
+    draft cache first had to catch up with its context (a prompt, or steps without drafting), one-off work that does
+    not say what drafting costs."""
 
     tokens: torch.Tensor
     counts: torch.Tensor
     probs: torch.Tensor | None
     forwards: int
+    caught_up: bool = False
 
 
 class Proposer(Protocol):
@@ -132,6 +135,7 @@ class DraftModelProposer:
             counts=counts,
             probs=torch.stack(probs, dim=1) if probs else None,
             forwards=len(tokens),
+            caught_up=bool(catching_up),
         )
 
     def rollback(self, slot: int, committed_length: int) -> None:
