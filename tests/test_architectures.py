@@ -184,6 +184,7 @@ REFUSED = [
     (Architecture("minimax", "minimax", dict(num_local_experts=2)), "a cache of its own"),
     (Architecture("deepseek_v4", "deepseek_v4"), "cache layers of kind DeepseekV4HCACache"),
     (Architecture("bert-encoder", "bert"), "attends to later tokens too"),
+    (Architecture("megatron-bert-encoder", "megatron-bert"), "bidirectional encoder unless"),
 ]
 
 

@@ -97,6 +97,20 @@ class _Slot:
     history: list[torch.Tensor] = field(default_factory=list)
 
 
+# Encoders whose causal-LM heads attend both ways unless the config sets is_decoder=True, with no `is_causal` flag on
+# their attention modules to detect it by.
+ENCODER_MODEL_TYPES = ("megatron-bert", "rembert")
+# Model types a sweep of every causal LM transformers builds offline found wrong or broken under incremental decoding
+# (tests/test_architectures.py covers the ones that work), refused with what was found.
+INEXACT_MODEL_TYPES = {
+    **dict.fromkeys(ENCODER_MODEL_TYPES, "is a bidirectional encoder unless its config sets is_decoder=True"),
+    "moshi": "applies its sliding window only by dropping old cache entries, not in its attention mask (its output "
+    "depends on how many tokens each forward feeds)",
+    "dory": "adds cache layers of its own that fail in incremental decoding",
+    "cpmant": "returns no logits for incremental decoding steps",
+}
+
+
 class HFRunner:
     """Wraps a `PreTrainedModel` in eval mode, with one transformers `DynamicCache` (batch size 1) per slot.
 
@@ -130,6 +144,14 @@ class HFRunner:
             raise SpeculorError(
                 f"{type(model).__name__} keeps its decoding state in a cache of its own rather than a transformers "
                 "DynamicCache, so speculor cannot roll it back exactly after a rejected draft"
+            )
+        model_type = getattr(model.config, "model_type", None)
+        if model_type in INEXACT_MODEL_TYPES and not (
+            model_type in ENCODER_MODEL_TYPES and getattr(model.config, "is_decoder", False)
+        ):
+            raise SpeculorError(
+                f"{type(model).__name__} {INEXACT_MODEL_TYPES[model_type]}, so speculative decoding could not "
+                "reproduce its output"
             )
         bidirectional = _bidirectional_attention(model)
         if bidirectional is not None:
