@@ -14,9 +14,17 @@ from speculor import models
 from speculor.errors import SpeculorError
 
 if TYPE_CHECKING:
-    from speculor.adaptive import ConfidenceThreshold, FixedGamma, GammaPolicy, LeviathanGamma
+    from speculor.adaptive import ConfidenceThreshold, FixedGamma, GammaPolicy, LeviathanGamma, LoadAwareGamma
     from speculor.api import SpeculativeDecoder, generate
-    from speculor.engine import Delta, GenerationResult, GenerationStats
+    from speculor.engine import (
+        BatchEngine,
+        DecodeRequest,
+        Delta,
+        GenerationResult,
+        GenerationStats,
+        RowEvent,
+        TokenLogprob,
+    )
 
 # Where each lazily loaded public name lives.
 LAZY_NAMES = {
@@ -24,6 +32,11 @@ LAZY_NAMES = {
     "FixedGamma": "speculor.adaptive",
     "GammaPolicy": "speculor.adaptive",
     "LeviathanGamma": "speculor.adaptive",
+    "LoadAwareGamma": "speculor.adaptive",
+    "BatchEngine": "speculor.engine",
+    "DecodeRequest": "speculor.engine",
+    "RowEvent": "speculor.engine",
+    "TokenLogprob": "speculor.engine",
     "SpeculativeDecoder": "speculor.api",
     "generate": "speculor.api",
     "Delta": "speculor.engine",
@@ -46,15 +59,20 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "BatchEngine",
     "ConfidenceThreshold",
+    "DecodeRequest",
     "Delta",
     "FixedGamma",
     "GammaPolicy",
     "GenerationResult",
     "GenerationStats",
     "LeviathanGamma",
+    "LoadAwareGamma",
+    "RowEvent",
     "SpeculativeDecoder",
     "SpeculorError",
+    "TokenLogprob",
     "generate",
     "models",
 ]
