@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,43 @@ def text_pair_dirs(tmp_path_factory) -> tuple[Path, Path]:
         tokenizer.save_pretrained(path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module (the server tests use it): the server's worker, its event loop, the clients and
+    the test's offline decoder take turns on 2 shared cores, and OpenMP's spinning threads slow small models down
+    many times over when oversubscribed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """The server tests' tiny target, draft and chat-template-less target (`server_support.build_model_dirs`)."""
+    from server_support import build_model_dirs
+
+    return build_model_dirs(tmp_path_factory.mktemp("server_models"))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dirs):
+    """The offline decoder a server's answers must match (loaded separately from the server's)."""
+    from speculor import SpeculativeDecoder
+
+    return SpeculativeDecoder(model_dirs["target"], model_dirs["draft"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server_url(model_dirs) -> Iterator[str]:
+    """A server over the tiny pair with a chat template, for one test module."""
+    from server_support import GAMMA, MODEL, serving
+
+    from speculor import SpeculativeDecoder
+    from speculor.server import create_app
+
+    decoder = SpeculativeDecoder(model_dirs["target"], model_dirs["draft"], device="cpu")
+    with serving(create_app(decoder, gamma=GAMMA, model_name=MODEL)) as running:
+        yield running.url

@@ -15,18 +15,15 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import uvicorn
 from openai import AsyncOpenAI, BadRequestError, OpenAI
 from server_support import (
     CONTEXT,
     GAMMA,
     MODEL,
-    build_model_dirs,
     metric_samples,
     serving,
     sse_events,
@@ -43,35 +40,9 @@ from speculor.server.errors import APIError
 from speculor.server.metrics import ServerMetrics
 from speculor.server.worker import Generations, GenerationWorker
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = ["def add(a, b):", "for item in items:", "class Point:", "import os\n", "The quick brown fox"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Generation runs on one thread here: the server's worker and the test's offline decoder take turns on 2
-    shared cores, and OpenMP's spinning threads slow small models down many times over when oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    return build_model_dirs(tmp_path_factory.mktemp("server_models"))
-
-
-@pytest.fixture(scope="module")
-def reference(model_dirs) -> SpeculativeDecoder:
-    """The offline decoder the server's answers must match (loaded separately from the server's)."""
-    return SpeculativeDecoder(model_dirs["target"], model_dirs["draft"], device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server_url(model_dirs) -> Iterator[str]:
-    decoder = SpeculativeDecoder(model_dirs["target"], model_dirs["draft"], device="cpu")
-    with serving(create_app(decoder, gamma=GAMMA, model_name=MODEL)) as running:
-        yield running.url
 
 
 @pytest.fixture(scope="module")

@@ -9,32 +9,18 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from openai import AsyncOpenAI, OpenAI
-from server_support import CONTEXT, GAMMA, MODEL, build_model_dirs, metric_samples, serving, wait_for
+from server_support import CONTEXT, GAMMA, MODEL, metric_samples, serving, wait_for
 
 from speculor import SpeculativeDecoder
 from speculor.server import create_app
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = [f"def function_{index}(x):\n    return x * {index}" for index in range(12)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One thread: the server's worker and the test's offline decoder share 2 cores (see test_server.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    return build_model_dirs(tmp_path_factory.mktemp("batching_models"))
 
 
 @pytest.fixture(scope="module")

@@ -5,48 +5,20 @@ nulls next to harmless options)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import pytest
-import torch
 import uvicorn
 from openai import BadRequestError, NotFoundError, OpenAI
-from server_support import GAMMA, MODEL, build_model_dirs, serving, sse_events
+from server_support import GAMMA, MODEL, serving, sse_events
 from starlette.testclient import TestClient
 
 from speculor import SpeculativeDecoder
 from speculor.cli import main
 from speculor.server import create_app
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPT = "def add(a, b):"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One thread: the server's worker and the test's offline decoder share 2 cores (see test_server.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    return build_model_dirs(tmp_path_factory.mktemp("compat_models"))
-
-
-@pytest.fixture(scope="module")
-def reference(model_dirs) -> SpeculativeDecoder:
-    return SpeculativeDecoder(model_dirs["target"], model_dirs["draft"], device="cpu")
-
-
-@pytest.fixture(scope="module")
-def server_url(model_dirs) -> Iterator[str]:
-    decoder = SpeculativeDecoder(model_dirs["target"], model_dirs["draft"], device="cpu")
-    with serving(create_app(decoder, gamma=GAMMA, model_name=MODEL)) as running:
-        yield running.url
 
 
 @pytest.fixture

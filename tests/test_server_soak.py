@@ -12,17 +12,17 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
-import torch
 from server_support import metric_samples, serving, wait_for
 
 from speculor import SpeculativeDecoder
 from speculor.models import shipped
 from speculor.server import create_app
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REQUESTS = int(os.environ.get("SPECULOR_SOAK_REQUESTS", "2000"))
 CONCURRENCY = 64
@@ -80,15 +80,6 @@ def make_plans(count: int, seed: int) -> list[Plan]:
             )
         )
     return plans
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One thread: the server's worker, its event loop and the clients share 2 cores (see test_server.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 async def run_plan(client: httpx.AsyncClient, plan: Plan) -> tuple[str, str | None]:
