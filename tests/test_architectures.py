@@ -21,6 +21,8 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PreTr
 
 from speculor import SpeculativeDecoder, SpeculorError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 WINDOW = 6
 PROMPT_LENGTHS = (3, 9, 14)
 GAMMAS = (1, 3, 5)
@@ -110,15 +112,6 @@ ARCHITECTURES = [
     Architecture("zaya-hybrid", "zaya"),
     Architecture("lara_mini-hybrid-window", "lara_mini", dict(sliding_window=WINDOW)),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread, and a busy machine cannot stall it waiting for a second."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import speculor
 from speculor.models import BEST_DRAFT, DRAFTS, shipped
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MIB = 1 << 20
 # Python headers written for this test: not in the training corpus (the interpreter's own source files).
@@ -33,15 +34,6 @@ def family():
 @pytest.fixture(scope="module")
 def decoder(family):
     return speculor.SpeculativeDecoder(family.target, family.best_draft, device="cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Other test processes may share the CPU; one thread keeps timings out of the picture and results exact."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_shipped_lists_target_and_drafts_with_the_best_marked(family):

@@ -28,17 +28,10 @@ from speculor.train import (
     train_model,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SOURCE = Path(speculor.__file__).parent
 TINY = {"vocab_size": 300, "steps": 3, "batch_size": 2, "sequence_length": 32, "progress": False}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a CPU shared with other processes run far faster on one thread than on contended two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
