@@ -63,7 +63,8 @@ class SamplingParams:
 class RowSampling:
     """The sampling parameters of a batch's rows as device tensors, (rows,) each: a temperature of 0 marks a greedy
     row, a top-k of 0 and a top-p of 1 disable those filters. `filtered` says whether any row uses a filter (the sort
-    they need is skipped otherwise); `any_sampled` whether any row samples."""
+    they need is skipped otherwise); `any_sampled` whether any row samples, `any_greedy` whether any row is greedy
+    (so a batch of one kind never builds the other's distributions)."""
 
     temperature: torch.Tensor
     top_k: torch.Tensor
@@ -71,6 +72,7 @@ class RowSampling:
     seeds: torch.Tensor
     filtered: bool
     any_sampled: bool
+    any_greedy: bool
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], device: torch.device) -> RowSampling:
@@ -82,6 +84,7 @@ class RowSampling:
             seeds=torch.tensor([_signed(seed) for seed in seeds], dtype=torch.long, device=device),
             filtered=any(p.top_k or (p.top_p is not None and p.top_p < 1) for p in sampled),
             any_sampled=bool(sampled),
+            any_greedy=len(sampled) < len(params),
         )
 
     def select(self, rows: torch.Tensor) -> RowSampling:
@@ -93,6 +96,7 @@ class RowSampling:
             self.seeds[rows],
             self.filtered,
             self.any_sampled,
+            self.any_greedy,
         )
 
 
@@ -109,10 +113,9 @@ def row_probabilities(logits: torch.Tensor, sampling: RowSampling) -> torch.Tens
     """Turn logits (rows, ..., V) into probabilities with each row's own parameters: temperature, then top-k, then
     top-p (as Hugging Face orders its warpers). Greedy rows get a one-hot distribution at the argmax."""
     logits = logits.to(_working_dtype(logits))
-    greedy = _per_row(sampling.temperature == 0, logits)
-    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
     if not sampling.any_sampled:
-        return one_hot
+        return _one_hot_argmax(logits)
+    greedy = _per_row(sampling.temperature == 0, logits)
     temperature = _per_row(sampling.temperature, logits).to(logits.dtype)
     logits = logits / torch.where(greedy, torch.ones_like(temperature), temperature)
     if sampling.filtered:
@@ -130,7 +133,12 @@ def row_probabilities(logits: torch.Tensor, sampling: RowSampling) -> torch.Tens
         drop_sorted |= sorted_logits == float("-inf")
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return torch.where(greedy, one_hot, logits.softmax(-1))
+    probs = logits.softmax(-1)
+    return torch.where(greedy, _one_hot_argmax(logits), probs) if sampling.any_greedy else probs
+
+
+def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
