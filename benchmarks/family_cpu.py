@@ -8,6 +8,11 @@ Runs take turns prompt by prompt (target alone, then each draft), so a shared ma
 of them alike; the load average is recorded before and after. TAR and mean accepted length do not depend on the
 machine; tokens per second do. Step costs (one target forward of 1 and γ+1 tokens, one draft forward) are measured
 too, because on a CPU they decide the speedup: verifying γ+1 tokens costs more than one, unlike on a GPU.
+
+    python benchmarks/family_cpu.py --tar-only --output benchmarks/results/family-cpu-DATE/family_cpu.json
+
+measures only what does not depend on the machine (TAR, mean accepted length, identity with the target alone), so
+it can run on a busy machine; the timing parts (step costs, γ sweep, Hugging Face) are skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from speculor import SpeculativeDecoder
 from speculor.models import shipped
 from speculor.prompts import load_prompts
+from speculor.provenance import source_revision
 from speculor.runners import make_runner
 
 HELD_OUT_ROW = re.compile(r"\| held-out loss \| ([0-9.]+) ")
@@ -83,6 +91,8 @@ def run_speculor(prompts: list[str], family, gamma: int, max_new_tokens: int) ->
         drafted = sum(s.drafted for s in stats)
         summary[name] = {
             "prompts": len(stats),
+            "accepted": sum(s.accepted for s in stats),
+            "drafted": drafted,
             "tar": sum(s.accepted for s in stats) / drafted if drafted else None,
             "mean_accepted_length": sum(s.new_tokens for s in stats) / sum(s.target_forwards for s in stats),
             "median_tokens_per_second": statistics.median(s.tokens_per_second for s in stats),
@@ -161,6 +171,9 @@ def main() -> None:
     parser.add_argument("--hf-every", type=int, default=4, help="Hugging Face runs on every k-th prompt")
     parser.add_argument("--sweep-limit", type=int, default=40, help="prompts for the γ sweep (0 skips it)")
     parser.add_argument("--sweep-gammas", default="2,3,4,5,6")
+    parser.add_argument(
+        "--tar-only", action="store_true", help="skip the timing parts (step costs, γ sweep, Hugging Face)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     family = shipped()
@@ -168,6 +181,8 @@ def main() -> None:
     models = {"target": family.target, **family.drafts}
     report: dict = {
         "date": time.strftime("%Y-%m-%d"),
+        **source_revision(),
+        "command": shlex.join(["python", "benchmarks/family_cpu.py", *sys.argv[1:]]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "threads": args.threads,
@@ -177,22 +192,24 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "held_out_loss": held_out_losses(models),
     }
-    report["step_ms"] = step_costs(models, args.gamma)
+    if not args.tar_only:
+        report["step_ms"] = step_costs(models, args.gamma)
     print(json.dumps(report, indent=1), flush=True)
     report["speculor"], report["samples"] = run_speculor(prompts, family, args.gamma, args.max_new_tokens)
     print(json.dumps(report["speculor"], indent=1), flush=True)
-    if args.sweep_limit:
+    if args.sweep_limit and not args.tar_only:
         gammas = [int(value) for value in args.sweep_gammas.split(",")]
         report["gamma_sweep"] = run_gamma_sweep(prompts[: args.sweep_limit], family, gammas, args.max_new_tokens)
         report["gamma_sweep_prompts"] = min(args.sweep_limit, len(prompts))
         print(json.dumps(report["gamma_sweep"], indent=1), flush=True)
-    hf_prompts = prompts[:: args.hf_every]
-    report["hugging_face_prompts"] = len(hf_prompts)
-    report["hugging_face"] = run_hugging_face(hf_prompts, family, args.gamma, args.max_new_tokens)
+    if not args.tar_only:
+        hf_prompts = prompts[:: args.hf_every]
+        report["hugging_face_prompts"] = len(hf_prompts)
+        report["hugging_face"] = run_hugging_face(hf_prompts, family, args.gamma, args.max_new_tokens)
+        print(json.dumps(report["hugging_face"], indent=1), flush=True)
     report["load_average_after"] = os.getloadavg()
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    print(json.dumps(report["hugging_face"], indent=1), flush=True)
 
 
 if __name__ == "__main__":
