@@ -13,7 +13,13 @@ from speculor.calibration import measure_step_costs
 from speculor.engine import DEFAULT_PREFILL_CHUNK, BatchEngine, DecodeRequest, Decoding, Delta, GenerationResult
 from speculor.errors import SpeculorError
 from speculor.loading import eos_token_ids, load_model, resolve_device, resolve_dtype, shared_vocab_size
-from speculor.proposers import DraftModelProposer, PromptLookupProposer, Proposer
+from speculor.proposers import (
+    DraftModelProposer,
+    ParallelDraftProposer,
+    ParallelDraftSpec,
+    PromptLookupProposer,
+    Proposer,
+)
 from speculor.runners import make_runner
 from speculor.sampling import SamplingParams
 from speculor.threads import use_cpu_threads
@@ -43,9 +49,10 @@ class SpeculativeDecoder:
     longer than that runs as a rolling batch. `prefill_chunk` bounds the prompt tokens prefilled per engine step, so
     a long prompt joining a running batch delays the other rows by one chunk at a time.
 
-    `threads` sets torch's CPU threads (CPU only; process-wide, as torch's setting is): an int, or "auto" for one per
-    physical core no other process is busy on (`speculor.threads`; what the command line does by default). None
-    leaves torch's setting alone — on a shared machine torch's own default can collapse speed.
+    `threads` sets torch's CPU threads (CPU only; process-wide, as torch's setting is): "auto" (the default, as on
+    the command line) for one per physical core no other process is busy on, or `OMP_NUM_THREADS` when set
+    (`speculor.threads`); an int; or None to leave torch's setting alone. torch's own default of one thread per
+    core collapses when another process holds a core (8 tok/s instead of 256 on two cores with one busy process).
     """
 
     def __init__(
@@ -61,7 +68,7 @@ class SpeculativeDecoder:
         kernels: str = "auto",
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        threads: int | str | None = None,
+        threads: int | str | None = "auto",
     ) -> None:
         if draft is not None and ngram is not None:
             raise SpeculorError("give either a draft model or ngram prompt lookup, not both")
@@ -108,6 +115,10 @@ class SpeculativeDecoder:
 
     def _proposer(self) -> Proposer | None:
         if self.draft_runner is not None:
+            assert self.draft is not None
+            spec = ParallelDraftSpec.from_config(self.draft.model.config)
+            if spec is not None:
+                return ParallelDraftProposer(self.draft_runner, self.vocab_size, spec)
             return DraftModelProposer(self.draft_runner, self.vocab_size)
         if self.ngram is not None:
             return PromptLookupProposer(self.ngram, self.device)
@@ -149,12 +160,16 @@ class SpeculativeDecoder:
         ignore_eos: bool = False,
         speculative: bool | None = None,
         logprobs: int | None = None,
+        reproducible: bool | None = None,
     ) -> DecodeRequest:
         """A checked request, ready for an engine (`new_engine().add(...)`). `gamma=None` (the default) lets the
         engine choose γ each step for the whole batch from the measured step costs and the running acceptance
         (`LoadAwareGamma`; 0 = no speculation under a heavy load); an int or a `GammaPolicy` fixes this request's
         own. `speculative=False` runs the target alone even when a draft is loaded (for baselines on the same
-        runner). `logprobs=N` reports the target's log-probability of each token and its N best alternatives."""
+        runner). `logprobs=N` reports the target's log-probability of each token and its N best alternatives.
+        `reproducible` (default: whether a seed is given) verifies a sampled request by drafter-invariant coupling,
+        so its tokens are exactly the target alone's samples for its seed, whatever γ, draft or batch; False keeps
+        the rejection rule, which accepts more drafts but whose tokens depend on what was drafted."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise SpeculorError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
@@ -190,6 +205,7 @@ class SpeculativeDecoder:
             max_gamma=self.fixed_width - 1 if self.fixed_width is not None else None,
             speculative=self.speculative if speculative is None else bool(speculative) and self.speculative,
             logprobs=logprobs,
+            reproducible=seed is not None if reproducible is None else bool(reproducible),
         )
 
     def _check_length(self, prompt_length: int, max_new_tokens: int) -> None:
@@ -270,8 +286,12 @@ class SpeculativeDecoder:
         widest = max(gamma or 0, self.auto_max_gamma) + 1
         if self.fixed_width is not None:
             widest = min(widest, self.fixed_width)
-        # The draft runner feeds one token a step, or two after a fully accepted step (see DraftModelProposer).
-        for runner, widths in ((self.target_runner, range(1, widest + 1)), (self.draft_runner, range(1, 3))):
+        # The draft runner feeds one token a step, or two after a fully accepted step (see DraftModelProposer); a
+        # parallel draft feeds the accepted tokens and masks (ParallelDraftProposer.step_widths).
+        draft_widths = range(1, 3)
+        if isinstance(proposer := self._proposer(), ParallelDraftProposer):
+            draft_widths = proposer.step_widths(max(gamma or 0, self.auto_max_gamma))
+        for runner, widths in ((self.target_runner, range(1, widest + 1)), (self.draft_runner, draft_widths)):
             if runner is None:
                 continue
             if hasattr(runner, "warm_up"):

@@ -38,7 +38,7 @@ from speculor.sampling import (
     sample,
 )
 from speculor.text import TextTracker
-from speculor.verify import greedy_accept, stochastic_accept
+from speculor.verify import greedy_accept, match_accept, stochastic_accept
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -106,17 +106,6 @@ class GenerationStats:
             self.accepted_by_position[position] += 1
 
 
-@dataclass
-class GenerationResult:
-    """`token_ids` holds the generated ids only; `text` is None when the model has no tokenizer. `finish_reason` is
-    "eos", "stop", "length" or "abort"."""
-
-    text: str | None
-    token_ids: list[int]
-    stats: GenerationStats
-    finish_reason: str = "length"
-
-
 @dataclass(frozen=True)
 class TokenLogprob:
     """The target's log-probability of an emitted token (from its raw logits, before temperature, top-k or top-p)
@@ -125,6 +114,20 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class GenerationResult:
+    """`token_ids` holds the generated ids only; `text` is None when the model has no tokenizer. `finish_reason` is
+    "eos", "stop", "length", "abort" or "error" (then `error` says what failed; the tokens before it stand).
+    `logprobs` holds one entry per generated token when the request asked for them."""
+
+    text: str | None
+    token_ids: list[int]
+    stats: GenerationStats
+    finish_reason: str = "length"
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -141,7 +144,9 @@ class Delta:
 class DecodeRequest:
     """One generation, checked. `gamma` None lets the engine pick γ for the whole batch each step (`LoadAwareGamma`);
     a `GammaPolicy` gives this row its own. `seed` None draws a fresh one. `logprobs` asks for the target's
-    log-probability of each token plus that many alternatives (None: none)."""
+    log-probability of each token plus that many alternatives (None: none). A `reproducible` sampled row is
+    verified by drafter-invariant coupling (`speculor.verify.match_accept`): its tokens are exactly the target
+    alone's samples for its seed, whatever the draft, γ or batch."""
 
     prompt_ids: list[int]
     max_new_tokens: int
@@ -154,6 +159,7 @@ class DecodeRequest:
     max_gamma: int | None = None  # a cap from the target runner (fixed-width steps), applied to every policy
     speculative: bool = True
     logprobs: int | None = None
+    reproducible: bool = False
 
 
 @dataclass
@@ -211,6 +217,7 @@ class _Row:
     prefilled: int = 0
     finish_reason: str = "length"
     acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def ready(self) -> bool:
@@ -296,6 +303,7 @@ class BatchEngine:
             list(request.prompt_ids),
             time.perf_counter(),
             acceptance=AcceptanceEstimate(prior=self._pair_acceptance.alpha),
+            logprobs=[] if request.logprobs is not None else None,
         )
         self.target.reset(slot)
         if self.proposer is not None:
@@ -313,17 +321,53 @@ class BatchEngine:
 
     def step(self) -> list[RowEvent]:
         """Prefill (a bounded chunk of) waiting prompts, then one target forward for every ready row. Returns one
-        event per row that emitted tokens or finished."""
-        self._prefill_some()
+        event per row that emitted tokens or finished.
+
+        One request can never fail the others: if the batched work raises, every row's caches go back to what it
+        had committed and the rows are stepped again one at a time; a row that fails alone finishes with reason
+        "error" (its tokens so far stand), the others continue as if nothing happened — greedy and seeded rows
+        produce exactly the tokens they would have."""
+        events = self._prefill_some()
         rows = [row for row in self._rows.values() if row.ready]
         if not rows:
-            return []
-        return self._decode(rows)
+            return events
+        try:
+            return events + self._decode(rows)
+        except Exception as error:
+            if len(rows) == 1:
+                return [*events, self._fail(rows[0], error)]
+            self._restore(rows)
+        for row in rows:
+            try:
+                events += self._decode([row])
+            except Exception as error:
+                events.append(self._fail(row, error))
+        return events
 
-    def _prefill_some(self) -> None:
+    def _restore(self, rows: list[_Row]) -> None:
+        """Cut every row's caches back to its committed context after a step that raised, and forget what the step
+        left on the device."""
+        self._pending = None
+        self._sampling_cache = None
+        for row in rows:
+            committed = len(row.context) - 1 if row.ready else row.prefilled
+            self.target.rollback(row.slot, committed)
+            if self.proposer is not None:
+                self.proposer.rollback(row.slot, committed)
+
+    def _fail(self, row: _Row, error: BaseException) -> RowEvent:
+        """Finish a row whose own step raised: reason "error", with what failed; everything it emitted stands."""
+        self._restore([row])
+        row.finish_reason = "error"
+        result = self._finish(row)
+        result.error = f"{type(error).__name__}: {error}"
+        return RowEvent(row.request_id, Delta([], ""), result)
+
+    def _prefill_some(self) -> list[RowEvent]:
         """Feed waiting prompts (everything but their last token) to the target's cache, oldest first, at most
         `prefill_chunk` tokens per step, every row's chunk in one call (one forward where the runner can). The
-        proposer reads a prompt when it first drafts for the row."""
+        proposer reads a prompt when it first drafts for the row. If the joint prefill raises, each row's chunk is
+        retried alone and only the rows that still fail finish with reason "error"."""
         budget = self.prefill_chunk
         chunks: list[tuple[_Row, int]] = []
         for row in self._rows.values():
@@ -334,7 +378,24 @@ class BatchEngine:
                 chunks.append((row, min(todo, budget)))
                 budget -= chunks[-1][1]
         if not chunks:
-            return
+            return []
+        try:
+            self._prefill(chunks)
+            return []
+        except Exception:
+            if len(chunks) > 1:
+                self._restore([row for row, _ in chunks])
+            else:
+                self._pending = None
+        events = []
+        for row, count in chunks:
+            try:
+                self._prefill([(row, count)])
+            except Exception as error:
+                events.append(self._fail(row, error))
+        return events
+
+    def _prefill(self, chunks: list[tuple[_Row, int]]) -> None:
         began = time.perf_counter()
         token_ids = [
             torch.tensor(row.request.prompt_ids[row.prefilled : row.prefilled + count], dtype=torch.long)
@@ -386,12 +447,7 @@ class BatchEngine:
         logits = self.target.step(slots, tokens)[..., :vocab]
         width = drafts.shape[1]
         if starts is not None:
-            target_probs = row_probabilities(logits, sampling)
-            offsets = torch.arange(width, device=device)
-            uniforms = counter_uniform(sampling.seeds, starts[:, None] + offsets, ACCEPT_STREAM)
-            accepted, next_distribution = stochastic_accept(drafts, counts, draft_probs, target_probs, uniforms)
-            noise = counter_uniform(sampling.seeds, starts + accepted, TARGET_STREAM, next_distribution.shape[-1])
-            next_tokens = sample(next_distribution, noise)
+            accepted, next_tokens = self._sampled_accept(logits, drafts, counts, draft_probs, sampling, starts)
         else:
             accepted, next_tokens = greedy_accept(drafts, counts, logits)
         clock.mark(clock.DONE)
@@ -416,10 +472,45 @@ class BatchEngine:
                 if row.request.gamma is not None:
                     row.request.gamma.observe(drafted, kept_drafts)
             row_logprobs = logprobs[index] if logprobs is not None else None
-            events.append(self._emit(row, emitted, gammas[index], drafted, kept_drafts, row_logprobs))
+            try:
+                events.append(self._emit(row, emitted, drafted, kept_drafts, row_logprobs))
+            except Exception as error:
+                events.append(self._fail(row, error))
         if self._policy_chose and self.load_aware is not None:
             self.load_aware.observe(count, self.last_gamma, time.perf_counter() - began)
         return events
+
+    @staticmethod
+    def _sampled_accept(
+        logits: torch.Tensor,
+        drafts: torch.Tensor,
+        counts: torch.Tensor,
+        draft_probs: torch.Tensor | None,
+        sampling: RowSampling,
+        starts: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Acceptance for a batch with sampled rows: reproducible rows (and greedy ones, whose p is one-hot) keep the
+        drafts that equal the target's own seeded samples (`match_accept`); the other sampled rows use the
+        rejection rule, which accepts more but makes the tokens depend on what was drafted."""
+        width = drafts.shape[1]
+        target_probs = row_probabilities(logits, sampling)
+        vocab = target_probs.shape[-1]
+        coupled = None
+        if sampling.any_reproducible:
+            positions = starts[:, None] + torch.arange(width + 1, device=starts.device)
+            choices = sample(target_probs, counter_uniform(sampling.seeds, positions, TARGET_STREAM, vocab))
+            coupled = match_accept(drafts, counts, choices)
+            if bool(sampling.reproducible.all()):
+                return coupled
+        offsets = torch.arange(width, device=starts.device)
+        uniforms = counter_uniform(sampling.seeds, starts[:, None] + offsets, ACCEPT_STREAM)
+        accepted, next_distribution = stochastic_accept(drafts, counts, draft_probs, target_probs, uniforms)
+        noise = counter_uniform(sampling.seeds, starts + accepted, TARGET_STREAM, vocab)
+        next_tokens = sample(next_distribution, noise)
+        if coupled is None:
+            return accepted, next_tokens
+        chosen = sampling.reproducible
+        return torch.where(chosen, coupled[0], accepted), torch.where(chosen, coupled[1], next_tokens)
 
     def _sampling(self, rows: list[_Row]) -> RowSampling:
         """The rows' sampling parameters on the device, rebuilt only when the set of rows changes (a copy from the
@@ -427,7 +518,8 @@ class BatchEngine:
         key = tuple(row.request_id for row in rows)
         if self._sampling_cache is None or self._sampling_cache[0] != key:
             params, seeds = [row.request.params for row in rows], [row.seed for row in rows]
-            self._sampling_cache = (key, RowSampling.build(params, seeds, self.device))
+            reproducible = [row.request.reproducible for row in rows]
+            self._sampling_cache = (key, RowSampling.build(params, seeds, self.device, reproducible))
         return self._sampling_cache[1]
 
     def _propose(
@@ -514,7 +606,6 @@ class BatchEngine:
         self,
         row: _Row,
         emitted: list[int],
-        gamma: int,
         drafted: int,
         accepted: int,
         logprobs: list[TokenLogprob] | None,
@@ -541,12 +632,15 @@ class BatchEngine:
         if not check_each:
             text = tracker.update(row.generated)
         cut_short = len(taken) < accepted + 1
-        row.stats.record_step(gamma, len(taken) if cut_short else drafted, min(accepted, len(taken)))
+        # γ as drafted: a lookup that found nothing, or a draft stopped by its confidence threshold, counts as such.
+        row.stats.record_step(drafted, len(taken) if cut_short else drafted, min(accepted, len(taken)))
         row.context.extend(taken)
         now = time.perf_counter()
         if not row.stats.time_to_first_token:
             row.stats.time_to_first_token = now - row.started
         row_logprobs = logprobs[: len(taken)] if logprobs is not None else None
+        if row_logprobs is not None and row.logprobs is not None:
+            row.logprobs.extend(row_logprobs)
         if row.finish_reason != "length" or len(row.generated) >= request.max_new_tokens:
             text += tracker.finish(row.generated)
             result = self._finish(row)
@@ -566,7 +660,7 @@ class BatchEngine:
         self._pending = None
         row.stats.new_tokens = len(row.generated)
         row.stats.wall_seconds = time.perf_counter() - row.started
-        return GenerationResult(row.tracker.text, list(row.generated), row.stats, row.finish_reason)
+        return GenerationResult(row.tracker.text, list(row.generated), row.stats, row.finish_reason, row.logprobs)
 
 
 class Decoding:

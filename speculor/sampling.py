@@ -38,25 +38,51 @@ _POSITION_STEP = _signed(0xD6E8FEB86659FD93)
 _STREAM_STEP = _signed(0xA0761D6478BD642F)
 
 
+# Temperatures below this are greedy. At 1e-5 a token whose logit trails the best by 0.001 — about the rounding of
+# float32 logits — is already e^100 times less likely, so sampling could differ from argmax only at exact ties; the
+# greedy path is exact and cheaper, and deciding here, once, keeps draft and target agreeing on which rows are greedy.
+GREEDY_TEMPERATURE_BELOW = 1e-5
+# Probabilities are computed in float32: a larger temperature would round to infinity there.
+MAX_TEMPERATURE = torch.finfo(torch.float32).max
+# No vocabulary has 2^31 tokens, so a larger top-k filters nothing: it is stored as "off" and never reaches int64.
+MAX_TOP_K = (1 << 31) - 1
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How logits become a distribution. `temperature == 0` means greedy (argmax), where top-k/top-p do not matter."""
+    """How logits become a distribution. `temperature == 0` means greedy (argmax), where top-k/top-p do not matter.
+
+    Every value accepted here is safe downstream: construction normalises a temperature below
+    `GREEDY_TEMPERATURE_BELOW` to 0 (greedy) and a top-k above `MAX_TOP_K` to None (off), and refuses what no tensor
+    could hold (infinite or NaN values, booleans)."""
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) or self.temperature < 0:
-            raise SpeculorError(f"temperature must be a number ≥ 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
-            raise SpeculorError(f"top_k must be an integer ≥ 0 (0 or None disables it), got {self.top_k!r}")
-        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
-            raise SpeculorError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        temperature, top_k, top_p = self.temperature, self.top_k, self.top_p
+        if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+            raise SpeculorError(
+                f"temperature must be a number ≥ 0 and finite (at most {MAX_TEMPERATURE:.3g}), got {temperature!r}"
+            )
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+            raise SpeculorError(f"top_k must be an integer ≥ 0 (0 or None disables it), got {top_k!r}")
+        if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+            raise SpeculorError(f"top_p must be in (0, 1], got {top_p!r}")
+        # A frozen dataclass sets its normalised fields through object.__setattr__.
+        if temperature < GREEDY_TEMPERATURE_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
+        if top_k is not None and top_k > MAX_TOP_K:
+            object.__setattr__(self, "top_k", None)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -73,10 +99,22 @@ class RowSampling:
     filtered: bool
     any_sampled: bool
     any_greedy: bool
+    # Rows whose output must be exactly the target alone's sample for their seed (`reproducible`, (rows,) bool):
+    # their drafts are drawn with the target's noise and verified by coupling (`speculor.verify.match_accept`).
+    reproducible: torch.Tensor | None = None
+    any_reproducible: bool = False
 
     @classmethod
-    def build(cls, params: Sequence[SamplingParams], seeds: Sequence[int], device: torch.device) -> RowSampling:
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int],
+        device: torch.device,
+        reproducible: Sequence[bool] | None = None,
+    ) -> RowSampling:
         sampled = [p for p in params if not p.greedy]
+        flags = reproducible if reproducible is not None else [False] * len(params)
+        coupled = [bool(flag) and not p.greedy for flag, p in zip(flags, params, strict=True)]
         return cls(
             temperature=torch.tensor([float(p.temperature) for p in params], dtype=torch.float32, device=device),
             top_k=torch.tensor([p.top_k or 0 for p in params], dtype=torch.long, device=device),
@@ -85,6 +123,8 @@ class RowSampling:
             filtered=any(p.top_k or (p.top_p is not None and p.top_p < 1) for p in sampled),
             any_sampled=bool(sampled),
             any_greedy=len(sampled) < len(params),
+            reproducible=torch.tensor(coupled, dtype=torch.bool, device=device) if any(coupled) else None,
+            any_reproducible=any(coupled),
         )
 
     def select(self, rows: torch.Tensor) -> RowSampling:
@@ -97,6 +137,8 @@ class RowSampling:
             self.filtered,
             self.any_sampled,
             self.any_greedy,
+            self.reproducible[rows] if self.reproducible is not None else None,
+            self.any_reproducible,
         )
 
 
@@ -111,30 +153,43 @@ def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def row_probabilities(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
     """Turn logits (rows, ..., V) into probabilities with each row's own parameters: temperature, then top-k, then
-    top-p (as Hugging Face orders its warpers). Greedy rows get a one-hot distribution at the argmax."""
+    top-p (as Hugging Face orders its warpers). Greedy rows get a one-hot distribution at the argmax.
+
+    No row comes out NaN: each row is shifted so its largest logit is 0 before the temperature divides it, so even a
+    temperature near float32's smallest only sends the others to -inf (probability 0) instead of overflowing to +inf;
+    the most likely token survives any top-p; and, as a last resort for logits that are not finite themselves (NaN
+    or +inf from the model), a row whose softmax is NaN becomes one-hot at its argmax, as a greedy row is."""
     logits = logits.to(_working_dtype(logits))
     if not sampling.any_sampled:
         return _one_hot_argmax(logits)
     greedy = _per_row(sampling.temperature == 0, logits)
     temperature = _per_row(sampling.temperature, logits).to(logits.dtype)
-    logits = logits / torch.where(greedy, torch.ones_like(temperature), temperature)
+    scaled = (logits - logits.amax(-1, keepdim=True)) / torch.where(greedy, torch.ones_like(temperature), temperature)
     if sampling.filtered:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        vocab = logits.shape[-1]
-        top_k = _per_row(sampling.top_k, logits)
-        kth_index = torch.where(top_k > 0, top_k.clamp(max=vocab) - 1, vocab - 1).expand(*logits.shape[:-1], 1)
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        vocab = scaled.shape[-1]
+        top_k = _per_row(sampling.top_k, scaled)
+        kth_index = torch.where(top_k > 0, top_k.clamp(max=vocab) - 1, vocab - 1).expand(*scaled.shape[:-1], 1)
         kth_largest = sorted_logits.gather(-1, kth_index)
         sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_largest, float("-inf"))
         sorted_probs = sorted_logits.softmax(-1)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        # Keep the smallest prefix whose mass reaches top_p; the most likely token always survives.
-        top_p = _per_row(sampling.top_p, logits).to(logits.dtype)
+        # Keep the smallest prefix whose mass reaches top_p. The first token is kept explicitly: its mass before is
+        # 0, and a top_p that rounds to 0 in float32 (1e-50) would otherwise drop it and leave nothing.
+        top_p = _per_row(sampling.top_p, scaled).to(scaled.dtype)
         drop_sorted = (mass_before >= top_p) & (top_p < 1)
         drop_sorted |= sorted_logits == float("-inf")
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.where(greedy, _one_hot_argmax(logits), probs) if sampling.any_greedy else probs
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    probs = scaled.softmax(-1)
+    one_hot = probs.sum(-1, keepdim=True).isnan()
+    if sampling.any_greedy:
+        one_hot |= greedy
+    # One-hot rows in place: no (rows, ..., V) one-hot tensor is built for a batch that needs none.
+    best = logits.argmax(-1, keepdim=True)
+    probs.masked_fill_(one_hot, 0.0)
+    return probs.scatter_(-1, best, torch.where(one_hot, 1.0, probs.gather(-1, best)))
 
 
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -148,14 +203,20 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return row_probabilities(flat, sampling).view(logits.shape)
 
 
-def counter_uniform(seeds: torch.Tensor, positions: torch.Tensor, stream: int, width: int | None = None):
+def counter_uniform(
+    seeds: torch.Tensor, positions: torch.Tensor, stream: int | torch.Tensor, width: int | None = None
+) -> torch.Tensor:
     """Uniform numbers in (0, 1), float64, from a hash of (seed, position, stream[, index]) — splitmix64's mixer.
 
-    `seeds` is (rows,), `positions` (rows,) or (rows, k); the result has the shape of `positions`, plus a trailing
-    `width` when given (one number per vocabulary index, for sampling). Integer overflow wraps, as 64-bit hashing
-    intends; shifts are made logical by masking the sign extension."""
-    key = seeds.view(-1, *([1] * (positions.dim() - 1))) * _GOLDEN
-    key = key + positions * _POSITION_STEP + _signed(stream * _STREAM_STEP)
+    `seeds` is (rows,), `positions` (rows,) or (rows, k), `stream` one for all rows or (rows,); the result has the
+    shape of `positions`, plus a trailing `width` when given (one number per vocabulary index, for sampling). Integer
+    overflow wraps, as 64-bit hashing intends; shifts are made logical by masking the sign extension."""
+    per_row = [1] * (positions.dim() - 1)
+    key = seeds.view(-1, *per_row) * _GOLDEN + positions * _POSITION_STEP
+    if isinstance(stream, torch.Tensor):
+        key = key + stream.view(-1, *per_row) * _STREAM_STEP
+    else:
+        key = key + _signed(stream * _STREAM_STEP)
     if width is not None:
         indices = torch.arange(width, device=positions.device, dtype=torch.long)
         key = _mix(key)[..., None] + indices * _GOLDEN
@@ -189,5 +250,14 @@ def sample_rows(
     if not sampling.any_sampled:
         return logits.argmax(-1), None
     probs = row_probabilities(logits, sampling)
-    uniforms = counter_uniform(sampling.seeds, positions, stream, probs.shape[-1])
+    uniforms = counter_uniform(sampling.seeds, positions, row_streams(sampling, stream), probs.shape[-1])
     return sample(probs, uniforms), probs
+
+
+def row_streams(sampling: RowSampling, stream: int) -> int | torch.Tensor:
+    """The noise stream each row draws from for a decision of kind `stream`: a reproducible row drafts with the
+    target's own noise (`TARGET_STREAM`), so its draft proposes the token the target will pick whenever both models
+    agree on it (drafter-invariant verification, Daliri, Musco and Suresh, arXiv 2408.07978)."""
+    if stream != DRAFT_STREAM or sampling.reproducible is None:
+        return stream
+    return torch.where(sampling.reproducible, TARGET_STREAM, DRAFT_STREAM)

@@ -22,11 +22,24 @@ def greedy_accept(
     """Per row, keep the longest prefix of its drafts (rows, γ) equal to the target's argmaxes, then emit the target's
     argmax at the first mismatch (or after the row's last draft). `target_logits` is (rows, γ+1, V). Returns
     (accepted (rows,), next token (rows,))."""
-    choices = target_logits.argmax(-1)
+    return match_accept(draft_tokens, counts, target_logits.argmax(-1))
+
+
+def match_accept(
+    draft_tokens: torch.Tensor, counts: torch.Tensor, target_choices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, keep the longest prefix of its drafts (rows, γ) equal to the target's own choices (rows, γ+1) at
+    the same positions, then emit the target's choice at the first mismatch (or after the row's last draft).
+
+    With argmax choices this is greedy verification. With choices sampled from the target's distributions with the
+    row's own counter-based noise, it is drafter-invariant verification (Daliri, Musco and Suresh, arXiv
+    2408.07978): every emitted token is the very token the target alone would sample at that position for that
+    seed, so the output is the same for any draft, any γ and any batch. Returns (accepted (rows,), next token
+    (rows,))."""
     gamma = draft_tokens.shape[1]
-    matches = (draft_tokens == choices[:, :gamma]) & _within_counts(counts, gamma)
+    matches = (draft_tokens == target_choices[:, :gamma]) & _within_counts(counts, gamma)
     accepted = matches.to(torch.int64).cumprod(1).sum(1)
-    return accepted, choices.gather(1, accepted[:, None]).squeeze(1)
+    return accepted, target_choices.gather(1, accepted[:, None]).squeeze(1)
 
 
 def stochastic_accept(
