@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -9,12 +10,16 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from speculor.errors import SpeculorError
+from speculor.proposers import ParallelDraftSpec
 
 logger = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# How long a model name that is not on disk may spend finding out whether the hub answers at all.
+HUB_PROBE_SECONDS = 3.0
 
 # The files Hugging Face tokenizers are built from. A directory holding none of them has no tokenizer, whatever
 # transformers makes of it: version 5 builds an empty placeholder (one to a few special tokens) for many
@@ -93,11 +98,60 @@ def load_model(source: str | os.PathLike | PreTrainedModel, device: torch.device
         raise SpeculorError(f"model path {name!r} does not exist")
     if os.path.exists(name) and not os.path.isdir(name):
         raise SpeculorError(f"model path {name!r} is a file; give the directory holding config.json and weights")
+    local_only = not os.path.isdir(name) and _hub_source(name) == "cache"
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        with _quiet_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError, KeyError) as error:
         raise SpeculorError(f"could not load model {name!r}: {error}") from error
     return LoadedModel(name, model.to(device).eval(), _load_tokenizer(name))
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """No "Loading weights" bar per model: a decoder loads two models and prints its own errors; the caller's
+    setting is restored afterwards."""
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub read it at import, or as the environment says now."""
+    from huggingface_hub import constants
+
+    now = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE) or now
+
+
+def _hub_source(name: str) -> str:
+    """Where a name that is not a local directory can load from: "cache" (the local Hugging Face cache, used
+    without asking the hub: it may be unreachable) or "hub". Raises at once when it is neither, instead of letting
+    transformers retry an unreachable hub for half a minute: offline (HF_HUB_OFFLINE), the hub not answering within
+    HUB_PROBE_SECONDS, or the hub saying there is no such model."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return "cache"
+    neither = f"model {name!r} is neither a local directory nor in the Hugging Face cache"
+    if _hub_offline():
+        raise SpeculorError(f"{neither}, and HF_HUB_OFFLINE is set")
+    try:
+        HfApi().model_info(name, timeout=HUB_PROBE_SECONDS)
+    except GatedRepoError:
+        return "hub"
+    except RepositoryNotFoundError as error:
+        raise SpeculorError(f"{neither}, and the hub has no such model (or it is private: log in)") from error
+    except HfHubHTTPError:
+        return "hub"
+    except Exception as error:  # any transport failure (DNS, refused, timeout): the hub is unreachable
+        raise SpeculorError(f"{neither}, and the Hugging Face hub is not reachable ({type(error).__name__})") from error
+    return "hub"
 
 
 def _has_tokenizer_files(directory: str) -> bool:

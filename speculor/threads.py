@@ -15,8 +15,10 @@ the previous `speculor` command's own threads for a minute after it ended, so ba
 would halve their threads. Erring towards fewer threads is cheap (on an idle machine one thread too few costs a
 fraction of a core) and erring towards more is not.
 
-An explicit count (`--threads`, `threads=`) or an `OMP_NUM_THREADS` set in the environment always wins. Only the CPU
-is affected: on a GPU, torch's CPU threads are left alone.
+An explicit count (`--threads`, `threads=`) or an `OMP_NUM_THREADS` set in the environment always wins, and an
+explicit count stays in force for the process: a later automatic choice (a `SpeculativeDecoder` built with its
+default `threads="auto"` after a command set `--threads`) keeps it. Only the CPU is affected: on a GPU, torch's CPU
+threads are left alone.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ CGROUP_CPU_LIMIT = Path("/sys/fs/cgroup/cpu.max")
 PROC_STAT = Path("/proc/stat")
 RUNNABLE_SAMPLES = 5
 RUNNABLE_SAMPLE_SECONDS = 0.01
+# The count last given explicitly to `use_cpu_threads` in this process, which automatic choices keep.
+_explicit_threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -134,17 +138,21 @@ def choose_cpu_threads(threads: int | None = None) -> ThreadChoice:
 
 def use_cpu_threads(threads: int | None, device: object) -> ThreadChoice | None:
     """Set torch's CPU thread count for work on `device` (a torch.device, 'cpu', 'cuda:N' or None for the default
-    device) and return the choice; on a GPU, leave torch's threads alone and return None. Call it before the models
-    load, so the count is settled before any work starts."""
+    device) and return the choice; on a GPU, leave torch's threads alone and return None. `threads` None chooses
+    automatically, keeping a count given explicitly earlier in this process. Call it before the models load, so the
+    count is settled before any work starts."""
     import torch
 
     from speculor.loading import resolve_device
 
+    global _explicit_threads
     if resolve_device(device).type != "cpu":
         if threads is not None and threads < 1:
             raise SpeculorError(f"threads must be at least 1, got {threads}")
         return None
-    choice = choose_cpu_threads(threads)
+    choice = choose_cpu_threads(threads if threads is not None else _explicit_threads)
+    if threads is not None:
+        _explicit_threads = threads
     torch.set_num_threads(choice.threads)
     return choice
 

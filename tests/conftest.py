@@ -119,11 +119,17 @@ def text_pair_dirs(tmp_path_factory) -> tuple[Path, Path]:
 def one_torch_thread() -> Iterator[None]:
     """One torch thread for a module (the server tests use it): the server's worker, its event loop, the clients and
     the test's offline decoder take turns on 2 shared cores, and OpenMP's spinning threads slow small models down
-    many times over when oversubscribed."""
+    many times over when oversubscribed. OMP_NUM_THREADS=1 keeps decoders built meanwhile (threads="auto") at one."""
     threads = torch.get_num_threads()
+    omp_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    if omp_threads is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp_threads
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -218,3 +219,16 @@ def test_batch_size_needs_a_prompts_file(capsys, text_pair_dirs):
     target, _ = map(str, text_pair_dirs)
     assert main(["generate", "--target", target, "--prompt", "x", "--batch-size", "4"]) == 2
     assert "--batch-size applies to --prompts-file" in capsys.readouterr().err
+
+
+def test_a_model_name_not_on_disk_fails_at_once_with_one_line(capsys, monkeypatch):
+    """Offline, a name that is neither a directory nor cached must not wait for transformers' retries (half a
+    minute): one `error:` line naming the model, within seconds."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    began = time.perf_counter()
+    status = main(["generate", "--target", "no-such-org/no-such-model", "--prompt", "x", "--device", "cpu"])
+    seconds = time.perf_counter() - began
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and seconds < 5
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert "no-such-org/no-such-model" in lines[0] and "neither a local directory" in lines[0]

@@ -14,6 +14,7 @@ def machine(monkeypatch):
     """A pretend machine: set `cores` and `busy`; OMP_NUM_THREADS unset."""
     state = {"cores": 2, "busy": 0.0}
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "_explicit_threads", None)
     monkeypatch.setattr(threads, "usable_cores", lambda: state["cores"])
     monkeypatch.setattr(threads, "busy_cores", lambda: state["busy"])
     return state
@@ -96,5 +97,35 @@ def test_the_python_api_sets_cpu_threads_on_request(llama_pair):
         assert torch.get_num_threads() == 1
         with pytest.raises(SpeculorError, match="threads"):
             SpeculativeDecoder(llama_pair[0], device="cpu", threads="many")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_python_api_picks_free_cores_by_default_and_none_leaves_torch_alone(llama_pair, machine):
+    """A decoder built with no `threads` must not keep torch's one-thread-per-core default: on a shared machine
+    that collapses decoding, and an API user cannot be expected to know it."""
+    from speculor import SpeculativeDecoder
+
+    machine.update(cores=3, busy=1.0)
+    before = torch.get_num_threads()
+    try:
+        SpeculativeDecoder(llama_pair[0], device="cpu")
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(3)
+        SpeculativeDecoder(llama_pair[0], device="cpu", threads=None)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_an_explicit_count_outlives_later_automatic_choices(machine):
+    """`speculor generate --threads 1` sets the count and then builds a decoder with threads="auto": the count the
+    user gave must stay."""
+    machine.update(cores=2, busy=0.0)
+    before = torch.get_num_threads()
+    try:
+        threads.use_cpu_threads(1, "cpu")
+        choice = threads.use_cpu_threads(None, "cpu")
+        assert (choice.threads, choice.source, torch.get_num_threads()) == (1, "argument", 1)
     finally:
         torch.set_num_threads(before)
