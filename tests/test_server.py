@@ -503,13 +503,14 @@ def test_shutdown_lets_in_flight_streams_finish(model_dirs):
             httpx.get(f"{running.url}/health")
 
 
-def test_the_worker_refuses_jobs_past_its_queue_limit_and_after_closing(reference):
-    """The worker is never started here, so every accepted job stays in the queue."""
+def test_the_worker_refuses_jobs_past_its_slots_and_queue_limit_and_after_closing(reference):
+    """The worker is never started here, so every accepted job stays in the queue: the free slots and two more."""
+    slots = reference.new_engine().capacity
 
-    async def submit_three() -> list[tuple[int, str | None]]:
+    async def submit_past_the_limit() -> list[tuple[int, str | None]]:
         worker = GenerationWorker(reference.new_engine(), ServerMetrics(), max_queue=2)
         outcomes = []
-        for _ in range(3):
+        for _ in range(slots + 3):
             try:
                 worker.submit(Generations([(reference.request("hi", max_new_tokens=2), 1)], time.perf_counter()))
                 outcomes.append((200, None))
@@ -522,25 +523,29 @@ def test_the_worker_refuses_jobs_past_its_queue_limit_and_after_closing(referenc
             outcomes.append((error.status, error.headers.get("Retry-After")))
         return outcomes
 
-    assert asyncio.run(submit_three()) == [(200, None), (200, None), (503, "1"), (503, None)]
+    assert asyncio.run(submit_past_the_limit()) == [(200, None)] * (slots + 2) + [(503, "1"), (503, None)]
 
 
 def test_serve_command_reports_a_bad_model_path(tmp_path, capsys):
-    assert main(["serve", "--target", str(tmp_path / "missing")]) == 2
+    assert main(["serve", "--target", str(tmp_path / "missing"), "--port", "0"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_serve_command_takes_target_draft_and_gamma_from_a_config_and_binds_locally(model_dirs, tmp_path, monkeypatch):
     started, warmed = {}, []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.update(app=app, **options))
+
+    def run(server: uvicorn.Server, sockets: list) -> None:
+        started.update(app=server.config.app, address=sockets[0].getsockname())
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     monkeypatch.setattr(SpeculativeDecoder, "warm_up", lambda decoder, gamma: warmed.append(gamma))
     config = {"target": str(model_dirs["target"]), "draft": str(model_dirs["draft"]), "gamma": 2}
     (tmp_path / "best_config.json").write_text(json.dumps(config))
-    assert main(["serve", "--config", str(tmp_path / "best_config.json"), "--device", "cpu"]) == 0
+    assert main(["serve", "--config", str(tmp_path / "best_config.json"), "--device", "cpu", "--port", "0"]) == 0
     served = started["app"].state.served
     assert (served.name, served.gamma) == (str(model_dirs["target"]), 2)
     assert served.decoder.draft.name == str(model_dirs["draft"])
-    assert (started["host"], started["port"]) == ("127.0.0.1", 8000)
+    assert started["address"][0] == "127.0.0.1"
     assert warmed == [2]  # step shapes are warmed before the server takes requests
 
 

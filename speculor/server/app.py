@@ -17,7 +17,9 @@ the SDKs' ordinary loop `chunk.choices[0]` fails on it.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -55,6 +57,18 @@ DEFAULT_COMPLETION_TOKENS = 16
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 MODEL_PATH_PREFIX = "/v1/models/"
+
+# The paths an API key leaves open unless told to protect them too: load balancers and Prometheus scrape them.
+MONITORING_PATHS = frozenset({"/health", "/metrics"})
+
+# Temperatures below this sample as greedy, as vLLM does: dividing logits by a near-zero temperature overflows.
+MIN_TEMPERATURE = 1e-5
+
+
+def display_name(name: str) -> str:
+    """A model as /health shows it: a local directory by its own name, so the server's file layout stays private; a
+    Hub id as it is."""
+    return os.path.basename(os.path.normpath(name)) if os.path.isabs(name) or os.path.exists(name) else name
 
 
 class ServedModel:
@@ -136,6 +150,15 @@ class ServedModel:
                 param=prompt_param,
                 code="context_length_exceeded",
             )
+        alternatives = body.logprob_alternatives
+        vocab_size = self.decoder.vocab_size
+        if alternatives is not None and alternatives > vocab_size:
+            raise APIError(
+                400,
+                f"{alternatives} alternatives per token were asked for, but this model has only {vocab_size} tokens",
+                param="top_logprobs" if isinstance(body, ChatCompletionRequest) else "logprobs",
+                code="invalid_value",
+            )
         if max_tokens is None:
             max_tokens = room if default_tokens is None else min(default_tokens, room)
         elif max_tokens > room:
@@ -151,8 +174,8 @@ class ServedModel:
                 prompt_ids,
                 max_new_tokens=max_tokens,
                 gamma=self.gamma,
-                temperature=body.temperature,
-                top_k=body.top_k_or_none,
+                temperature=body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0,
+                top_k=body.top_k_within(vocab_size),
                 top_p=body.top_p,
                 seed=body.seed,
                 stop=body.stop,
@@ -448,6 +471,60 @@ class BodySizeLimit:
         await self.app(scope, counting_receive, send)
 
 
+class BodyReadTimeout:
+    """ASGI middleware answering 408 when a request's body has not fully arrived `timeout` seconds after the request
+    began: a client that sends its headers and then trickles the body, or never sends it, would otherwise hold a
+    connection and a handler as long as it liked. Once the body is in, waiting (for a disconnect) has no limit."""
+
+    def __init__(self, app: ASGIApp, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        body_complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_complete
+            if body_complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError as error:
+                raise HTTPException(408, f"the request body did not arrive within {self.timeout:g} seconds") from error
+            body_complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
+class BearerAuth:
+    """ASGI middleware requiring OpenAI's `Authorization: Bearer <key>` header on every path but `open_paths`; a
+    missing or wrong key gets 401 with an OpenAI error object. The key is compared in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str]) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("authorization", "")
+        scheme, _, key = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(f"Bearer {key.strip()}".encode(), self.expected):
+            await self.app(scope, receive, send)
+            return
+        message = "a wrong API key was given" if given else "no API key was given: send 'Authorization: Bearer KEY'"
+        error = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await error.response()(scope, receive, send)
+
+
 class RequestCounter:
     """ASGI middleware counting answered requests by endpoint and status code (every status, 413 and 500 too)."""
 
@@ -486,13 +563,20 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     shutdown_timeout: float = 30.0,
     cors_origins: Sequence[str] = (),
+    request_timeout: float = 10.0,
+    api_key: str | None = None,
+    api_key_everywhere: bool = False,
+    docs: bool = False,
 ) -> FastAPI:
     """An app serving `decoder` under `model_name` (default: the target's name or path). Requests run as a
     continuous batch of up to the decoder's `max_batch_size` rows, drafting `gamma` tokens per step (None: the
     engine's load-aware choice each step). At most `max_queue` generations wait for a slot (then 503 with
     Retry-After); bodies over `max_body_bytes` get 413. On shutdown the running generations get `shutdown_timeout`
     seconds to end. `cors_origins` lets browser pages from those origins (or "*" for any) call the API; by default
-    browsers get no CORS headers."""
+    browsers get no CORS headers. A body not fully received `request_timeout` seconds after the request began gets
+    408. With `api_key`, every endpoint but /health and /metrics (those too with `api_key_everywhere`) needs
+    `Authorization: Bearer <api_key>`. `docs` turns on /docs, /redoc and /openapi.json (off: they describe the
+    endpoints' Python signatures, not the OpenAI API, and are one more page to protect)."""
     served = ServedModel(decoder, model_name or decoder.target.name, gamma)
     metrics = ServerMetrics()
     worker = GenerationWorker(decoder.new_engine(), metrics, max_queue)
@@ -504,12 +588,26 @@ def create_app(
         yield
         await run_in_threadpool(worker.close, shutdown_timeout)
 
-    app = FastAPI(title="speculor", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="speculor",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.served = served
     app.state.metrics = metrics
     app.state.worker = worker
     install_error_handlers(app)
+    # The last middleware added runs first: count every answer, let CORS answer preflights, check the key, and only
+    # then read (and time and measure) the body.
     app.add_middleware(BodySizeLimit, limit=max_body_bytes)
+    app.add_middleware(BodyReadTimeout, timeout=request_timeout)
+    if api_key:
+        app.add_middleware(
+            BearerAuth, api_key=api_key, open_paths=frozenset() if api_key_everywhere else MONITORING_PATHS
+        )
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(RequestCounter, metrics=metrics)
@@ -549,6 +647,7 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await read_body(request, CompletionRequest)
+        worker.check_fits(len(body.prompts))
         requests = await run_in_threadpool(served.completion, body)
         return await answer(request, body, requests, response_format(CompletionFormat, body, requests))
 
@@ -567,18 +666,18 @@ def create_app(
             "max_model_len": served.context_length,
         }
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])
     async def model(model: str) -> dict[str, Any]:
         served.check_model(model)
         return model_card()
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
-        draft = decoder.draft.name if decoder.draft is not None else None
+        draft = display_name(decoder.draft.name) if decoder.draft is not None else None
         body = {
             "status": "shutting down" if worker.closing else "ok",
             "model": served.name,
@@ -591,7 +690,7 @@ def create_app(
         }
         return JSONResponse(body, status_code=503 if worker.closing else 200)
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 

@@ -1,9 +1,15 @@
-"""The `speculor serve` subcommand: load a model pair, build the app, run it under uvicorn."""
+"""The `speculor serve` subcommand: take the port, load a model pair, build the app, run it under uvicorn.
+
+The port is bound before the models load (several seconds): a port already in use then fails at once with one
+`error:` line, instead of after a loading run that ends in "serving on …" followed by uvicorn's bind error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 from pathlib import Path
 
 from speculor.cli import DEFAULT_BATCH_SIZE, add_model_arguments, apply_config_file, console
@@ -56,23 +62,65 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on shutdown"
     )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send the whole request body before getting 408 (default 10)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SPECULOR_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (as OpenAI clients send it) on the API; default: $SPECULOR_API_KEY",
+    )
+    parser.add_argument(
+        "--api-key-all",
+        action="store_true",
+        help="require the API key on /health and /metrics too (by default they stay open for probes and scrapers)",
+    )
+    parser.add_argument("--docs", action="store_true", help="serve the /docs, /redoc and /openapi.json pages")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(handler=run_serve)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) for uvicorn to serve on; a `SpeculorError` when that address cannot be had."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as error:
+        raise SpeculorError(f"cannot listen on {host}:{port}: {error.strerror or error}") from error
+
+
+def progress(message: str) -> None:
+    console.print(f"[dim]{message}[/dim]", soft_wrap=True)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 (checked here, used by load_and_serve)
 
-        from speculor.server.app import create_app
+        from speculor.server.app import create_app  # noqa: F401
     except ImportError as error:
         raise SpeculorError(
             f"`speculor serve` needs fastapi, uvicorn, pydantic and prometheus_client installed ({error})"
         ) from error
-    from speculor.api import SpeculativeDecoder
-    from speculor.threads import use_cpu_threads
 
     apply_config_file(args)
+    if args.api_key_all and not args.api_key:
+        raise SpeculorError("--api-key-all needs an API key (--api-key or $SPECULOR_API_KEY)")
+    with listening_socket(args.host, args.port) as sock:
+        return load_and_serve(args, sock)
+
+
+def load_and_serve(args: argparse.Namespace, sock: socket.socket) -> int:
+    """Load the models, warm them up and serve on the already bound `sock` until uvicorn stops."""
+    import uvicorn
+
+    from speculor.api import SpeculativeDecoder
+    from speculor.server.app import create_app
+    from speculor.threads import use_cpu_threads
+
     use_cpu_threads(args.threads, args.device)  # --threads comes with add_model_arguments
     if args.config:
         # A best_config.json names the target it was measured on (its draft only makes sense with that target) and
@@ -88,6 +136,8 @@ def run_serve(args: argparse.Namespace) -> int:
         args.model_name = args.model_name or SHIPPED_MODEL_NAME
         if args.draft is None and args.ngram is None:
             args.draft = family.best_draft
+    drafting = args.draft or (f"prompt lookup, n-grams up to {args.ngram}" if args.ngram else "none")
+    progress(f"loading target {args.target} (draft: {drafting}) …")
     decoder = SpeculativeDecoder(
         args.target,
         args.draft,
@@ -98,6 +148,7 @@ def run_serve(args: argparse.Namespace) -> int:
         kernels=args.kernels,
         max_batch_size=args.max_batch_size,
     )
+    progress("warming up: running each step shape once and measuring step costs …")
     decoder.warm_up(args.gamma)
     app = create_app(
         decoder,
@@ -107,16 +158,15 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         shutdown_timeout=args.shutdown_timeout,
         cors_origins=args.cors_origin,
+        request_timeout=args.request_timeout,
+        api_key=args.api_key,
+        api_key_everywhere=args.api_key_all,
+        docs=args.docs,
     )
-    drafting = args.draft or (f"prompt lookup, n-grams up to {args.ngram}" if args.ngram else "none")
     console.print(
-        f"serving {app.state.served.name!r} on http://{args.host}:{args.port}/v1 (draft: {drafting})", soft_wrap=True
+        f"serving {app.state.served.name!r} on http://{args.host}:{sock.getsockname()[1]}/v1 (draft: {drafting})",
+        soft_wrap=True,
     )
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.shutdown_timeout,
-    )
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -2,8 +2,9 @@
 
 Status codes: 400 for every invalid request (unparseable JSON, a missing field, a wrong type, a value out of range, a
 prompt past the context, an unsupported option, no chat template) — one status, as OpenAI answers, so the SDKs raise
-their one `BadRequestError` — 404 for an unknown model or path, 413 for an oversized body, 503 while overloaded or
-shutting down, 500 for a failure inside generation.
+their one `BadRequestError` — 401 for a missing or wrong API key, 404 for an unknown model or path, 408 for a body
+that arrives too slowly, 413 for an oversized body, 503 while overloaded or shutting down, 500 for a failure inside
+generation (of that request only).
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         message = "no such path" if error.status_code == 404 else str(error.detail)
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(error.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "request_too_large"}.get(
+            error.status_code
+        )
         response = APIError(error.status_code, message, code=code).response()
         response.headers.update(error.headers or {})
         return response

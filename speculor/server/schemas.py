@@ -4,6 +4,13 @@ The models check shapes and declared ranges (a missing field, a string where a n
 temperature); `parse_body` turns any failure into a 400 naming the field. Parsing is strict, so `"0.5"` is not a
 number, and a JSON `null` counts as leaving the field out (the OpenAI SDKs send null when a caller passes None).
 
+Every number is bounded here, before anything reaches the engine that every running request shares: a `top_k`
+past 64 bits, NaN or Infinity anywhere in the body (refused by the JSON reader itself), or a hundred long stop strings
+must cost the sender a 400, never the batch a failed or slowed step. The bounds: `temperature` in [0, 100] (past
+about 2 the distribution is near uniform already), `top_k` up to 2^31 − 1 (−1 and 0 turn it off), `seed` any signed
+or unsigned 64-bit integer, `logprobs`/`top_logprobs` up to 20 (vLLM's default cap; OpenAI allows 5 for completions
+and 20 for chat), at most 16 stop strings of at most 256 characters each (OpenAI allows 4; vLLM has no cap).
+
 Every field the server cannot honour is refused by `refused_option`, never silently ignored: a client that asks
 for a repetition penalty must not get an answer that quietly lacks one. Only options that cannot change the
 generated text (`user`, `metadata`, …) and options set to their "off" value (`presence_penalty: 0`, `n: 1`) pass.
@@ -14,7 +21,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, from_json
 
 from speculor.server.errors import APIError, validation_error
 
@@ -48,6 +55,12 @@ MAX_LOGPROBS = 20
 # The signed and unsigned 64-bit ranges together: what a torch generator accepts as a seed.
 SEED_RANGE = {"ge": -(2**63), "le": 2**64 - 1}
 
+# Sampling bounds (see the module's docstring for why these values).
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 2**31 - 1
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
 
 Body = TypeVar("Body", bound="SamplingRequest")
 
@@ -61,7 +74,7 @@ class StreamOptions(BaseModel):
     """`include_usage` is OpenAI's final usage chunk; `continuous_usage_stats` is vLLM's extension putting the usage
     so far on every chunk, which tells a client how many tokens each chunk carried (benchmarks/serve.py uses it)."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None
@@ -75,9 +88,9 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
     model: str
-    temperature: Annotated[float, Field(ge=0)] = 1.0
+    temperature: Annotated[float, Field(ge=0, le=MAX_TEMPERATURE)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = None
     seed: Annotated[int, Field(**SEED_RANGE)] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -92,9 +105,23 @@ class SamplingRequest(BaseModel):
             return {name: value for name, value in data.items() if value is not None}
         return data
 
-    @property
-    def top_k_or_none(self) -> int | None:
-        return None if self.top_k is None or self.top_k <= 0 else self.top_k
+    @field_validator("stop")
+    @classmethod
+    def _stop_limits(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        """Each stop string is matched against every generated character, so their number and length are capped."""
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise PydanticCustomError(
+                "stop_limits",
+                "at most {count} stop strings of at most {length} characters each are accepted",
+                {"count": MAX_STOP_STRINGS, "length": MAX_STOP_LENGTH},
+            )
+        return stop
+
+    def top_k_within(self, vocab_size: int) -> int | None:
+        """The top-k filter to apply, None when it is off: 0 and -1 turn it off, and so does a k that keeps the whole
+        vocabulary anyway."""
+        return None if self.top_k is None or self.top_k <= 0 or self.top_k >= vocab_size else self.top_k
 
     @property
     def logprob_alternatives(self) -> int | None:
@@ -214,7 +241,9 @@ class ChatCompletionRequest(SamplingRequest):
 
 def parse_body(schema: type[Body], raw: bytes) -> Body:
     """The request body as `schema`, or a 400 `APIError` naming what is wrong: unparseable JSON, an empty body (it
-    names the first required field), a field of the wrong type or out of range, or an option this server refuses."""
+    names the first required field), a field of the wrong type or out of range, or an option this server refuses. The
+    body is first read as plain JSON without NaN and Infinity, which the model's own reader would let into fields it
+    does not type (`metadata`, `presence_penalty`)."""
     if not raw.strip():
         required = [name for name, field in schema.model_fields.items() if field.is_required()]
         raise APIError(
@@ -223,6 +252,10 @@ def parse_body(schema: type[Body], raw: bytes) -> Body:
             param=required[0],
             code="missing_required_parameter",
         )
+    try:
+        from_json(raw, allow_inf_nan=False)
+    except ValueError as error:
+        raise APIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from error
     try:
         body = schema.model_validate_json(raw)
     except ValidationError as error:

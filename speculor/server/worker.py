@@ -6,7 +6,13 @@ requests, queues their jobs and relays the events the worker posts back. Between
   2. admits waiting jobs into free slots, first come first served (the prompts of one request go in together);
   3. steps the engine — one target forward for every running row; new rows' prompts are prefilled inside the step
      in bounded chunks — or, with nothing running, sleeps until a job arrives.
-At most `max_queue` jobs wait for a slot; past that `submit` answers 503 at once, with a Retry-After header.
+Admission counts slots: a request is queued when the free slots plus `max_queue` more waiting jobs hold all its jobs
+(waiting jobs take the free slots first, as the worker will give them those); past that `submit` answers 503 at once,
+with a Retry-After header, and a request with more jobs than the slots and the queue together could ever hold gets a
+400, since retrying cannot help it.
+
+One request must not hurt the others: a row the engine ends with finish reason "error" fails only its own request
+(500), and should a step raise all the same, only the rows then running fail; the worker itself goes on serving.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from speculor.server.metrics import ServerMetrics
 logger = logging.getLogger(__name__)
 
 # The engine's finish reasons in OpenAI's words: end-of-sequence and stop strings are both "stop". An aborted row's
-# client has gone, so "abort" never reaches one.
+# client has gone, so "abort" never reaches one; a row ending in "error" reaches its client as an error instead.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+ROW_FAILED = "error"
 
 # Seconds a client refused with 503 is told to wait before trying again.
 RETRY_AFTER_SECONDS = 1
@@ -123,6 +130,9 @@ class GenerationWorker:
         self.max_queue = max_queue
         self._waiting: deque[Job] = deque()
         self._running: dict[int, Job] = {}
+        # Jobs the worker has taken for a slot and not yet finished, counted under the lock (the running dict is the
+        # worker thread's own, and a job is in neither it nor the queue while it is being added to the engine).
+        self._occupied = 0
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._serve, name="speculor-generation", daemon=True)
@@ -139,18 +149,40 @@ class GenerationWorker:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def capacity(self) -> int:
+        """The most jobs one request can have: every slot plus a full queue."""
+        return self.engine.capacity + self.max_queue
+
     def start(self) -> None:
         self._thread.start()
 
+    def check_fits(self, jobs: int) -> None:
+        """400 for a request of more jobs than the slots and the queue together could ever hold: unlike a 503, no
+        retry would help it."""
+        if jobs > self.capacity:
+            raise APIError(
+                400,
+                f"{jobs} prompts are more than this server can ever hold at once ({self.engine.capacity} slots and "
+                f"{self.max_queue} waiting): send at most {self.capacity} per request",
+                param="prompt",
+                code="too_many_prompts",
+            )
+
     def submit(self, generations: Generations) -> None:
-        """Queue every job of `generations`, or none of them (503) when the queue has no room for all."""
+        """Queue every job of `generations`, or none of them: 503 when the free slots and the queue's room cannot hold
+        them all now, 400 when they never could."""
+        jobs = len(generations.jobs)
+        self.check_fits(jobs)
         with self._wake:
             if self._closing:
                 raise APIError(503, "the server is shutting down", code="server_shutting_down")
-            if len(self._waiting) + len(generations.jobs) > self.max_queue:
+            free_slots = self.engine.capacity - self._occupied
+            if len(self._waiting) + jobs > free_slots + self.max_queue:
+                queued = max(0, len(self._waiting) - free_slots)
                 raise APIError(
                     503,
-                    f"the server is busy: {len(self._waiting)} requests are already waiting for a slot",
+                    f"the server is busy: every slot is taken and {queued} requests are already waiting for one",
                     code="server_overloaded",
                     headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
                 )
@@ -177,15 +209,28 @@ class GenerationWorker:
                     self._wake.wait()
                 if self._closing and not self._running:
                     return
-                admitted = self._take_admissible()
-            self._abort_cancelled()
-            self._admit(admitted)
-            if self._running:
-                self._step()
+            try:
+                self._abort_cancelled()
+                with self._wake:
+                    admitted = self._take_admissible()
+                self._admit(admitted)
+                if self._running:
+                    self._step()
+            except Exception as error:
+                # A bug in the bookkeeping around the step: without this the thread would end and every request,
+                # present and future, would wait forever.
+                logger.exception("the generation worker failed")
+                self._fail_running(
+                    APIError(500, f"generation failed: {type(error).__name__}", code="generation_failed")
+                )
+
+    def _release_slots(self, count: int) -> None:
+        with self._wake:
+            self._occupied -= count
 
     def _take_admissible(self) -> list[Job]:
         """Pop the waiting jobs that fit the free slots, in arrival order (the caller holds the lock)."""
-        room = self.engine.free_slots + sum(job.cancelled for job in self._running.values())
+        room = self.engine.free_slots
         taken = []
         while self._waiting and len(taken) < room:
             job = self._waiting.popleft()
@@ -193,6 +238,7 @@ class GenerationWorker:
                 self.metrics.finished.labels("cancelled").inc()
             else:
                 taken.append(job)
+        self._occupied += len(taken)
         self.metrics.waiting.set(len(self._waiting))
         return taken
 
@@ -201,14 +247,22 @@ class GenerationWorker:
             if job.cancelled:
                 result = self.engine.abort(request_id)
                 del self._running[request_id]
+                self._release_slots(1)
                 self.metrics.record_generation(result.stats, job.prompt_tokens, "cancelled", latency=None)
 
     def _admit(self, jobs: list[Job]) -> None:
-        for job in jobs:
+        for position, job in enumerate(jobs):
             try:
                 self._running[self.engine.add(job.request)] = job
             except SpeculorError as error:
+                self._release_slots(1)
                 job.post(APIError(400, str(error), code="invalid_value"))
+            except Exception:
+                # The taken jobs not yet in the engine would otherwise hold their slots forever.
+                self._release_slots(len(jobs) - position)
+                for lost in jobs[position:]:
+                    lost.post(APIError(500, "the request could not be started", code="generation_failed"))
+                raise
         self.metrics.running.set(len(self._running))
 
     def _step(self) -> None:
@@ -231,10 +285,15 @@ class GenerationWorker:
             job.post(event.delta)
             if event.result is not None:
                 del self._running[event.request_id]
+                self._release_slots(1)
                 self._finish(job, event.result)
         self.metrics.running.set(len(self._running))
 
     def _finish(self, job: Job, result: GenerationResult) -> None:
+        if result.finish_reason == ROW_FAILED:
+            self.metrics.record_generation(result.stats, job.prompt_tokens, "error", latency=None)
+            job.post(APIError(500, "generation failed for this request; it was stopped", code="generation_failed"))
+            return
         latency = time.perf_counter() - job.arrived
         self.metrics.record_generation(result.stats, job.prompt_tokens, FINISH_REASONS[result.finish_reason], latency)
         job.post(result)
@@ -242,8 +301,12 @@ class GenerationWorker:
     def _fail_running(self, error: APIError) -> None:
         """After a failed step: end every running row, tell its client, and go on serving the queue."""
         for request_id, job in list(self._running.items()):
-            self.engine.abort(request_id)
+            try:
+                self.engine.abort(request_id)
+            except Exception:
+                logger.exception("could not free the slot of a failed generation")
             self.metrics.record_generation(GenerationStats(), job.prompt_tokens, "error", latency=None)
             job.post(error)
+        self._release_slots(len(self._running))
         self._running.clear()
         self.metrics.running.set(0)
