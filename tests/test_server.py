@@ -235,7 +235,36 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": "many"}, 400, "invalid_value", "max_tokens"),
     ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2.5}, 400, "invalid_value", "max_tokens"),
     ("completions", {"model": MODEL, "prompt": "hi", "temperature": "0.5"}, 400, "invalid_value", "temperature"),
-    ("completions", b'{"model": "tiny-pair", "prompt": "hi", "temperature": NaN}', 400, "invalid_value", "temperature"),
+    ("completions", b'{"model": "tiny-pair", "prompt": "hi", "temperature": NaN}', 400, "invalid_json", None),
+    ("completions", b'{"model": "tiny-pair", "prompt": "hi", "user": Infinity}', 400, "invalid_json", None),
+    (
+        "completions",
+        b'{"model": "tiny-pair", "prompt": "hi", "temperature": 1e999}',
+        400,
+        "invalid_value",
+        "temperature",
+    ),
+    ("completions", {"model": MODEL, "prompt": "hi", "temperature": 101}, 400, "invalid_value", "temperature"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_k": 2**63}, 400, "invalid_value", "top_k"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_k": 10**30}, 400, "invalid_value", "top_k"),
+    (
+        "completions",
+        {"model": MODEL, "prompt": "hi", "max_tokens": 10**30},
+        400,
+        "context_length_exceeded",
+        "max_tokens",
+    ),
+    ("completions", {"model": MODEL, "prompt": [5, 10**30]}, 400, "invalid_prompt", "prompt"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stop": ["x"] * 17}, 400, "invalid_value", "stop"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stop": "x" * 257}, 400, "invalid_value", "stop"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stop": ["x" * 9000] * 100}, 400, "invalid_value", "stop"),
+    (
+        "completions",
+        {"model": MODEL, "prompt": "hi", "stream": True, "stream_options": {"include_usage": True, "extra": 1}},
+        400,
+        "invalid_value",
+        "stream_options.extra",
+    ),
     ("completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "invalid_value", "stream"),
     ("completions", {"model": MODEL, "prompt": "hi", "stop": 3}, 400, "invalid_value", "stop"),
     ("chat/completions", {"model": MODEL, "messages": "hi"}, 400, "invalid_value", "messages"),
@@ -531,7 +560,9 @@ def test_serve_command_reports_a_bad_model_path(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_serve_command_takes_target_draft_and_gamma_from_a_config_and_binds_locally(model_dirs, tmp_path, monkeypatch):
+def test_serve_command_takes_target_draft_and_gamma_from_a_config_and_binds_locally(
+    model_dirs, tmp_path, monkeypatch, capsys
+):
     started, warmed = {}, []
 
     def run(server: uvicorn.Server, sockets: list) -> None:
@@ -547,6 +578,8 @@ def test_serve_command_takes_target_draft_and_gamma_from_a_config_and_binds_loca
     assert served.decoder.draft.name == str(model_dirs["draft"])
     assert started["address"][0] == "127.0.0.1"
     assert warmed == [2]  # step shapes are warmed before the server takes requests
+    progress = [line.split(" ")[0] for line in capsys.readouterr().err.splitlines()]
+    assert progress == ["loading", "warming", "serving"]
 
 
 def test_the_command_line_works_without_the_web_packages(monkeypatch, capsys):

@@ -666,16 +666,26 @@ def create_app(
             "max_model_len": served.context_length,
         }
 
-    @app.api_route("/v1/models", methods=["GET", "HEAD"])
+    def get_and_head(path: str) -> Callable[[Callable], Callable]:
+        """Route GET and HEAD (which clients and probes use to check a URL) to `path`; HEAD stays out of the OpenAPI
+        schema, where it would repeat the GET operation."""
+
+        def register(endpoint: Callable) -> Callable:
+            app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+            return app.get(path)(endpoint)
+
+        return register
+
+    @get_and_head("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])
+    @get_and_head("/v1/models/{model:path}")
     async def model(model: str) -> dict[str, Any]:
         served.check_model(model)
         return model_card()
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @get_and_head("/health")
     async def health() -> JSONResponse:
         draft = display_name(decoder.draft.name) if decoder.draft is not None else None
         body = {
@@ -690,7 +700,7 @@ def create_app(
         }
         return JSONResponse(body, status_code=503 if worker.closing else 200)
 
-    @app.api_route("/metrics", methods=["GET", "HEAD"])
+    @get_and_head("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
