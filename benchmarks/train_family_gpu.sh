@@ -25,7 +25,7 @@ rm -rf "$WORK"
   "$PYTHON" -c "import torch, transformers, tokenizers; print(torch.__version__, transformers.__version__, tokenizers.__version__)"
 } 2>&1 | tee "$OUT/train.log"
 # shellcheck disable=SC2086  # EXTRA is a list of options
-"$PYTHON" -m speculor.train --output "$WORK/family" \
+"$PYTHON" -m speculor.train_command --output "$WORK/family" \
   --model "target:8x384@$TARGET_SECONDS" \
   --model "draft-1x192:1x192@$DRAFT_SECONDS" \
   --model "draft-2x256:2x256@$DRAFT_SECONDS" \

@@ -358,7 +358,8 @@ def _device_name(device: torch.device) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {_cpu_model()}, {torch.get_num_threads()} torch threads"
+    threads = torch.get_num_threads()
+    return f"CPU {_cpu_model()}, {threads} torch thread{'s' if threads != 1 else ''}"
 
 
 def _cpu_model() -> str:

@@ -9,6 +9,7 @@ once. Option choices that live in those modules are spelled out here (tests/test
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import os
@@ -45,9 +46,49 @@ DEFAULT_BATCH_SIZE = 8
 console = Console(stderr=True, highlight=False)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, target_required: bool = True) -> None:
-    """Options shared by every command that loads a model pair."""
-    parser.add_argument("--target", required=target_required, help="target model: local directory or hub id")
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that ends each option's line with its default, so `--help` answers "what happens if I leave it out"
+    (argparse's own ArgumentDefaultsHelpFormatter prints "(default: None)" and "(default: False)", which say nothing,
+    and skips options without help text). Options whose help already names their default are left as written."""
+
+    @staticmethod
+    def _default_note(action: argparse.Action) -> str | None:
+        default = action.default
+        if not action.option_strings or default is None or default is False or default == argparse.SUPPRESS:
+            return None
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"(default: {shown.replace('%', '%%')})"
+
+    def _format_action(self, action: argparse.Action) -> str:
+        note = self._default_note(action)
+        if action.help is None and note is not None:
+            action = copy.copy(action)
+            action.help = note
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        note = self._default_note(action)
+        if note is None or "default" in text:
+            return text
+        return f"{text} {note}"
+
+
+class SpeculorArgumentParser(argparse.ArgumentParser):
+    """The parser of `speculor` and of each subcommand: defaults shown in every `--help`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def add_model_arguments(
+    parser: argparse.ArgumentParser, *, target_required: bool = True, target_help: str = ""
+) -> None:
+    """Options shared by every command that loads a model pair; `target_help` adds to the --target help."""
+    parser.add_argument(
+        "--target", required=target_required, help=f"target model: local directory or hub id{target_help}"
+    )
     drafting = parser.add_mutually_exclusive_group()
     drafting.add_argument("--draft", help="draft model: local directory or hub id")
     drafting.add_argument("--ngram", type=int, help="draft by prompt lookup, matching n-grams up to this size")
@@ -56,6 +97,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, target_required: boo
     parser.add_argument("--runner", default="auto", choices=RUNNER_CHOICES, help="model runner")
     add_kernels_argument(parser)
     add_threads_argument(parser)
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        help="split the target over this many GPUs, one process each: launch with torchrun --nproc-per-node N -m "
+        "speculor ...",
+    )
 
 
 def add_kernels_argument(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +113,13 @@ def add_kernels_argument(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="the fast runner's small per-layer operations: fused Triton kernels (CUDA), plain torch, or auto",
     )
+
+
+def quiet_rank() -> None:
+    """A tensor-parallel rank other than 0 runs the same generation as rank 0, so printing it again would only
+    repeat it: its standard output goes nowhere and the console shows errors only."""
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (held for the rest of the process)
+    console.quiet = True
 
 
 def quiet_weight_loading() -> None:
@@ -80,14 +135,14 @@ def quiet_weight_loading() -> None:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Generation options, named as in the Python API."""
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     parser.add_argument(
         "--gamma", type=int, help="tokens drafted per step (default: chosen each step from measured step costs)"
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only (default: off)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set holding p (default: off)")
+    parser.add_argument("--seed", type=int, help="same seed, same output (default: a fresh one)")
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate exactly max-new-tokens")
 
@@ -101,7 +156,7 @@ def parse_token_ids(text: str) -> list[int]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="generate a completion, speculatively")
-    add_model_arguments(parser)
+    add_model_arguments(parser, target_required=False, target_help=" (required unless --config names one)")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
@@ -117,7 +172,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "place of finished rows",
     )
     add_sampling_arguments(parser)
-    parser.add_argument("--config", help="best_config.json written by `speculor bench` (draft and gamma)")
+    parser.add_argument(
+        "--config",
+        help="best_config.json written by `speculor bench`: its target (unless --target is given), and the draft and γ "
+        "it chose for the temperature nearest --temperature (unless given here)",
+    )
     parser.add_argument("--compare", action="store_true", help="also run the target alone and compare")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     parser.add_argument(
@@ -141,10 +200,20 @@ def generation_options(args: argparse.Namespace) -> dict:
     }
 
 
-def apply_config_file(args: argparse.Namespace) -> None:
-    """Fill draft/ngram/gamma from a best_config.json unless given on the command line."""
+def config_choice(config: dict, temperature: float) -> dict:
+    """The choice of a best_config.json for `temperature`: the entry of `by_temperature` measured nearest to it
+    (a T = 0.8 run must not get the greedy pick), or the top-level choice of a file without that list."""
+    choices = [choice for choice in config.get("by_temperature") or [] if isinstance(choice, dict)]
+    if not choices:
+        return config
+    return min(choices, key=lambda choice: abs(float(choice.get("temperature", 0.0)) - temperature))
+
+
+def apply_config_file(args: argparse.Namespace) -> str | None:
+    """Fill target, draft/ngram and gamma from a best_config.json unless given on the command line, taking the
+    choice measured at the temperature nearest to --temperature. Returns a one-line account of what was applied."""
     if not getattr(args, "config", None):
-        return
+        return None
     try:
         with open(args.config) as handle:
             config = json.load(handle)
@@ -152,11 +221,18 @@ def apply_config_file(args: argparse.Namespace) -> None:
         raise SpeculorError(f"cannot read config {args.config!r}: {error}") from error
     if not isinstance(config, dict):
         raise SpeculorError(f"config {args.config!r} must hold a JSON object")
+    if args.target is None:
+        args.target = config.get("target")
+    choice = config_choice(config, getattr(args, "temperature", 0.0))
     if args.draft is None and args.ngram is None:
-        args.draft = config.get("draft")
-        args.ngram = config.get("ngram")
-    if "gamma" in config and args.gamma is None:
-        args.gamma = config["gamma"]
+        args.draft = choice.get("draft")
+        args.ngram = choice.get("ngram")
+    if "gamma" in choice and args.gamma is None:
+        args.gamma = choice["gamma"]
+    drafter = args.draft or (f"ngram {args.ngram}" if args.ngram is not None else "none (target alone)")
+    gamma = "load-aware" if args.gamma is None else args.gamma
+    measured = f"the choice measured at T={float(choice['temperature']):g}" if "temperature" in choice else "its choice"
+    return f"config {args.config}: {measured}: target {args.target}, draft {drafter}, γ {gamma}"
 
 
 def read_prompts_file(path: str) -> list[str | list[int]]:
@@ -190,7 +266,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from speculor.api import SpeculativeDecoder
     from speculor.threads import use_cpu_threads
 
-    apply_config_file(args)
+    applied = apply_config_file(args)
+    if args.target is None:
+        raise SpeculorError("give --target, or a --config file that names one")
+    if applied is not None:
+        console.print(f"[dim]{escape(applied)}[/dim]", soft_wrap=True)
     if args.batch_size is not None and args.prompts_file is None:
         raise SpeculorError("--batch-size applies to --prompts-file; a single prompt is one row")
     if args.batch_size is not None and args.batch_size < 1:
@@ -207,7 +287,11 @@ def run_generate(args: argparse.Namespace) -> int:
         fixed_width=args.fixed_width,
         kernels=args.kernels,
         max_batch_size=1 if prompts is None else args.batch_size or DEFAULT_BATCH_SIZE,
+        threads=None if threads is None else threads.threads,
+        tensor_parallel=args.tensor_parallel,
     )
+    if decoder.tensor_parallel is not None and not decoder.tensor_parallel.is_main:
+        quiet_rank()
     options = generation_options(args)
     if prompts is not None:
         return generate_batch(decoder, prompts, args, options, threads)
@@ -220,7 +304,12 @@ def run_generate(args: argparse.Namespace) -> int:
     result = decoding.result
     assert result is not None
     stats = result.stats
-    report: dict = {"text": result.text, "token_ids": result.token_ids, "stats": stats.to_dict()}
+    report: dict = {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "stats": stats.to_dict(),
+    }
     report["cpu_threads"] = None if threads is None else threads.threads
     if args.compare:
         baseline = decoder.generate(prompt, speculative=False, **options)
@@ -239,10 +328,14 @@ def run_generate(args: argparse.Namespace) -> int:
         out.print(" ".join(map(str, result.token_ids)))
     else:
         out.print()
-    line = (
-        f"{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, TAR {stats.acceptance_rate:.3f}, "
-        f"mean accepted length {stats.mean_accepted_length:.2f}, target forwards {stats.target_forwards}"
-    )
+    line = f"{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
+    if decoder.speculative:
+        line += (
+            f"TAR {stats.acceptance_rate:.3f}, mean accepted length {stats.mean_accepted_length:.2f}, "
+            f"target forwards {stats.target_forwards}"
+        )
+    else:
+        line += "target alone (no draft or --ngram: no speculation)"
     if args.compare:
         line += f", speedup {report['speedup']:.2f}x vs target alone"
         if "identical" in report:
@@ -306,9 +399,20 @@ def generate_batch(
     return 0
 
 
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml), without importing anything heavy."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("speculor")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="speculor", description="Lossless speculative decoding.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser = SpeculorArgumentParser(prog="speculor", description="Lossless speculative decoding.")
+    parser.add_argument("--version", action="version", version=f"speculor {package_version()}")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=SpeculorArgumentParser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
@@ -321,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except SpeculorError as error:
+        console.quiet = False
         console.print(f"[bold red]error:[/bold red] {escape(str(error))}", markup=True, soft_wrap=True)
         return 2
     except KeyboardInterrupt:

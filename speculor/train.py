@@ -5,12 +5,17 @@ used for speculative decoding. The default corpus is the running interpreter's o
 and site-packages), which every machine has, so the family can be retrained anywhere without a download.
 
 `train_family` is the in-process entry point (the GPU benchmark calls it); `speculor.train_command` adds the CLI
-subcommand without importing this module until the command runs.
+subcommand (and `python -m speculor.train_command`) and imports this module only when the command runs; this module
+never imports it.
+
+Budgets are wall-clock seconds per model, so what a budget buys depends on the machine: the shipped family's
+(target 180 s, drafts 40–90 s) were set on one H100-class GPU, where an 8×384 step of 32 × 1024 tokens takes a
+fraction of a second; on a 2-core CPU the same step takes over a minute. Hence a corpus cap by default on the CPU
+(`default_corpus_cap`) and the CPU-sized example in the README.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import hashlib
@@ -26,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -45,7 +51,14 @@ SHAPE_PATTERN = re.compile(
 LARGEST_CORPUS_FILE = 512 * 1024
 HELD_OUT_PERCENT = 1
 HELD_OUT_TOKENS = 1 << 20
+# On the CPU the held-out pass over a million tokens would take minutes, longer than a small budget's training.
+HELD_OUT_TOKENS_CPU = 1 << 16
 TOKENIZER_SAMPLE_BYTES = 40_000_000
+# Default corpus caps. The whole site-packages of a typical environment is hundreds of MB (one user's: 304 MB in
+# 21,010 files, 11.6 GB peak memory and 146 s of tokenizer training on a CPU before the first step); a CPU cannot
+# train on more than a few MB in any reasonable budget anyway. The shipped family used 200 MB on a GPU.
+DEFAULT_CPU_CORPUS_BYTES = 8_000_000
+DEFAULT_GPU_CORPUS_BYTES = 200_000_000
 
 
 @dataclass(frozen=True)
@@ -172,6 +185,11 @@ def default_corpus_roots() -> list[str]:
     return roots
 
 
+def default_corpus_cap(device: torch.device) -> int:
+    """How many bytes of source `train_family` reads unless told otherwise: a few MB on the CPU, 200 MB on a GPU."""
+    return DEFAULT_GPU_CORPUS_BYTES if device.type == "cuda" else DEFAULT_CPU_CORPUS_BYTES
+
+
 def _held_out(relative_path: str) -> bool:
     digest = hashlib.sha256(relative_path.encode()).digest()
     return int.from_bytes(digest[:8], "big") % 100 < HELD_OUT_PERCENT
@@ -228,7 +246,7 @@ def collect_corpus(roots: Sequence[str | os.PathLike] | None = None, max_bytes: 
     return Corpus(train, held_out, root_list, len(train) + len(held_out), total)
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def build_tokenizer(texts: Iterable[str], vocab_size: int, progress: bool = False) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer whose only special token is the end-of-text separator (also used as BOS).
 
     Each "\\n" is split off as a token of its own before byte-level BPE sees the text. Plain byte-level BPE would
@@ -248,7 +266,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         vocab_size=vocab_size,
         special_tokens=[END_OF_TEXT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     end_of_text_id = tokenizer.token_to_id(END_OF_TEXT)
@@ -310,10 +328,11 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def held_out_loss(model: LlamaForCausalLM, stream: torch.Tensor, sequence_length: int, batch_size: int) -> float:
-    """Mean next-token cross-entropy over consecutive windows of the held-out stream (at most HELD_OUT_TOKENS)."""
+    """Mean next-token cross-entropy over consecutive windows of the held-out stream (at most HELD_OUT_TOKENS, or
+    HELD_OUT_TOKENS_CPU on the CPU)."""
     model.eval()
     device = next(model.parameters()).device
-    usable = min(stream.numel() - 1, HELD_OUT_TOKENS)
+    usable = min(stream.numel() - 1, HELD_OUT_TOKENS if device.type == "cuda" else HELD_OUT_TOKENS_CPU)
     length = min(sequence_length, usable)
     starts = torch.arange(0, usable - length + 1, length, device=device)
     total, count = 0.0, 0
@@ -327,16 +346,21 @@ def held_out_loss(model: LlamaForCausalLM, stream: torch.Tensor, sequence_length
     return total / count
 
 
-# The progress bar's postfix (steps, smoothed loss, throughput) is redrawn at most this often; the loss shown is an
-# exponential moving average over about 1 / LOSS_SMOOTHING steps, since one batch's loss is noisy.
+# The progress bar's postfix (steps, smoothed losses, throughput) is redrawn at most this often; the losses shown are
+# exponential moving averages over about 1 / LOSS_SMOOTHING steps, since one batch's loss is noisy.
 POSTFIX_SECONDS = 1.0
 LOSS_SMOOTHING = 0.1
 TIME_BUDGET_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s [{elapsed}<{remaining}{postfix}]"
 
 
-def _training_postfix(steps: int, loss: float, tokens: int, seconds: float) -> str:
+def _training_postfix(steps: int, losses: torch.Tensor, tokens: int, seconds: float) -> str:
+    """Step count, speed and the smoothed training losses, each named: "train CE" is next-token cross-entropy on
+    the corpus, in the same units as the held-out loss printed at the end; a distilled model adds its training
+    objective, the KL divergence to the teacher (near zero long before the cross-entropy is small)."""
     seconds = max(seconds, 1e-9)
-    return f"step {steps}, {steps / seconds:.2f} steps/s, loss {loss:.3f}, {tokens / seconds:,.0f} tok/s"
+    cross_entropy, *kl = losses.tolist()
+    shown = f"train CE {cross_entropy:.3f}" + (f", KL to teacher {kl[0]:.3f}" if kl else "")
+    return f"step {steps}, {steps / seconds:.2f} steps/s, {shown}, {tokens / seconds:,.0f} tok/s"
 
 
 @dataclass
@@ -404,13 +428,17 @@ def train_model(
     )
     started = time.perf_counter()
     steps = 0
-    smoothed_loss: torch.Tensor | None = None
+    smoothed_losses: torch.Tensor | None = None
     shown_at = -math.inf
+    last_step_seconds = 0.0
     while True:
         elapsed = time.perf_counter() - started
         progress = steps / total if use_steps else elapsed / total
-        if progress >= 1:
+        # A time budget stops before a step that would end past it (judged by the last step's duration), so a run
+        # ends within one step of its budget even when a step takes a large part of it (a big model on a CPU).
+        if progress >= 1 or (not use_steps and steps and elapsed + last_step_seconds > total):
             break
+        step_began = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(progress, peak)
         starts = torch.randint(0, train_stream.numel() - length - 1, (settings.batch_size,), generator=sampler)
@@ -418,31 +446,38 @@ def train_model(
         inputs = tokens[:, :-1]
         with _autocast(device):
             logits = model(input_ids=inputs).logits
+            cross_entropy = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
             if teacher is None:
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+                loss = cross_entropy
+                step_losses = cross_entropy.detach()[None]
             else:
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=inputs).logits
                 loss = distillation_loss(logits, teacher_logits)
+                step_losses = torch.stack([cross_entropy.detach(), loss.detach()])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         steps += 1
         # Smoothed on the device, and read (a host sync) only when the postfix is redrawn.
-        smoothed_loss = loss.detach() if smoothed_loss is None else smoothed_loss.lerp(loss.detach(), LOSS_SMOOTHING)
+        smoothed_losses = step_losses if smoothed_losses is None else smoothed_losses.lerp(step_losses, LOSS_SMOOTHING)
         now = time.perf_counter()
+        last_step_seconds = now - step_began
         if settings.progress and now - shown_at >= POSTFIX_SECONDS:
             shown_at = now
-            bar.set_postfix_str(_training_postfix(steps, smoothed_loss.item(), steps * inputs.numel(), now - started))
+            bar.set_postfix_str(_training_postfix(steps, smoothed_losses, steps * inputs.numel(), now - started))
         bar.update(1 if use_steps else min(round(now - started), bar.total) - bar.n)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    if settings.progress and smoothed_loss is not None:
-        bar.set_postfix_str(_training_postfix(steps, smoothed_loss.item(), steps * inputs.numel(), seconds))
+    if settings.progress and smoothed_losses is not None:
+        postfix = _training_postfix(steps, smoothed_losses, steps * inputs.numel(), seconds)
+        if not use_steps:
+            postfix += f"; stopped after {seconds:.1f} s of a {total:g} s budget"
+        bar.set_postfix_str(postfix)
     bar.close()
-    loss_value = loss.item()
+    loss_value = cross_entropy.item()
     tokens_seen = steps * settings.batch_size * length
     report = {
         "steps": steps,
@@ -458,11 +493,30 @@ def train_model(
 def hardware_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores, {threads} thread{'s' if threads != 1 else ''})"
+
+
+def what_it_writes(held_out: float, vocab_size: int) -> str:
+    """What a model card may claim about the output, judged from the measured held-out cross-entropy (nats per
+    token) rather than hoped for: the shipped target (1.58) writes plausible Python, a model a few steps old (near
+    ln(vocabulary), the loss of guessing uniformly) writes noise. The thresholds come from reading the shipped
+    family's completions (held-out losses 1.6–2.8)."""
+    if held_out < 2.0:
+        return "It writes plausible Python for a few lines at a time"
+    if held_out < 3.0:
+        return "It writes Python-shaped text (indentation, keywords, common idioms) with frequent mistakes"
+    if held_out < 5.0:
+        return "It has learned little beyond common tokens and indentation; its output is rarely valid Python"
+    return (
+        f"It is barely trained (held-out loss {held_out:.2f} against {math.log(vocab_size):.2f} for guessing "
+        "uniformly) and writes close to noise"
+    )
 
 
 def model_card(result: FamilyResult, trained: TrainedModel, config: LlamaConfig) -> str:
-    """A README.md in the Hugging Face model-card spirit: what the model is and exactly how it was made."""
+    """A README.md in the Hugging Face model-card spirit: what the model is and exactly how it was made, and what
+    its measured held-out loss says it can do."""
     distilled = (
         f"Trained by distillation from `{trained.distilled_from}` (forward KL to its next-token distribution)."
         if trained.distilled_from
@@ -478,7 +532,8 @@ tags: [speculor, llama, python, speculative-decoding]
 
 A small Llama model for Python code, trained from scratch with `speculor train` as part of a family of models that
 share one tokenizer, so that a larger one (the target) can be paired with a smaller one (the draft) for speculative
-decoding. It writes plausible Python; it is a test and demonstration model, not an assistant.
+decoding. {what_it_writes(trained.held_out_loss, result.vocab_size)}; it is a test and demonstration model, not
+an assistant.
 
 | | |
 |---|---|
@@ -535,7 +590,7 @@ def train_family(
     models: Sequence[str | ModelShape],
     *,
     corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    max_corpus_bytes: int | None = None,
+    max_corpus_bytes: int | Literal["auto"] | None = "auto",
     vocab_size: int = 8192,
     seconds: float | None = 60.0,
     steps: int | None = None,
@@ -555,7 +610,8 @@ def train_family(
     trains for `seconds` (or `steps`, which wins). With `distill_from` naming a model listed earlier, every later
     model learns that model's next-token distribution instead of the corpus's next token; naming a saved model's
     directory instead (a family's target) distills every model from it, with its tokenizer (no new one is trained).
-    `corpus` is a directory (or several) of .py files; by default the interpreter's own source. Also writes
+    `corpus` is a directory (or several) of .py files; by default the interpreter's own source. It is read up to
+    `max_corpus_bytes` ("auto": `default_corpus_cap` of the device; None: all of it). Also writes
     `output_dir/family.json`."""
     shapes = [ModelShape.parse(item) if isinstance(item, str) else item for item in models]
     if not shapes:
@@ -577,14 +633,22 @@ def train_family(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     roots = None if corpus is None else [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
+    cap = default_corpus_cap(resolved) if max_corpus_bytes == "auto" else max_corpus_bytes
     began = time.perf_counter()
-    documents = collect_corpus(roots, max_corpus_bytes)
-    say(f"corpus: {documents.files:,} files, {documents.bytes:,} bytes from {', '.join(documents.roots)}")
+    say(f"corpus: reading .py files, {'all of them' if cap is None else f'at most {cap / 1e6:g} MB'} …")
+    documents = collect_corpus(roots, cap)
+    say(
+        f"corpus: {documents.files:,} files, {documents.bytes:,} bytes from {', '.join(documents.roots)} "
+        f"({time.perf_counter() - began:.0f} s)"
+    )
     teacher = None
     if teacher_directory is None:
-        tokenizer = build_tokenizer(tokenizer_sample(documents.train), vocab_size)
+        sample = tokenizer_sample(documents.train)
+        say(f"tokenizer: training {vocab_size:,} BPE tokens on {sum(map(len, sample)) / 1e6:.1f} MB of text …")
+        tokenizer = build_tokenizer(sample, vocab_size, progress=progress)
     else:
         tokenizer, teacher = _load_teacher(teacher_directory, resolved)
+    say("tokenizer: encoding the corpus …")
     end_of_text_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     train_stream = encode_documents(tokenizer, documents.train).to(resolved)
     held_out_stream = encode_documents(tokenizer, documents.held_out).to(resolved)
@@ -613,7 +677,7 @@ def train_family(
         device=hardware_name(resolved),
         command=command or f"train_family({os.fspath(output_dir)!r}, {[str(shape) for shape in shapes]!r}, ...)",
         date=datetime.date.today().isoformat(),
-        settings=asdict(settings) | {"vocab_size": vocab_size, "distill_from": distill_from},
+        settings=asdict(settings) | {"vocab_size": vocab_size, "distill_from": distill_from, "max_corpus_bytes": cap},
     )
     teacher_name = Path(teacher_directory).name if teacher_directory is not None else distill_from
     for shape in shapes:
@@ -651,18 +715,3 @@ def _load_teacher(directory: str, device: torch.device) -> tuple[PreTrainedToken
     if END_OF_TEXT not in tokenizer.get_vocab():
         raise SpeculorError(f"{directory!r} was not made by speculor train: its tokenizer has no {END_OF_TEXT}")
     return tokenizer, teacher.to(device).eval()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m speculor.train ...` runs the train command alone, so a machine that has only torch, transformers
-    and tokenizers (a bare GPU box) needs none of the server's or the other commands' dependencies."""
-    from speculor.train_command import register, run_train
-
-    parser = argparse.ArgumentParser(prog="speculor")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    return run_train(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,15 @@
 """The `speculor train` subcommand's options. Training itself lives in `speculor.train`, which imports torch,
 tokenizers and transformers; it is imported only when the command runs, so the rest of the command line starts
-quickly. This module imports nothing beyond the standard library, so `python -m speculor.train` still runs on a
+quickly. The imports go one way: this module imports `speculor.train`, never the reverse. This module imports
+nothing beyond the standard library, so `python -m speculor.train_command` runs the train command alone on a
 machine that has only torch, transformers and tokenizers (speculor.threads needs nothing more)."""
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import sys
+from collections.abc import Sequence
 
 from speculor.threads import add_threads_argument, use_cpu_threads
 
@@ -33,9 +36,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--corpus", action="append", help="directory of .py files (repeatable; default: stdlib + site-packages)"
     )
-    parser.add_argument("--max-corpus-bytes", type=int, help="use at most this many bytes of source")
-    parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--seconds", type=float, default=60.0, help="training time per model (default 60)")
+    parser.add_argument(
+        "--max-corpus-bytes",
+        type=int,
+        help="use at most this many bytes of source; 0 for all of it (default: 8 MB on the CPU, 200 MB on a GPU; the "
+        "whole default corpus is often hundreds of MB)",
+    )
+    parser.add_argument("--vocab-size", type=int, default=8192, help="tokens in the BPE tokenizer")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="wall-clock training time per model, stopping within one step of it (default 60); what it buys "
+        "depends on the machine: the shipped family's budgets were set on a GPU",
+    )
     parser.add_argument("--steps", type=int, help="train each model for this many steps instead of a time budget")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step")
     parser.add_argument("--sequence-length", type=int, default=1024, help="tokens per sequence, also the context")
@@ -47,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     add_threads_argument(parser)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds initialisation and the order of training windows")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_train)
 
@@ -86,7 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
         args.output,
         args.models or list(DEFAULT_FAMILY),
         corpus=args.corpus,
-        max_corpus_bytes=args.max_corpus_bytes,
+        max_corpus_bytes="auto" if args.max_corpus_bytes is None else args.max_corpus_bytes or None,
         vocab_size=args.vocab_size,
         seconds=args.seconds,
         steps=args.steps,
@@ -105,3 +119,16 @@ def run_train(args: argparse.Namespace) -> int:
             f"held-out loss {trained.held_out_loss:.4f}\t{trained.path}"
         )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m speculor.train_command ...` runs the train command alone, so a machine that has only torch,
+    transformers and tokenizers (a bare GPU box) needs none of the server's or the other commands' dependencies."""
+    parser = argparse.ArgumentParser(prog="python -m speculor.train_command")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return run_train(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

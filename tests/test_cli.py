@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -118,28 +119,55 @@ def test_generate_from_token_ids_without_text(capsys, text_pair_dirs):
     assert status == 0 and len(report["token_ids"]) == 6
 
 
-def test_generate_reads_best_config(capsys, tmp_path, text_pair_dirs):
+def test_generate_takes_target_and_the_nearest_temperatures_choice_from_the_config_and_says_so(
+    capsys, tmp_path, text_pair_dirs
+):
     target, draft = map(str, text_pair_dirs)
     config = tmp_path / "best_config.json"
-    config.write_text(json.dumps({"target": target, "draft": draft, "gamma": 3}))
-    status = main(
-        [
-            "generate",
-            "--target",
-            target,
-            "--config",
-            str(config),
-            "--prompt",
-            "x = 1\n",
-            "--max-new-tokens",
-            "8",
-            "--ignore-eos",
-            "--json",
-        ]
-    )
-    report = json.loads(capsys.readouterr().out)
-    assert status == 0 and report["stats"]["drafted"] > 0
-    assert len(report["stats"]["drafted_by_position"]) <= 3
+    greedy = {"temperature": 0.0, "draft": draft, "gamma": 3}
+    sampled = {"temperature": 1.0, "ngram": 2, "gamma": 2}
+    config.write_text(json.dumps({"target": target, **greedy, "by_temperature": [greedy, sampled]}))
+    argv = ["generate", "--config", str(config), "--prompt", "x = 1\n", "--max-new-tokens", "8", "--ignore-eos"]
+    assert main([*argv, "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["stats"]["drafted"] > 0 and len(report["stats"]["drafted_by_position"]) <= 3
+    assert captured.err.count("\n") == 1
+    assert f"the choice measured at T=0: target {target}, draft {draft}, γ 3" in captured.err
+
+    assert main([*argv, "--json", "--temperature", "0.8", "--seed", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "the choice measured at T=1: " in captured.err and "draft ngram 2, γ 2" in captured.err
+    assert len(json.loads(captured.out)["stats"]["drafted_by_position"]) <= 2
+
+
+def test_single_prompt_json_says_why_it_stopped_and_target_alone_says_it_did_not_speculate(capsys, text_pair_dirs):
+    target, _ = map(str, text_pair_dirs)
+    argv = ["generate", "--target", target, "--prompt", "x = 1\n", "--max-new-tokens", "5", "--ignore-eos"]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["finish_reason"] == "length"
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "no speculation" in err and "TAR" not in err
+
+
+def test_version_and_every_commands_help_shows_its_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and re.fullmatch(r"speculor \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
+    expected = {
+        "generate": ["--max-new-tokens MAX_NEW_TOKENS", "(default: 64)"],
+        "serve": ["(default: 8000)"],
+        "bench": ["(default: 20)", "(default: 128)"],
+        "train": ["(default: 8192)"],
+        "demo": ["(default 96)"],
+    }
+    for command, needles in expected.items():
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = " ".join(capsys.readouterr().out.split())
+        assert all(" ".join(needle.split()) in shown for needle in needles), (command, needles)
+        assert "(default: None)" not in shown and "(default: False)" not in shown
 
 
 HEAVY_MODULES = ("torch", "transformers", "fastapi", "numpy")

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import speculor
+from speculor import train
 from speculor.cli import main
 from speculor.errors import SpeculorError
 from speculor.train import (
@@ -117,6 +119,7 @@ def test_trained_family_loads_and_decodes_speculatively(family_dir):
         assert tokenizer.eos_token_id == model.generation_config.eos_token_id
         card = (directory / "README.md").read_text()
         assert "held-out loss" in card and "tokens seen" in card and "train_family(" in card
+        assert "barely trained" in card and "plausible Python" not in card  # three steps teach nothing
         assert math.isfinite(summary["models"][name]["held_out_loss"])
     decoder = speculor.SpeculativeDecoder(family_dir / "target", family_dir / "draft", device="cpu")
     alone = decoder.generate("def f(x):\n", max_new_tokens=12, speculative=False, ignore_eos=True)
@@ -157,6 +160,34 @@ def test_progress_bar_shows_a_live_loss_and_no_seconds_per_second(capsys):
     settings = TrainSettings(seconds=3.0, batch_size=2, sequence_length=16, progress=True)
     train_model(ModelShape("tiny", 1, 16), stream, stream[:512], 64, 0, settings)
     shown = capsys.readouterr().err
-    losses = re.findall(r"loss (\d+\.\d+)", shown)
+    losses = re.findall(r"train CE (\d+\.\d+)", shown)
     assert not re.search(r"\ds/s", shown) and "steps/s" in shown and "/3 s [" in shown
     assert len(losses) >= 3 and len(set(losses)) >= 2
+    assert "s of a 3 s budget" in shown
+
+
+def test_a_distilled_models_bar_names_both_losses(capsys):
+    """The KL to the teacher is near zero long before the model is any good; the bar must also show the
+    cross-entropy, which the held-out loss printed at the end can be compared with."""
+    stream = torch.randint(0, 64, (4096,), generator=torch.Generator().manual_seed(0))
+    settings = TrainSettings(seconds=None, steps=3, batch_size=2, sequence_length=16, progress=True)
+    teacher, _ = train_model(ModelShape("teacher", 1, 16), stream, stream[:512], 64, 0, settings)
+    capsys.readouterr()
+    train_model(ModelShape("student", 1, 16), stream, stream[:512], 64, 0, settings, teacher=teacher)
+    shown = capsys.readouterr().err
+    assert re.search(r"train CE \d+\.\d+, KL to teacher \d+\.\d+", shown)
+
+
+def test_a_time_budget_stops_before_a_step_that_would_overrun_it(monkeypatch):
+    """With steps of 0.4 s, a 1 s budget fits two: the third would end at 1.2 s, so it is not started."""
+    stream = torch.randint(0, 64, (4096,), generator=torch.Generator().manual_seed(0))
+    windows = train._windows
+
+    def slow_windows(*args):
+        time.sleep(0.4)
+        return windows(*args)
+
+    monkeypatch.setattr(train, "_windows", slow_windows)
+    settings = TrainSettings(seconds=1.0, batch_size=2, sequence_length=16, progress=False)
+    _, report = train_model(ModelShape("tiny", 1, 16), stream, stream[:17], 64, 0, settings)
+    assert report["steps"] == 2 and report["seconds"] <= 1.0
