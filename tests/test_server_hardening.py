@@ -56,7 +56,9 @@ def break_engine_for_marked_requests(engine) -> None:
                 row_fails.discard(event.request_id)
                 if event.result is None:
                     engine.abort(event.request_id)
-                failed = GenerationResult(None, [], GenerationStats(), "error")
+                failed = GenerationResult(
+                    None, [], GenerationStats(), "error", error="RuntimeError: a row that blows up"
+                )
                 events[position] = RowEvent(event.request_id, Delta([], ""), failed)
         return events
 
@@ -145,6 +147,7 @@ def test_a_row_the_engine_fails_fails_only_its_own_request(http):
         streamed = pool.submit(http.post, "/v1/completions", json=completion(seed=ROW_FAILS_SEED, stream=True))
     assert plain.result().status_code == 500
     assert plain.result().json()["error"]["code"] == "generation_failed"
+    assert "a row that blows up" in plain.result().json()["error"]["message"]
     *_, error_event, done = sse_events(streamed.result())
     assert (error_event["error"]["code"], done) == ("generation_failed", "[DONE]")
     assert neighbour.result().status_code == 200

@@ -61,9 +61,6 @@ MODEL_PATH_PREFIX = "/v1/models/"
 # The paths an API key leaves open unless told to protect them too: load balancers and Prometheus scrape them.
 MONITORING_PATHS = frozenset({"/health", "/metrics"})
 
-# Temperatures below this sample as greedy, as vLLM does: dividing logits by a near-zero temperature overflows.
-MIN_TEMPERATURE = 1e-5
-
 
 def display_name(name: str) -> str:
     """A model as /health shows it: a local directory by its own name, so the server's file layout stays private; a
@@ -174,7 +171,7 @@ class ServedModel:
                 prompt_ids,
                 max_new_tokens=max_tokens,
                 gamma=self.gamma,
-                temperature=body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0,
+                temperature=body.temperature,
                 top_k=body.top_k_within(vocab_size),
                 top_p=body.top_p,
                 seed=body.seed,

@@ -292,7 +292,7 @@ class GenerationWorker:
     def _finish(self, job: Job, result: GenerationResult) -> None:
         if result.finish_reason == ROW_FAILED:
             self.metrics.record_generation(result.stats, job.prompt_tokens, "error", latency=None)
-            job.post(APIError(500, "generation failed for this request; it was stopped", code="generation_failed"))
+            job.post(APIError(500, f"generation failed: {result.error}", code="generation_failed"))
             return
         latency = time.perf_counter() - job.arrived
         self.metrics.record_generation(result.stats, job.prompt_tokens, FINISH_REASONS[result.finish_reason], latency)
