@@ -92,7 +92,9 @@ class FastRunner:
     (CUDA only), "compile" (CUDA only) or "eager"; None means "graph" on CUDA and "eager" elsewhere. `fixed_width`
     runs every step at that width (see the module docstring); steps of more tokens are then refused. `kernels`
     picks how the small per-layer operations run: "triton" (fused kernels of `speculor.runners.triton_ops`, CUDA
-    only), "torch" (plain PyTorch) or "auto" (Triton when on CUDA with Triton installed).
+    only), "torch" (plain PyTorch) or "auto" (Triton when on CUDA with Triton installed). `weights`, where given,
+    replaces those read off the model (a tensor-parallel rank's shard, `speculor.runners.tensor_parallel`, whose
+    head counts are not the config's).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class FastRunner:
         capture: str | None = None,
         fixed_width: int | None = None,
         kernels: str = "auto",
+        weights: LlamaWeights | None = None,
     ) -> None:
         if not isinstance(slots, int) or slots < 1:
             raise SpeculorError(f"slots must be an integer ≥ 1, got {slots!r}")
@@ -116,7 +119,7 @@ class FastRunner:
         if reason is not None:
             raise SpeculorError(f"the fast runner cannot run {type(model).__name__}: {reason}")
         self.model = model.eval()
-        self.weights = LlamaWeights.from_model(model)
+        self.weights = weights if weights is not None else LlamaWeights.from_model(model)
         device = self.weights.embed.device
         capture = capture or ("graph" if device.type == "cuda" else "eager")
         if capture not in CAPTURE_MODES:

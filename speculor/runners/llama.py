@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
@@ -109,7 +110,9 @@ class LayerWeights:
 class LlamaWeights:
     """The whole model: weights by reference plus the shapes and constants the forward pass needs. `rope` holds
     (inverse frequencies, attention scaling) per rotary table; `embed_scale` multiplies the embeddings (Gemma: √hidden
-    in the model dtype); the soft-caps are tanh caps on attention scores and on the final logits (Gemma 2)."""
+    in the model dtype); the soft-caps are tanh caps on attention scores and on the final logits (Gemma 2). With a
+    process `group` the weights are one rank's shard (`speculor.runners.tensor_parallel`): `heads` and `kv_heads`
+    count this rank's heads, and the attention and MLP outputs are summed over the group."""
 
     embed: torch.Tensor
     layers: tuple[LayerWeights, ...]
@@ -127,6 +130,7 @@ class LlamaWeights:
     embed_scale: torch.Tensor | None
     attention_softcap: float | None
     logit_softcap: float | None
+    group: dist.ProcessGroup | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -423,14 +427,18 @@ def forward_tokens(
             attended = fused.attention(query, layer_cache, positions, sequences, weights.scaling, layer.window, softcap)
         else:
             attended = attend_rows(query, layer_cache, sequences, host_rows, span, masks[layer.window], weights)
-        hidden = residual_block(hidden, attended, layer.o, layer.o_bias, layer.attention_output_norm, norm, eps)
+        hidden = residual_block(
+            hidden, attended, layer.o, layer.o_bias, layer.attention_output_norm, norm, eps, weights.group
+        )
         normed = norm(hidden, layer.mlp_norm, eps)
         gate_up = F.linear(normed, layer.gate_up, layer.gate_up_bias)
         if fused is not None and weights.activation_name in fused.GATED_ACTIVATIONS:
             gated = fused.gated_activation(gate_up, width, weights.activation_name)
         else:
             gated = weights.activation(gate_up[:, :width]) * gate_up[:, width:]
-        hidden = residual_block(hidden, gated, layer.down, layer.down_bias, layer.mlp_output_norm, norm, eps)
+        hidden = residual_block(
+            hidden, gated, layer.down, layer.down_bias, layer.mlp_output_norm, norm, eps, weights.group
+        )
     if not with_logits:
         return None
     normed = norm(hidden, weights.final_norm, eps)
@@ -495,9 +503,19 @@ def residual_block(
     output_norm: torch.Tensor | None,
     norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor],
     eps: float,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """residual + (inputs @ weightᵀ + bias), the product normalized by `output_norm` first where the model has one
-    (Gemma 2/3); without it the residual is added inside the matrix product (`linear_residual`)."""
+    (Gemma 2/3); without it the residual is added inside the matrix product (`linear_residual`). With a tensor-parallel
+    `group`, `inputs` and `weight` hold this rank's slice of the reduced dimension: the partial products are summed
+    over the ranks (one all-reduce, capturable in a CUDA graph under NCCL) before the bias, norm and residual, which
+    every rank holds whole."""
+    if group is not None:
+        product = F.linear(inputs, weight)
+        dist.all_reduce(product, group=group)
+        if bias is not None:
+            product = product + bias
+        return residual + (product if output_norm is None else norm(product, output_norm, eps))
     if output_norm is None:
         return linear_residual(residual, inputs, weight, bias)
     return residual + norm(F.linear(inputs, weight, bias), output_norm, eps)
