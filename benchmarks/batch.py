@@ -161,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "fixed_gamma": args.gamma,
         "warm_up_seconds": warm_up_seconds,
-        "step_costs_ms": {f"{b}x{k}": 1000 * s for (b, k), s in sorted(decoder.step_costs.target.items())},
-        "draft_step_ms": {str(b): 1000 * s for b, s in sorted(decoder.step_costs.draft.items())},
         "batches": [],
     }
     out_file = args.out / "batch.json"

@@ -6,11 +6,11 @@ policy. Adaptive policies live here too so that the engine never needs to know w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from speculor.analysis import expected_accepted_length, optimal_gamma
+from speculor.analysis import optimal_gamma
 from speculor.errors import SpeculorError
 
 
@@ -125,123 +125,204 @@ class LeviathanGamma:
 AUTO_MAX_GAMMA = 6
 
 
+class _Curve:
+    """Seconds as a function of a small integer (a step's width, a number of draft passes), learned from
+    observations: a running mean per value observed, straight lines between and beyond them for values not yet
+    seen, nothing with none. With one point the curve is flat, or proportional when `through_origin` (no draft
+    passes cost nothing)."""
+
+    WEIGHT = 0.15
+
+    def __init__(self, through_origin: bool = False) -> None:
+        self.points: dict[int, float] = {}
+        self.through_origin = through_origin
+
+    def observe(self, x: int, seconds: float) -> None:
+        previous = self.points.get(x)
+        self.points[x] = seconds if previous is None else previous + self.WEIGHT * (seconds - previous)
+
+    def __call__(self, x: int) -> float | None:
+        if x in self.points:
+            return self.points[x]
+        if not self.points:
+            return None
+        xs = sorted(self.points)
+        if len(xs) == 1:
+            only = xs[0]
+            return self.points[only] * x / only if self.through_origin and only else self.points[only]
+        below = [v for v in xs if v < x]
+        above = [v for v in xs if v > x]
+        left, right = (below[-1], above[0]) if below and above else (xs[-2], xs[-1]) if below else (xs[0], xs[1])
+        slope = (self.points[right] - self.points[left]) / (right - left)
+        return max(0.0, self.points[left] + slope * (x - left))
+
+
 @dataclass
-class StepCosts:
-    """Seconds per step measured on this machine at warm-up: `target[(bucket, k)]` for a target step of k tokens on
-    `bucket` rows and `draft[bucket]` for a one-token draft step (empty for a draft-free proposer), both back to back
-    as the engine queues them; `overhead[bucket]`, the wait for the device that every engine step pays once at its
-    host read. Buckets are powers of two; a batch is charged its bucket's cost, the smallest measured bucket that
-    holds it."""
+class _BucketCosts:
+    """What steps of one batch bucket cost, learned from the engine's own steps: the target's verify by width, the
+    draft's phase by number of draft passes, and the host work around them (everything else the step took)."""
 
-    target: dict[tuple[int, int], float]
-    draft: dict[int, float] = field(default_factory=dict)
-    overhead: dict[int, float] = field(default_factory=dict)
+    verify: _Curve = field(default_factory=_Curve)
+    draft: _Curve = field(default_factory=lambda: _Curve(through_origin=True))
+    host: _Curve = field(default_factory=_Curve)
+    choices: int = 0
 
-    def bucket(self, batch: int) -> int:
-        buckets = sorted({bucket for bucket, _ in self.target})
-        return next((bucket for bucket in buckets if bucket >= batch), buckets[-1])
 
-    def step_seconds(self, batch: int, gamma: int) -> float:
-        """Predicted seconds of one engine step of `batch` rows drafting γ tokens each: γ draft steps and one
-        target step of γ + 1 tokens."""
-        bucket = self.bucket(batch)
-        widest = max(k for b, k in self.target if b == bucket)
-        verify = self.target[(bucket, min(gamma + 1, widest))]
-        return gamma * self.draft.get(bucket, 0.0) + verify + self.overhead.get(bucket, 0.0)
+class PositionAcceptance:
+    """How often a drafted token is accepted at each draft position, given that every earlier one was: decayed
+    counts per position, each shrunk towards the position before it (the first towards `prior`). Expected tokens per
+    step follow without assuming one α for every position, which misjudges long drafts: later positions are often
+    accepted more or less often than the first."""
 
-    @property
-    def widest(self) -> int:
-        return max(k for _, k in self.target)
+    PRIOR_WEIGHT = 2.0
+
+    def __init__(self, prior: float = 0.6, decay: float = 0.995, positions: int = 16) -> None:
+        self.prior = prior
+        self.decay = decay
+        self.reached = [0.0] * positions
+        self.accepted = [0.0] * positions
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """One row's step: `drafted` tokens verified, the first `accepted` of them accepted."""
+        if drafted == 0:
+            return
+        reached = min(accepted + 1, drafted, len(self.reached))
+        for position in range(len(self.reached)):
+            self.reached[position] *= self.decay
+            self.accepted[position] *= self.decay
+        for position in range(reached):
+            self.reached[position] += 1
+            if position < accepted:
+                self.accepted[position] += 1
+
+    def rates(self, gamma: int) -> list[float]:
+        """The conditional acceptance of positions 1..γ."""
+        rates, previous = [], self.prior
+        for position in range(min(gamma, len(self.reached))):
+            previous = (self.accepted[position] + self.PRIOR_WEIGHT * previous) / (
+                self.reached[position] + self.PRIOR_WEIGHT
+            )
+            rates.append(min(previous, 0.999))
+        return rates + [rates[-1] if rates else self.prior] * (gamma - len(rates))
+
+    def expected_tokens(self, gamma: int) -> float:
+        """Tokens one step emits on average when drafting γ: 1 + Σ_j Π_{i≤j} a_i."""
+        total, survive = 1.0, 1.0
+        for rate in self.rates(gamma):
+            survive *= rate
+            total += survive
+        return total
 
 
 class LoadAwareGamma:
-    """One γ per step for a whole batch — 0, no speculation, included — chosen to maximise the expected tokens per
-    second: Σ_rows E(α_row, min(γ, cap_row)) / step_seconds(batch, γ), with E Leviathan's expected tokens per target
-    forward and α each row's running acceptance estimate.
+    """One γ per step for a whole batch — 0, no speculation, included — chosen to maximise the tokens per second the
+    step is expected to deliver: Σ_rows E_row(min(γ, cap_row)) / seconds(batch, γ).
 
-    Step seconds start from the costs measured at warm-up (`StepCosts`) and are replaced by what the engine's steps
-    really take (`observe`: everything the step does, host work and draft catch-up included, which the warm-up's
-    bare model steps cannot see) as soon as a (batch bucket, γ) has run. A γ not yet run is predicted from its
-    warm-up cost plus the extra the bucket's observed steps took over theirs, fitted linearly in γ. Speculating must
-    promise `MARGIN` (5%) more tokens per second than not, so noise in the estimates does not make a batch slower.
+    Both sides are learned online from the engine's own steps, so nothing is measured before the first token:
+    - E from acceptance by draft position (`PositionAcceptance`), kept per kind of row (greedy, sampled, coupled
+      seeded rows), since temperature and verification rule change acceptance a lot;
+    - seconds(batch, γ) = host work + the draft phase for `draft_passes(γ)` passes + a verify of γ + 1 tokens, each
+      learned per batch bucket (powers of two) from the phase times every step reports; a width or pass count not yet
+      run is predicted along a line through those that have (flat with one), and an empty bucket borrows the nearest
+      one's costs. So one step at γ = 0 and one at some γ > 0 predict every γ, and a prediction that was too hopeful
+      is corrected by the very step that ran it.
+    Exploration: every `EXPLORE_EVERY`-th choice in a bucket tries the best γ's neighbour when it is predicted within
+    `EXPLORE_WITHIN` of the best, so a wrong early estimate cannot stick. Speculating must promise `MARGIN` more
+    tokens per second than not, so noise cannot make a batch slower than the target alone. It adapts within a few
+    steps: costs move a sixth of the way to each new observation, acceptance forgets with a half-life of ~140 row
+    steps. `pair_acceptance` outlives an engine: a new engine of the same decoder starts from what it learned."""
 
-    Under a light load a verify of γ + 1 tokens per row costs about what one token costs and speculation wins; as
-    the batch grows the verify becomes compute-bound, its cost grows with γ, and the best γ falls to 0. Every choice
-    is a step shape captured at warm-up, so switching never leaves the captured graphs. `pair_acceptance` is the
-    acceptance over every row so far: a new row's estimate starts from it."""
+    MARGIN = 1.02
+    EXPLORE_EVERY = 16
+    EXPLORE_WITHIN = 0.9
 
-    OBSERVED_WEIGHT = 0.3
-    MARGIN = 1.05
-
-    def __init__(self, costs: StepCosts, max_gamma: int = AUTO_MAX_GAMMA) -> None:
+    def __init__(self, max_gamma: int = AUTO_MAX_GAMMA, draft_passes: Callable[[int], int] | None = None) -> None:
         if max_gamma < 0:
             raise SpeculorError(f"max_gamma must be ≥ 0, got {max_gamma!r}")
-        self.costs = costs
-        self.max_gamma = min(max_gamma, costs.widest - 1)
-        self.pair_acceptance = AcceptanceEstimate(decay=0.98)
-        self._observed: dict[tuple[int, int], float] = {}
+        self.max_gamma = max_gamma
+        self.draft_passes = draft_passes or (lambda gamma: gamma)
+        self.acceptance: dict[str, PositionAcceptance] = {}
+        self._buckets: dict[int, _BucketCosts] = {}
 
-    def step_seconds(self, batch: int, gamma: int) -> float:
-        """What a step of `batch` rows drafting γ is expected to take: observed where it has run, else predicted."""
-        return self._observed.get((self.costs.bucket(batch), gamma), self._predicted(batch, gamma))
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return 1 << max(0, batch - 1).bit_length()
 
-    def _predicted(self, batch: int, gamma: int) -> float:
-        """The warm-up cost plus the host work the warm-up cannot see, fitted from the bucket's observed steps as
-        a + b·γ (a step's own work plus each draft pass's); a constant with one γ observed, nothing with none."""
-        bucket = self.costs.bucket(batch)
-        seen = [
-            (seen_gamma, seconds - self.costs.step_seconds(bucket, seen_gamma))
-            for (seen_bucket, seen_gamma), seconds in self._observed.items()
-            if seen_bucket == bucket
-        ]
-        extra = 0.0
-        if seen:
-            mean_gamma = sum(g for g, _ in seen) / len(seen)
-            mean_extra = sum(e for _, e in seen) / len(seen)
-            spread = sum((g - mean_gamma) ** 2 for g, _ in seen)
-            slope = sum((g - mean_gamma) * (e - mean_extra) for g, e in seen) / spread if spread else 0.0
-            extra = mean_extra + slope * (gamma - mean_gamma)
-        return max(self.costs.step_seconds(batch, gamma) + extra, 1e-9)
+    def _costs(self, bucket: int) -> list[_BucketCosts]:
+        """The bucket's own costs first, then the other buckets nearest to it, to borrow what it has not seen."""
+        near = sorted(self._buckets, key=lambda other: (abs(other.bit_length() - bucket.bit_length()), other))
+        return [self._buckets[b] for b in near]
 
-    def observe(self, batch: int, gamma: int, seconds: float) -> None:
-        """How long an engine step of `batch` rows that drafted γ took."""
-        bucket = self.costs.bucket(batch)
-        previous = self._observed.get((bucket, gamma))
-        self._observed[(bucket, gamma)] = (
-            seconds if previous is None else previous + self.OBSERVED_WEIGHT * (seconds - previous)
-        )
+    def step_seconds(self, batch: int, gamma: int) -> float | None:
+        """What a step of `batch` rows drafting γ is expected to take (None while nothing is known)."""
+        bucket = self.bucket(batch)
+        passes = self.draft_passes(gamma) if gamma else 0
+        parts = []
+        for curve, x in (("host", 0), ("verify", gamma + 1), ("draft", passes)):
+            if curve == "draft" and gamma == 0:
+                continue
+            value = next((getattr(c, curve)(x) for c in self._costs(bucket) if getattr(c, curve)(x) is not None), None)
+            if value is None:
+                return None
+            parts.append(value)
+        return sum(parts)
 
-    def choose(self, alphas: Sequence[float], caps: Sequence[int]) -> int:
-        """The best γ for rows with acceptance estimates `alphas` that may draft at most `caps` tokens each."""
-        batch = len(alphas)
-        best_gamma, best_rate = 0, self.MARGIN * batch / self.step_seconds(batch, 0)
-        for gamma in range(1, min(self.max_gamma, max(caps, default=0)) + 1):
-            tokens = sum(
-                expected_accepted_length(alpha, min(gamma, cap)) for alpha, cap in zip(alphas, caps, strict=True)
-            )
-            rate = tokens / self.step_seconds(batch, gamma)
-            if rate > best_rate:
-                best_gamma, best_rate = gamma, rate
-        return best_gamma
+    def observe(
+        self, batch: int, gamma: int, passes: int, draft_seconds: float, verify_seconds: float, seconds: float
+    ) -> None:
+        """An engine step of `batch` rows drafted γ in `passes` draft passes: its draft phase, its verify phase and
+        all of it took these seconds. `draft_seconds` < 0 marks a draft phase that also caught a draft cache up
+        (one-off work that says nothing about drafting)."""
+        costs = self._buckets.setdefault(self.bucket(batch), _BucketCosts())
+        costs.verify.observe(gamma + 1, verify_seconds)
+        if gamma and draft_seconds >= 0:
+            costs.draft.observe(passes, draft_seconds)
+        costs.host.observe(0, max(0.0, seconds - verify_seconds - max(draft_seconds, 0.0)))
 
-
-class AcceptanceEstimate:
-    """A running per-token acceptance estimate α from decayed counts, as `LeviathanGamma` keeps it: every accepted
-    draft a success, every step that ended at a rejected draft one failure, starting from `prior` worth `weight`
-    trials."""
-
-    def __init__(self, prior: float = 0.6, weight: float = 2.0, decay: float = 0.9) -> None:
-        self._successes = prior * weight
-        self._trials = weight
-        self.decay = decay
+    def observe_acceptance(self, kind: str, drafted: int, accepted: int) -> None:
+        self.acceptance.setdefault(kind, PositionAcceptance()).observe(drafted, accepted)
 
     @property
-    def alpha(self) -> float:
-        return min(self._successes / self._trials, 0.999)
+    def pair_acceptance(self) -> dict[str, PositionAcceptance]:
+        return self.acceptance
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        if drafted == 0:
-            return
-        rejected = 1 if accepted < drafted else 0
-        self._successes = self.decay * self._successes + accepted
-        self._trials = self.decay * self._trials + accepted + rejected
+    def choose(self, kinds: Sequence[str], caps: Sequence[int]) -> int:
+        """The best γ for rows of these kinds that may draft at most `caps` tokens each."""
+        batch = len(kinds)
+        base = self.step_seconds(batch, 0)
+        top = min(self.max_gamma, max(caps, default=0))
+        if top == 0:
+            return 0
+        rates = {0: batch / base / self.MARGIN if base else 0.0}
+        for gamma in range(1, top + 1):
+            seconds = self.step_seconds(batch, gamma)
+            tokens = sum(
+                self.acceptance.setdefault(kind, PositionAcceptance()).expected_tokens(min(gamma, cap))
+                for kind, cap in zip(kinds, caps, strict=True)
+            )
+            # Never run: optimistic, so it gets tried (and measured) once.
+            rates[gamma] = tokens / seconds if seconds else float("inf")
+        best = max(rates, key=rates.__getitem__)
+        costs = self._buckets.setdefault(self.bucket(batch), _BucketCosts())
+        costs.choices += 1
+        if costs.choices % self.EXPLORE_EVERY == 0:
+            close = self.EXPLORE_WITHIN * rates[best]
+            neighbours = [g for g in (best + 1, best - 1) if g in rates and rates[g] >= close]
+            if neighbours:
+                return neighbours[(costs.choices // self.EXPLORE_EVERY) % len(neighbours)]
+        return best
+
+    def snapshot(self) -> dict:
+        """What the policy has learned, for reports: per batch bucket the host, verify-by-width and draft-by-passes
+        seconds, and per kind of row the acceptance of each draft position."""
+        return {
+            "buckets": {
+                bucket: {
+                    "host": costs.host.points.get(0),
+                    "verify_by_width": dict(sorted(costs.verify.points.items())),
+                    "draft_by_passes": dict(sorted(costs.draft.points.items())),
+                }
+                for bucket, costs in sorted(self._buckets.items())
+            },
+            "acceptance_by_position": {kind: acc.rates(self.max_gamma) for kind, acc in self.acceptance.items()},
+        }

@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from speculor.adaptive import AUTO_MAX_GAMMA, FixedGamma, GammaPolicy, LoadAwareGamma, StepCosts
-from speculor.calibration import measure_step_costs
+from speculor.adaptive import AUTO_MAX_GAMMA, FixedGamma, GammaPolicy, LoadAwareGamma
+from speculor.distributed import RankAgreedGamma, agreed_seed, tensor_parallel_group
 from speculor.engine import DEFAULT_PREFILL_CHUNK, BatchEngine, DecodeRequest, Decoding, Delta, GenerationResult
 from speculor.errors import SpeculorError
 from speculor.loading import eos_token_ids, load_model, resolve_device, resolve_dtype, shared_vocab_size
@@ -21,11 +21,12 @@ from speculor.proposers import (
     Proposer,
 )
 from speculor.runners import make_runner
+from speculor.runners.tensor_parallel import load_sharded_target
 from speculor.sampling import SamplingParams
 from speculor.threads import use_cpu_threads
 
 ModelSource = str | os.PathLike | PreTrainedModel
-LOADER_OPTIONS = ("ngram", "device", "dtype", "runner", "fixed_width", "kernels", "max_batch_size")
+LOADER_OPTIONS = ("ngram", "device", "dtype", "runner", "fixed_width", "kernels", "max_batch_size", "tensor_parallel")
 DEFAULT_MAX_BATCH_SIZE = 8
 PREFILL_WARM_UP_LENGTHS = (1, 16, 17, 15, 32, 1, 47)
 
@@ -53,6 +54,10 @@ class SpeculativeDecoder:
     the command line) for one per physical core no other process is busy on, or `OMP_NUM_THREADS` when set
     (`speculor.threads`); an int; or None to leave torch's setting alone. torch's own default of one thread per
     core collapses when another process holds a core (8 tok/s instead of 256 on two cores with one busy process).
+
+    `tensor_parallel=N` splits the target over N processes, one per GPU (`torchrun --nproc-per-node N`; see
+    `speculor.runners.tensor_parallel`): each rank loads its shard from the target's directory and runs the same
+    generations, and the draft runs whole on every rank. Every rank must make the same calls.
     """
 
     def __init__(
@@ -69,18 +74,27 @@ class SpeculativeDecoder:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         threads: int | str | None = "auto",
+        tensor_parallel: int = 1,
     ) -> None:
         if draft is not None and ngram is not None:
             raise SpeculorError("give either a draft model or ngram prompt lookup, not both")
         if ngram is not None and (not isinstance(ngram, int) or ngram < 1):
             raise SpeculorError(f"ngram must be an integer ≥ 1, got {ngram!r}")
         self.device = resolve_device(device)
+        self.tensor_parallel = tensor_parallel_group(tensor_parallel, self.device, runner)
+        if self.tensor_parallel is not None:
+            self.device = self.tensor_parallel.device
         if threads is not None:
             if threads != "auto" and (not isinstance(threads, int) or isinstance(threads, bool)):
                 raise SpeculorError(f"threads must be an integer ≥ 1 or 'auto', got {threads!r}")
             use_cpu_threads(None if threads == "auto" else threads, self.device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.target = load_model(target, self.device, self.dtype)
+        sharded_runner = None
+        if self.tensor_parallel is None:
+            self.target = load_model(target, self.device, self.dtype)
+        else:
+            options = {"fixed_width": fixed_width, "kernels": kernels, "slots": max_batch_size}
+            self.target, sharded_runner = load_sharded_target(target, self.tensor_parallel, self.dtype, **options)
         self.draft = load_model(draft, self.device, self.dtype) if draft is not None else None
         self.ngram = ngram
         self.tokenizer = self.target.tokenizer
@@ -99,13 +113,12 @@ class SpeculativeDecoder:
             raise SpeculorError(f"prefill_chunk must be an integer ≥ 1, got {prefill_chunk!r}")
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
-        self.target_runner = make_runner(
+        self.target_runner = sharded_runner or make_runner(
             self.target.model, runner, fixed_width=fixed_width, kernels=kernels, slots=max_batch_size
         )
         self.draft_runner = None
         if self.draft is not None:
             self.draft_runner = make_runner(self.draft.model, runner, kernels=kernels, slots=max_batch_size)
-        self.step_costs: StepCosts | None = None
         self._policy: LoadAwareGamma | None = None
         self.eos_ids = eos_token_ids(self.target.model)
 
@@ -184,6 +197,8 @@ class SpeculativeDecoder:
             policy = FixedGamma(gamma)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise SpeculorError(f"seed must be an integer, got {seed!r}")
+        if seed is None and self.tensor_parallel is not None:
+            seed = agreed_seed(self.tensor_parallel)
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0):
             raise SpeculorError(f"logprobs must be an integer ≥ 0 (alternatives per token), got {logprobs!r}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -221,25 +236,24 @@ class SpeculativeDecoder:
 
     def new_engine(self) -> BatchEngine:
         """An engine over this decoder's runners, for request-level control (add, step, abort). The runners' slots
-        are shared: step one engine of a decoder at a time. The load-aware γ policy uses the step costs measured by
-        `warm_up`/`calibrate`, measuring them when the first request that needs them arrives if nothing has yet."""
+        are shared: step one engine of a decoder at a time. Its load-aware γ policy is the decoder's, so what it has
+        learned of step costs and acceptance carries over from engine to engine."""
         return BatchEngine(
             self.target_runner,
             self._proposer(),
             self.vocab_size,
             self.tokenizer,
-            load_aware=self._load_aware() if self.step_costs is not None else None,
-            calibrate=self._load_aware if self.speculative else None,
+            load_aware=self._load_aware(),
             prefill_chunk=self.prefill_chunk,
         )
 
     def _load_aware(self) -> LoadAwareGamma:
         """The decoder's one load-aware policy: what it learns about step times and acceptance outlives an engine."""
-        if self.step_costs is None:
-            self.calibrate()
-        assert self.step_costs is not None
-        if self._policy is None or self._policy.costs is not self.step_costs:
-            self._policy = LoadAwareGamma(self.step_costs, self.auto_max_gamma)
+        if self._policy is None:
+            if self.tensor_parallel is None:
+                self._policy = LoadAwareGamma(self.auto_max_gamma)
+            else:
+                self._policy = RankAgreedGamma(self.tensor_parallel, self.auto_max_gamma)
         return self._policy
 
     def decoding(self, prompt: str | Sequence[int], **options) -> Decoding:
@@ -269,18 +283,12 @@ class SpeculativeDecoder:
         decoding = self.decoding(prompt, **options)
         return iter(decoding)
 
-    def calibrate(self) -> None:
-        """Measure what target and draft steps cost at every batch bucket and step width the load-aware γ policy
-        may choose (`step_costs`). Runs with no request in flight; a fraction of a second on small models."""
-        widths = range(1, self.auto_max_gamma + 2)
-        self.step_costs = measure_step_costs(self.target_runner, self.draft_runner, widths)
-
     def warm_up(self, gamma: int | None = None) -> None:
         """Run every step shape that generations meet before the first request, so none pays for it: on CUDA the
         fast runner captures a graph per (batch bucket, width) and compiles Triton kernel variants on first use (in
         a GPU tuning run the first γ tried looked 7x slower than the rest, benchmarks/RESULTS.md). `gamma` is the
-        largest fixed γ requests will use (default: the load-aware policy's largest). Then measures the step costs
-        (`calibrate`)."""
+        largest fixed γ requests will use (default: the load-aware policy's largest). Nothing is timed here: the
+        load-aware γ learns what steps cost from the steps themselves."""
         if gamma is not None and (not isinstance(gamma, int) or isinstance(gamma, bool) or gamma < 1):
             raise SpeculorError(f"gamma must be an integer ≥ 1, got {gamma!r}")
         widest = max(gamma or 0, self.auto_max_gamma) + 1
@@ -304,8 +312,6 @@ class SpeculativeDecoder:
                     break
                 runner.extend(0, torch.zeros(count, dtype=torch.long, device=runner.device))
             runner.reset(0)
-        if self.speculative:
-            self.calibrate()
 
 
 def _is_prompt_list(prompt: object) -> bool:

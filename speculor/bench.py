@@ -238,9 +238,6 @@ def run_plans(
 
     decoders = list({id(plan.decoder): plan.decoder for plan in plans}.values())
     _prefill_every_prompt(decoders, prompt_ids)
-    for decoder in decoders:
-        if decoder.speculative:
-            decoder.calibrate()
     warmup_prompts = warmup_order(prompt_ids)
     for plan in plans:
         size = plan.config.batch_size
@@ -391,6 +388,7 @@ def run_bench(args: argparse.Namespace) -> int:
     prompts = load_prompt_set(args.prompts, limit=args.num_prompts)
     loader = {"device": args.device, "dtype": args.dtype, "runner": args.runner, "kernels": args.kernels}
     loader["max_batch_size"] = max(args.batch_size)
+    loader["threads"] = None if threads is None else threads.threads
     baseline_decoder = SpeculativeDecoder(args.target, **loader)
     if baseline_decoder.tokenizer is None:
         raise SpeculorError(f"target {args.target!r} has no tokenizer, which the prompt sets need")
@@ -454,12 +452,12 @@ def run_bench(args: argparse.Namespace) -> int:
         console = Console(highlight=False, width=200)
     print_table(rows, console)
     console.print(f"wrote results, plots, report.md and best_config.json to {out_dir}")
-    first = best["by_temperature"][0]
-    if first["vllm_speculative_config"] is None:
-        console.print(f"T={first['temperature']:g}: nothing beat the target alone")
-    else:
-        drafter = first.get("draft") or f"ngram {first['ngram']}"
-        console.print(
-            f"T={first['temperature']:g}: best is {drafter}, γ={first['gamma']} ({first['speedup_median']:.2f}x)"
-        )
+    for choice in best["by_temperature"]:
+        if choice["vllm_speculative_config"] is None:
+            console.print(f"T={choice['temperature']:g}: nothing beat the target alone")
+        else:
+            drafter = choice.get("draft") or f"ngram {choice['ngram']}"
+            console.print(
+                f"T={choice['temperature']:g}: best is {drafter}, γ={choice['gamma']} ({choice['speedup_median']:.2f}x)"
+            )
     return 0

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from speculor.adaptive import AcceptanceEstimate, GammaPolicy, LoadAwareGamma
+from speculor.adaptive import GammaPolicy, LoadAwareGamma
 from speculor.errors import SpeculorError
 from speculor.proposers import Proposer
 from speculor.runners.base import Runner
@@ -216,7 +216,6 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     prefilled: int = 0
     finish_reason: str = "length"
-    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
     logprobs: list[TokenLogprob] | None = None
 
     @property
@@ -226,11 +225,8 @@ class _Row:
 
 class BatchEngine:
     """Runs many generations over one target runner (and optionally a proposer) whose slots they share. Only one
-    thread may call it. `load_aware` picks γ for rows whose request leaves it to the engine; without one,
-    `calibrate` makes one when the first such request arrives while nothing runs (measuring borrows the slots), and
-    until then such rows draft `AUTO_FALLBACK_GAMMA`."""
-
-    AUTO_FALLBACK_GAMMA = 4
+    thread may call it. `load_aware` picks γ for rows whose request leaves it to the engine (a fresh policy when
+    none is given); it learns from this engine's steps, so pass the same one to engines of one decoder."""
 
     def __init__(
         self,
@@ -240,7 +236,6 @@ class BatchEngine:
         tokenizer: PreTrainedTokenizerBase | None,
         *,
         load_aware: LoadAwareGamma | None = None,
-        calibrate: Callable[[], LoadAwareGamma] | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         if prefill_chunk < 1:
@@ -249,17 +244,17 @@ class BatchEngine:
         self.proposer = proposer
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
-        self.load_aware = load_aware
-        self._calibrate = calibrate
+        self.load_aware = load_aware if load_aware is not None else LoadAwareGamma()
+        passes = getattr(proposer, "draft_passes", None)
+        if passes is not None:
+            self.load_aware.draft_passes = passes
         self.prefill_chunk = prefill_chunk
         self.device = target.device
         self.clock = _PhaseClock(self.device)
         self.last_gamma = 0
-        self._policy_chose = False
+        self._policy_step = False
+        self._caught_up = False
         self.last_batch_size = 0
-        # Acceptance over every row: a new row's estimate starts from it, since how well the draft guesses the target
-        # is mostly a property of the pair. The load-aware policy keeps it across engines of one decoder.
-        self._pair_acceptance = load_aware.pair_acceptance if load_aware is not None else AcceptanceEstimate(decay=0.98)
         self._free = list(range(target.slots))
         self._rows: dict[int, _Row] = {}
         self._next_id = 0
@@ -286,10 +281,6 @@ class BatchEngine:
             raise SpeculorError(f"all {self.capacity} slots are busy: wait for a request to finish")
         if not request.prompt_ids:
             raise SpeculorError("the prompt is empty")
-        wants_policy = request.gamma is None and request.speculative and self.proposer is not None
-        if wants_policy and self.load_aware is None and self._calibrate is not None and not self._rows:
-            self.load_aware = self._calibrate()
-            self._pair_acceptance = self.load_aware.pair_acceptance
         slot = self._free.pop(0)
         request_id = self._next_id
         self._next_id += 1
@@ -302,7 +293,6 @@ class BatchEngine:
             seed,
             list(request.prompt_ids),
             time.perf_counter(),
-            acceptance=AcceptanceEstimate(prior=self._pair_acceptance.alpha),
             logprobs=[] if request.logprobs is not None else None,
         )
         self.target.reset(slot)
@@ -410,17 +400,20 @@ class BatchEngine:
 
     def _gammas(self, rows: list[_Row]) -> list[int]:
         """γ for every row this step: 0 for rows that do not speculate; a row's own policy where it has one; the
-        load-aware choice for the batch otherwise. Never past max_new_tokens (a step can emit γ + 1 tokens)."""
+        load-aware choice for the batch otherwise. Never past max_new_tokens (a step can emit γ + 1 tokens). A
+        row's first token drafts nothing: it comes from the target alone, so speculation (the draft's prefill, its
+        passes) never delays the first token."""
         caps = []
         for row in rows:
             remaining = row.request.max_new_tokens - len(row.generated)
-            speculating = self.proposer is not None and row.request.speculative
+            speculating = self.proposer is not None and row.request.speculative and bool(row.generated)
             caps.append(min(remaining - 1, row.request.max_gamma or remaining) if speculating else 0)
         auto = [index for index, row in enumerate(rows) if row.request.gamma is None and caps[index] > 0]
-        chosen = self.AUTO_FALLBACK_GAMMA
-        self._policy_chose = bool(auto) and self.load_aware is not None
-        if auto and self.load_aware is not None:
-            chosen = self.load_aware.choose([rows[i].acceptance.alpha for i in auto], [caps[i] for i in auto])
+        # Steps of rows that all leave γ to the policy (or cannot draft) teach it what steps cost.
+        self._policy_step = all(row.request.gamma is None for row in rows)
+        chosen = 0
+        if auto:
+            chosen = self.load_aware.choose([_acceptance_kind(rows[i]) for i in auto], [caps[i] for i in auto])
         gammas = []
         for row, cap in zip(rows, caps, strict=True):
             policy = row.request.gamma
@@ -467,17 +460,19 @@ class BatchEngine:
             row.stats.verify_seconds += verify_seconds
             row.stats.draft_forwards += forwards if gammas[index] else 0
             if gammas[index]:
-                row.acceptance.observe(drafted, kept_drafts)
-                self._pair_acceptance.observe(drafted, kept_drafts)
-                if row.request.gamma is not None:
+                if row.request.gamma is None:
+                    self.load_aware.observe_acceptance(_acceptance_kind(row), drafted, kept_drafts)
+                else:
                     row.request.gamma.observe(drafted, kept_drafts)
             row_logprobs = logprobs[index] if logprobs is not None else None
             try:
                 events.append(self._emit(row, emitted, drafted, kept_drafts, row_logprobs))
             except Exception as error:
                 events.append(self._fail(row, error))
-        if self._policy_chose and self.load_aware is not None:
-            self.load_aware.observe(count, self.last_gamma, time.perf_counter() - began)
+        if self._policy_step:
+            drafting = -1.0 if self._caught_up else draft_seconds
+            seconds = time.perf_counter() - began
+            self.load_aware.observe(count, self.last_gamma, forwards, drafting, verify_seconds, seconds)
         return events
 
     @staticmethod
@@ -531,6 +526,7 @@ class BatchEngine:
         drafting = [index for index, gamma in enumerate(gammas) if gamma > 0]
         empty = torch.zeros(len(rows), 0, dtype=torch.long, device=device)
         no_counts = torch.zeros(len(rows), dtype=torch.long, device=device)
+        self._caught_up = False
         if not drafting or self.proposer is None:
             return empty, no_counts, None, 0
         everyone = len(drafting) == len(rows)
@@ -543,7 +539,7 @@ class BatchEngine:
             [self._confidence_threshold(rows[i]) for i in drafting],
         )
         # A step whose drafts first caught up with their contexts says nothing about what drafting costs.
-        self._policy_chose = self._policy_chose and not proposal.caught_up
+        self._caught_up = proposal.caught_up
         if everyone:
             return proposal.tokens, proposal.counts, proposal.probs, proposal.forwards
         width = proposal.tokens.shape[1]
@@ -661,6 +657,14 @@ class BatchEngine:
         row.stats.new_tokens = len(row.generated)
         row.stats.wall_seconds = time.perf_counter() - row.started
         return GenerationResult(row.tracker.text, list(row.generated), row.stats, row.finish_reason, row.logprobs)
+
+
+def _acceptance_kind(row: _Row) -> str:
+    """Rows whose drafts are accepted alike, for the load-aware γ: greedy rows, seeded rows verified by coupling,
+    and other sampled rows (the rejection rule)."""
+    if row.request.params.greedy:
+        return "greedy"
+    return "coupled" if row.request.reproducible else "sampled"
 
 
 class Decoding:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from speculor import SpeculativeDecoder
-from speculor.adaptive import ConfidenceThreshold, FixedGamma, LeviathanGamma
+from speculor.adaptive import ConfidenceThreshold, FixedGamma, LeviathanGamma, LoadAwareGamma
 from speculor.errors import SpeculorError
 
 PROMPT = [5, 17, 3, 42, 8, 11]
@@ -79,7 +79,8 @@ def test_confidence_threshold_ends_steps_early(llama_pair):
     assert never.drafted_by_position == fixed.drafted_by_position
     # No token is drafted with probability above 1, so every step stops after its first draft.
     assert len(always.drafted_by_position) == 1
-    assert always.drafted == always.draft_forwards == always.target_forwards - 1
+    # Neither the first step (the first token is the target's alone) nor the last (one token left) drafts.
+    assert always.drafted == always.draft_forwards == always.target_forwards - 2
 
 
 def test_leviathan_gamma_grows_when_the_draft_is_the_target(llama_pair):
@@ -93,3 +94,70 @@ def test_leviathan_gamma_grows_when_the_draft_is_the_target(llama_pair):
     assert stats.acceptance_rate == 1.0
     assert len(stats.drafted_by_position) == 6
     assert policy.next_gamma() == 6
+
+
+def learned_policy(verify_cost, draft_pass: float, acceptance: float, batch: int, max_gamma: int = 6):
+    """A load-aware policy that has seen steps of every γ at `batch` rows (verify_cost(width) seconds for the target,
+    draft_pass a draft pass) and rows accepting each position with probability `acceptance` (counts, not samples)."""
+    policy = LoadAwareGamma(max_gamma)
+    for gamma in range(max_gamma + 1):
+        verify = verify_cost(gamma + 1)
+        policy.observe(batch, gamma, gamma, gamma * draft_pass, verify, verify + gamma * draft_pass + 0.0005)
+    for index in range(1000):
+        accepted = int((index + 1) * acceptance) - int(index * acceptance)
+        policy.observe_acceptance("greedy", 1, accepted)
+    return policy
+
+
+def test_load_aware_gamma_speculates_when_verify_is_free_and_stops_when_it_is_not():
+    free = learned_policy(lambda width: 0.01, 0.001, 0.8, batch=1)
+    assert free.choose(["greedy"], [6]) >= 3
+    assert free.choose(["greedy"], [1]) == 1
+    busy = learned_policy(lambda width: 0.01 * max(1.0, 64 * width / 16), 0.001, 0.8, batch=64)
+    assert busy.choose(["greedy"] * 64, [6] * 64) == 0
+    useless = learned_policy(lambda width: 0.01, 0.001, 0.05, batch=2)
+    assert useless.choose(["greedy"] * 2, [6] * 2) == 0
+
+
+def test_load_aware_gamma_predicts_every_gamma_from_two_and_corrects_a_hopeful_guess():
+    """After one step without drafting and one drafting 2, every γ is predicted (draft passes proportional, verify
+    along a line); a γ whose real cost is far above the line is dropped as soon as it has run."""
+    policy = LoadAwareGamma(6)
+    policy.observe(1, 0, 0, 0.0, 0.010, 0.011)
+    policy.observe(1, 2, 2, 0.004, 0.010, 0.015)
+    assert policy.step_seconds(1, 4) == pytest.approx(0.001 + 0.008 + 0.010)
+    for _ in range(50):
+        policy.observe_acceptance("greedy", 6, 6)
+    assert policy.choose(["greedy"], [6]) == 6
+    for _ in range(20):
+        policy.observe(1, 6, 6, 0.2, 0.010, 0.211)
+    assert policy.choose(["greedy"], [6]) < 6
+
+
+def test_load_aware_gamma_learns_acceptance_by_position():
+    policy = LoadAwareGamma(6)
+    for _ in range(200):
+        policy.observe_acceptance("greedy", 4, 1)  # the first draft always passes, the second never
+    rates = policy.acceptance["greedy"].rates(4)
+    assert rates[0] > 0.95 and rates[1] < 0.05
+    assert policy.acceptance["greedy"].expected_tokens(4) == pytest.approx(2.0, abs=0.1)
+
+
+def test_load_aware_gamma_explores_the_neighbour_of_its_choice():
+    policy = learned_policy(lambda width: 0.01, 0.001, 0.7, batch=1)
+    choices = [policy.choose(["greedy"], [6]) for _ in range(4 * LoadAwareGamma.EXPLORE_EVERY)]
+    best = max(set(choices), key=choices.count)
+    assert set(choices) - {best}, "a neighbour is tried now and then"
+    assert choices.count(best) >= len(choices) * 0.9
+
+
+def test_the_first_token_never_waits_for_the_draft(llama_pair):
+    target, draft = llama_pair
+    speculative = SpeculativeDecoder(target, draft, device="cpu", dtype=torch.float64)
+    engine = speculative.new_engine()
+    request_id = engine.add(speculative.request(PROMPT, max_new_tokens=8, gamma=4))
+    events = []
+    while not events:
+        events = [event for event in engine.step() if event.request_id == request_id and event.delta.token_ids]
+    assert len(events[0].delta.token_ids) == 1
+    assert engine.proposer.runner.length(0) == 0, "the draft did not even read the prompt before the first token"

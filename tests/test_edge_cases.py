@@ -71,10 +71,11 @@ def test_bonus_path_then_rejection_resyncs_the_draft_cache(self_drafting):
     finally:
         speculative.draft_runner = original
     assert result.token_ids == baseline.generate(prompt, max_new_tokens=15, ignore_eos=True).token_ids
-    # Steps: 4 drafts all kept + bonus (tokens 0–4); drafts for 5–8 with 7 flipped: 2 kept, target's 7 emitted;
-    # 4 drafts kept + bonus (8–12); one draft kept + bonus (13–14). Any resync error would cost more rejections.
-    assert (result.stats.drafted, result.stats.accepted, result.stats.target_forwards) == (13, 11, 4)
-    assert result.stats.accepted_by_position == [4, 3, 2, 2]
+    # Steps: the target's first token alone (0); 4 drafts all kept + bonus (1–5); drafts for 6–9 with 7 flipped:
+    # 1 kept, target's 7 emitted; 4 drafts kept + bonus (8–12); one draft kept + bonus (13–14). Any resync error
+    # would cost more rejections.
+    assert (result.stats.drafted, result.stats.accepted, result.stats.target_forwards) == (13, 10, 5)
+    assert result.stats.accepted_by_position == [4, 2, 2, 2]
     assert result.stats.drafted_by_position == [4, 3, 3, 3]
 
 

@@ -61,8 +61,9 @@ def test_draft_equal_to_target_accepts_everything(llama_pair, llama_baseline):
             result = decoder.generate(prompt, max_new_tokens=24, gamma=gamma, ignore_eos=True)
             assert result.token_ids == llama_baseline.generate(prompt, max_new_tokens=24, ignore_eos=True).token_ids
             assert result.stats.acceptance_rate == 1.0
-            # Every step but the shortened last one keeps all γ drafts plus the bonus token.
-            assert result.stats.target_forwards == -(-24 // (gamma + 1))
+            # The first token is the target's alone; every later step but the shortened last one keeps all γ
+            # drafts plus the bonus token.
+            assert result.stats.target_forwards == 1 + -(-23 // (gamma + 1))
 
 
 def test_adversarial_draft_is_always_rejected(llama_pair, llama_baseline):
