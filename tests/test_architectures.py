@@ -178,6 +178,14 @@ REFUSED = [
     (Architecture("deepseek_v4", "deepseek_v4"), "cache layers of kind DeepseekV4HCACache"),
     (Architecture("bert-encoder", "bert"), "attends to later tokens too"),
     (Architecture("megatron-bert-encoder", "megatron-bert"), "bidirectional encoder unless"),
+    (
+        Architecture(
+            "recurrent_gemma",
+            "recurrent_gemma",
+            dict(attention_window_size=WINDOW, lru_width=32, block_types=["recurrent", "attention"]),
+        ),
+        r"keeps decoding state on its own modules \(model\.layers\.0\.temporal_block\.conv1d_state",
+    ),
 ]
 
 

@@ -24,6 +24,10 @@ def decoder(llama_pair):
         ({"gamma": 0}, "gamma must be an integer ≥ 1"),
         ({"max_new_tokens": 0}, "max_new_tokens must be an integer ≥ 1"),
         ({"temperature": -0.5}, "temperature must be a number ≥ 0"),
+        ({"temperature": float("inf")}, "temperature must be a number ≥ 0 and finite"),
+        ({"temperature": float("nan")}, "temperature must be a number ≥ 0 and finite"),
+        ({"temperature": 1.0, "top_p": float("nan")}, "top_p must be in (0, 1]"),
+        ({"temperature": 1.0, "top_k": 2.5}, "top_k must be an integer ≥ 0"),
         ({"temperature": 1.0, "top_p": 0.0}, "top_p must be in (0, 1]"),
         ({"temperature": 1.0, "top_p": 1.5}, "top_p must be in (0, 1]"),
         ({"temperature": 1.0, "top_k": -1}, "top_k must be an integer ≥ 0"),
@@ -34,6 +38,15 @@ def decoder(llama_pair):
 def test_bad_generation_options(decoder, options, message):
     with pytest.raises(SpeculorError, match=re.escape(message)):
         decoder.generate([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], **options)
+
+
+def test_a_top_k_past_any_vocabulary_is_no_filter_rather_than_an_error(decoder):
+    """top_k is normalised when the request is made: 2**63 never reaches an int64 tensor mid-batch."""
+    options = dict(max_new_tokens=8, ignore_eos=True, temperature=1.0, seed=3)
+    unfiltered = decoder.generate([1, 2, 3, 4], **options).token_ids
+    assert len(set(unfiltered)) > 2
+    for top_k in (2**63, 10**30):
+        assert decoder.generate([1, 2, 3, 4], top_k=top_k, **options).token_ids == unfiltered
 
 
 @pytest.mark.parametrize(
@@ -116,6 +129,7 @@ def run_cli(capsys, *args):
         (["--gamma", "0"], "gamma must be"),
         (["--max-new-tokens", "0"], "max_new_tokens must be"),
         (["--temperature", "-1"], "temperature must be"),
+        (["--temperature", "inf"], "temperature must be"),
         (["--top-p", "2", "--temperature", "1"], "top_p must be"),
         (["--top-k", "-3", "--temperature", "1"], "top_k must be"),
         (["--max-new-tokens", "100000"], "context length"),

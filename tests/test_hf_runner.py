@@ -113,3 +113,37 @@ def test_misuse_is_refused_with_clear_errors():
         runner.step([1, 1], torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(SpeculorError, match="slots must be an integer"):
         HFRunner(runner.model, slots=0)
+
+
+class RememberingNorm(torch.nn.Module):
+    """A final norm that adds what it output for the last position of the previous forward: decoding state held on a
+    module, outside any cache, as RecurrentGemma holds its convolution and recurrent states."""
+
+    def __init__(self, norm: torch.nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.memory: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        output = self.norm(hidden)
+        if self.memory is not None:
+            output = output + self.memory
+        self.memory = output[:, -1:]
+        return output
+
+
+def test_a_model_keeping_state_on_its_modules_is_refused():
+    model = tiny("llama")
+    model.model.norm = RememberingNorm(model.model.norm)
+    with pytest.raises(SpeculorError, match=r"keeps decoding state on its own modules \(model\.norm\.memory follows"):
+        HFRunner(model)
+
+
+def test_the_load_probe_leaves_no_trace():
+    """The probe decodes at load run in caches of their own: a runner's first prefill is a fresh model's."""
+    model = tiny("llama")
+    sequence = tokens(9, seed=8)
+    expected = model(sequence.view(1, -1)).logits[0, -1].float()
+    runner = HFRunner(model)
+    runner.extend(0, sequence[:-1])
+    torch.testing.assert_close(runner.step([0], sequence[-1:].view(1, -1))[0, 0], expected)

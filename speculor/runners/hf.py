@@ -84,6 +84,31 @@ def _copy_state(value: Any) -> Any:
     return value
 
 
+def _module_state(model: PreTrainedModel) -> dict[str, Any]:
+    """What the model's modules hold besides their parameters and submodules: buffers and plain attributes that are
+    tensors, numbers or None, by dotted path, tensors copied. Decoding state kept there (RecurrentGemma's convolution
+    and recurrent states) lies outside the cache a rollback restores."""
+    state = {}
+    for path, module in model.named_modules():
+        held = {**module._buffers, **{name: value for name, value in vars(module).items() if not name.startswith("_")}}
+        for name, value in held.items():
+            if value is None or isinstance(value, (torch.Tensor, int, float)):
+                state[f"{path}.{name}" if path else name] = _copy_state(value)
+    return state
+
+
+def _same_state(before: Any, after: Any) -> bool:
+    if isinstance(before, torch.Tensor) or isinstance(after, torch.Tensor):
+        return (
+            isinstance(before, torch.Tensor)
+            and isinstance(after, torch.Tensor)
+            and before.shape == after.shape
+            and before.dtype == after.dtype
+            and torch.equal(before, after)
+        )
+    return type(before) is type(after) and before == after
+
+
 @dataclass
 class _Slot:
     """One sequence: its cache, how many tokens it holds and, for recurrent models, what rollback needs."""
@@ -178,6 +203,33 @@ class HFRunner:
         )
         self._max_length = _context_length(model)
         self._slots = [_Slot() for _ in range(slots)]
+        self._refuse_state_outside_the_cache()
+
+    @torch.inference_mode()
+    def _refuse_state_outside_the_cache(self) -> None:
+        """Decode two different three-token sequences (a two-token prefill, then one token), each in a fresh cache,
+        and refuse the model if anything its modules hold differs between the two: such state follows the last
+        forward rather than the cache, so no rollback can restore it. The first sequence also lets modules build
+        what they cache lazily (rotary tables, masks), which then matches across the two. Four forwards of a token
+        or two, once, at load."""
+
+        def decode(tokens: list[int]) -> None:
+            probe = _Slot()
+            for chunk in (tokens[:2], tokens[2:]):
+                self._feed(probe, torch.tensor(chunk, device=self.device), logits_to_keep=1, checkpoints=False)
+
+        decode([0, 1, 2])
+        before = _module_state(self.model)
+        decode([2, 0, 1])
+        after = _module_state(self.model)
+        changed = sorted(
+            path for path in before.keys() | after.keys() if not _same_state(before.get(path), after.get(path))
+        )
+        if changed:
+            raise SpeculorError(
+                f"{type(self.model).__name__} keeps decoding state on its own modules ({changed[0]} follows every "
+                "forward), outside the cache speculor rolls back, so it cannot be restored after a rejected draft"
+            )
 
     def _new_cache(self) -> DynamicCache:
         """A cache laid out as transformers would build it for this model, with every sliding-window layer replaced
