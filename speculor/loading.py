@@ -218,6 +218,10 @@ def shared_vocab_size(target: LoadedModel, draft: LoadedModel) -> int:
                     f"model {loaded.name!r} scores {loaded.logits_width} tokens but its tokenizer has {size}"
                 )
         return size
+    spec = ParallelDraftSpec.from_config(draft.model.config)
+    if spec is not None and spec.mask_token_id == target.logits_width == draft.logits_width - 1:
+        # A parallel draft scores its mask token past the shared range too; the proposer never drafts it.
+        return target.logits_width
     if target.logits_width != draft.logits_width:
         raise SpeculorError(
             f"target {target.name!r} scores {target.logits_width} tokens and draft {draft.name!r} scores "

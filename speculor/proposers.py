@@ -72,6 +72,10 @@ class DraftModelProposer:
         self.runner = runner
         self.vocab_size = vocab_size
 
+    def draft_passes(self, gamma: int) -> int:
+        """Draft forwards a step of `gamma` tokens costs: one per token (for the load-aware γ policy)."""
+        return gamma
+
     def reset(self, slot: int) -> None:
         self.runner.reset(slot)
 
@@ -153,6 +157,10 @@ class PromptLookupProposer:
         self.max_ngram = max_ngram
         self.device = device
 
+    def draft_passes(self, gamma: int) -> int:
+        """Draft forwards a step costs: none, the lookup runs no model."""
+        return 0
+
     def reset(self, slot: int) -> None:
         """Nothing to prepare: the lookup reads the context afresh each step."""
 
@@ -195,3 +203,149 @@ def find_continuation(context: np.ndarray, max_ngram: int, gamma: int) -> list[i
             start = int(matches[-1]) + 1
             return context[start : start + gamma].tolist()
     return []
+
+
+PARALLEL_DRAFT_KEY = "speculor_parallel_draft"
+
+
+@dataclass(frozen=True)
+class ParallelDraftSpec:
+    """The marker `speculor train-parallel` writes into a parallel draft's config.json: the id of its mask token (one
+    past the vocabulary it shares with the target, so the target never sees it) and the most tokens it was trained
+    to propose in one forward (`max_gamma`, K)."""
+
+    mask_token_id: int
+    max_gamma: int
+
+    @classmethod
+    def from_config(cls, config: object) -> ParallelDraftSpec | None:
+        """The spec of a model config that carries the marker, else None (an ordinary draft)."""
+        marker = getattr(config, PARALLEL_DRAFT_KEY, None)
+        if not isinstance(marker, dict):
+            return None
+        return cls(mask_token_id=int(marker["mask_token_id"]), max_gamma=int(marker["max_gamma"]))
+
+    def to_config(self) -> dict[str, int]:
+        return {"mask_token_id": self.mask_token_id, "max_gamma": self.max_gamma}
+
+
+class ParallelDraftProposer:
+    """A parallel draft (PARD, arXiv 2504.18583): one draft forward proposes all of a row's γ tokens.
+
+    The draft was trained to read its context followed by γ − 1 mask tokens and to predict, at the last real
+    position and at each mask, the tokens 1, 2, …, γ ahead. So a step feeds each row the committed tokens its cache
+    lacks, then γ − 1 mask ids, and reads γ distributions at once; afterwards the cache is rolled back to the real
+    tokens only (the masks' keys and values must never be attended to as if they were tokens). The drafted tokens
+    were never fed as real tokens, so the next step re-feeds the accepted ones together with the target's token:
+    up to K + 1 real tokens a row, in the same single forward. Each token is drawn from its own q independently of
+    the others, which is all the acceptance rule needs (q_i is the law x_i was drawn from, given the prefix).
+
+    γ is capped at the draft's `max_gamma` (it was never trained to fill more masks); rows are padded with mask ids
+    to the widest row, and a row whose padded step would run past the draft's context goes in a step of its own.
+    """
+
+    def __init__(self, runner: Runner, vocab_size: int, spec: ParallelDraftSpec) -> None:
+        if spec.max_gamma < 1:
+            raise ValueError(f"a parallel draft proposes at least one token, got max_gamma={spec.max_gamma}")
+        if spec.mask_token_id >= runner.vocab_size:
+            raise ValueError(f"mask token {spec.mask_token_id} is outside the draft's {runner.vocab_size} logits")
+        self.runner = runner
+        self.vocab_size = vocab_size
+        self.spec = spec
+
+    def draft_passes(self, gamma: int) -> int:
+        """Draft forwards a step of `gamma` tokens costs: one, whatever γ (for the load-aware γ policy)."""
+        return 1 if gamma > 0 else 0
+
+    def step_widths(self, max_gamma: int) -> range:
+        """Every number of tokens a draft step can feed when γ ≤ `max_gamma`: up to K + 1 real tokens plus
+        min(γ, K) − 1 masks (for warming the runner's step shapes up)."""
+        return range(1, self.spec.max_gamma + min(max_gamma, self.spec.max_gamma) + 1)
+
+    def reset(self, slot: int) -> None:
+        self.runner.reset(slot)
+
+    def propose(
+        self,
+        slots: Sequence[int],
+        contexts: Sequence[list[int]],
+        gammas: Sequence[int],
+        sampling: RowSampling,
+        confidence_thresholds: Sequence[float | None],
+    ) -> Proposal:
+        runner, device, mask = self.runner, self.runner.device, self.spec.mask_token_id
+        rows = len(slots)
+        behind = [len(context) - runner.length(slot) for slot, context in zip(slots, contexts, strict=True)]
+        # After a drafting step a row lacks at most K + 1 tokens (the accepted drafts and the target's token); a row
+        # further behind (its prompt, or steps without drafting) first catches up with all but its newest token.
+        catching_up = [index for index, count in enumerate(behind) if count > self.spec.max_gamma + 1]
+        if catching_up:
+            runner.extend_rows(
+                [slots[i] for i in catching_up],
+                [torch.tensor(contexts[i][-behind[i] : -1], dtype=torch.long, device=device) for i in catching_up],
+            )
+            for index in catching_up:
+                behind[index] = 1
+        drafted = [min(gamma, self.spec.max_gamma) for gamma in gammas]
+        needs = [count + gamma - 1 for count, gamma in zip(behind, drafted, strict=True)]
+        width, gamma = max(needs), max(drafted)
+        starts = [len(context) - count for context, count in zip(contexts, behind, strict=True)]
+        feed_rows = [
+            context[-count:] + [mask] * (width - count) for context, count in zip(contexts, behind, strict=True)
+        ]
+        # A row's γ distributions sit at its last real token and the masks after it; a row drafting fewer than the
+        # widest reads padding past its count, which the verifier never looks at.
+        read_at = [[min(count - 1 + offset, width - 1) for offset in range(gamma)] for count in behind]
+        host_inputs = [token for row in feed_rows for token in row]
+        host_inputs += [index for row in read_at for index in row]
+        host_inputs += [*drafted, *(len(context) for context in contexts)]
+        inputs = torch.tensor(host_inputs, dtype=torch.long, device=device)
+        feed = inputs[: rows * width].view(rows, width)
+        read_index = inputs[rows * width : rows * (width + gamma)].view(rows, gamma)
+        counts, positions = inputs[rows * (width + gamma) :].view(2, rows)
+        logits = self._step(slots, feed, starts)
+        for slot, context, count in zip(slots, contexts, behind, strict=True):
+            if width > count:
+                runner.rollback(slot, len(context))
+        row_index = torch.arange(rows, device=device)
+        drafting_logits = logits[row_index[:, None], read_index][..., : self.vocab_size]
+        # Token i of a row is drawn at sequence position len(context) + i, as the sequential draft draws it.
+        offsets = torch.arange(gamma, device=device)
+        every_row = row_index.repeat_interleave(gamma)
+        flat_tokens, flat_probs = sample_rows(
+            drafting_logits.reshape(rows * gamma, -1),
+            sampling.select(every_row) if sampling.any_sampled else sampling,
+            (positions[:, None] + offsets).reshape(-1),
+            DRAFT_STREAM,
+        )
+        tokens = flat_tokens.view(rows, gamma)
+        probs = flat_probs.view(rows, gamma, -1) if flat_probs is not None else None
+        if any(threshold is not None for threshold in confidence_thresholds):
+            thresholds = torch.tensor([t if t is not None else 0.0 for t in confidence_thresholds], device=device)
+            source = probs if probs is not None else drafting_logits.float().softmax(-1)
+            doubtful = source.gather(2, tokens[:, :, None]).squeeze(2) < thresholds[:, None]
+            # Stop after the first doubtful token, as the sequential draft does (that token is still proposed).
+            first_doubt = torch.where(doubtful, offsets, gamma).amin(1)
+            counts = torch.minimum(counts, first_doubt + 1)
+        return Proposal(tokens=tokens, counts=counts, probs=probs, forwards=1, caught_up=bool(catching_up))
+
+    def _step(self, slots: Sequence[int], feed: torch.Tensor, starts: Sequence[int]) -> torch.Tensor:
+        """One draft step over every row; a row whose padded feed would run past the draft's context (only near
+        the end of a long sequence, where other rows are padded wider than it needs) steps on its own, fed only
+        what it needs, and its logits are padded back to the batch's width."""
+        limit, width = self.runner.max_length, feed.shape[1]
+        tight = [index for index, start in enumerate(starts) if start + width > limit]
+        if not tight:
+            return self.runner.step(slots, feed)
+        loose = [index for index in range(len(slots)) if index not in tight]
+        groups = [(loose, width)] if loose else []
+        groups += [([index], limit - starts[index]) for index in tight]
+        pieces = [(rows, self.runner.step([slots[i] for i in rows], feed[rows, :fits])) for rows, fits in groups]
+        first = pieces[0][1]
+        logits = first.new_zeros(len(slots), width, first.shape[-1])
+        for rows, piece in pieces:
+            logits[rows, : piece.shape[1]] = piece
+        return logits
+
+    def rollback(self, slot: int, committed_length: int) -> None:
+        self.runner.rollback(slot, committed_length)
