@@ -29,6 +29,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
 
@@ -120,15 +121,20 @@ def meta_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
 
 
 def shard_weights(
-    model: PreTrainedModel, plan: ShardPlan, group: TensorParallelGroup, dtype: torch.dtype, read: TensorSource
+    model: PreTrainedModel,
+    plan: ShardPlan,
+    device: torch.device,
+    dtype: torch.dtype,
+    read: TensorSource,
+    process_group: dist.ProcessGroup | None,
 ) -> LlamaWeights:
-    """Fill `model`'s meta parameters with this rank's shard from `read` and rebuild its computed buffers on the
-    rank's device, then collect the fast runner's weights with this rank's head counts and the group to reduce
-    over. A parameter shared by two modules (tied embeddings) stays shared."""
+    """Fill `model`'s meta parameters with this rank's shard from `read` and rebuild its computed buffers on
+    `device`, then collect the fast runner's weights with this rank's head counts and the group to reduce over
+    (None for a whole model: a plan of one rank). A parameter shared by two modules (tied embeddings) stays
+    shared."""
     reason = unsupported_reason(model, 0)
     if reason is not None:
         raise SpeculorError(f"the fast runner cannot shard {type(model).__name__}: {reason}")
-    device = group.device
     loaded: dict[int, torch.nn.Parameter] = {}
     everything = slice(None)
     for module_name, module in model.named_modules():
@@ -151,7 +157,7 @@ def shard_weights(
     if left:
         raise SpeculorError(f"no weights for {', '.join(left[:5])} of {type(model).__name__}")
     weights = LlamaWeights.from_model(model)
-    return dataclasses.replace(weights, heads=plan.rank_heads, kv_heads=plan.rank_kv_heads, group=group.group)
+    return dataclasses.replace(weights, heads=plan.rank_heads, kv_heads=plan.rank_kv_heads, group=process_group)
 
 
 @contextmanager
@@ -198,8 +204,8 @@ def random_source(seed: int, device: torch.device, offset_norms: bool) -> Tensor
 
 
 class TensorParallelRunner(FastRunner):
-    """A `FastRunner` over one rank's shard. Build it with `from_pretrained` (a checkpoint directory) or
-    `with_random_weights` (a config). Every rank must make the same calls in the same order; a collective failing
+    """A `FastRunner` over one rank's shard, from a checkpoint directory (`from_pretrained`) or random
+    (`random_fast_runner`). Every rank must make the same calls in the same order; a collective failing
     because another rank died surfaces as a `SpeculorError` naming this rank."""
 
     def __init__(self, model: PreTrainedModel, weights: LlamaWeights, group: TensorParallelGroup, **options) -> None:
@@ -220,19 +226,8 @@ class TensorParallelRunner(FastRunner):
             model.generation_config = GenerationConfig.from_pretrained(path)
         plan = ShardPlan.for_model(model, group.rank, group.size)
         with checkpoint_source(path) as read:
-            weights = shard_weights(model, plan, group, dtype, read)
+            weights = shard_weights(model, plan, group.device, dtype, read, group.group)
         model.config.name_or_path = str(path)
-        return cls(model, weights, group, **options)
-
-    @classmethod
-    def with_random_weights(
-        cls, config: PretrainedConfig, group: TensorParallelGroup, dtype: torch.dtype, seed: int = 0, **options
-    ) -> TensorParallelRunner:
-        """This rank's shard of a randomly initialized model of `config`, made at the shard's shapes."""
-        model = meta_model(config, dtype)
-        plan = ShardPlan.for_model(model, group.rank, group.size)
-        offset_norms = config.model_type in OFFSET_NORM_MODEL_TYPES
-        weights = shard_weights(model, plan, group, dtype, random_source(seed, group.device, offset_norms))
         return cls(model, weights, group, **options)
 
     def extend(self, slot: int, token_ids: torch.Tensor) -> None:
@@ -265,3 +260,24 @@ def load_sharded_target(
     runner = TensorParallelRunner.from_pretrained(source, group, dtype, **options)
     name = os.path.expanduser(os.fspath(source))
     return LoadedModel(name, runner.model, _load_tokenizer(name)), runner
+
+
+def random_fast_runner(
+    config: PretrainedConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    group: TensorParallelGroup | None,
+    seed: int = 0,
+    **options,
+) -> FastRunner:
+    """A fast runner over random weights of `config`'s shapes, made at the shard's shapes on `device`: this rank's
+    shard under `group`, or the whole model (replicated on every rank, as a draft is) without one. For benchmarks
+    of models too big to build whole."""
+    model = meta_model(config, dtype)
+    rank, size = (group.rank, group.size) if group is not None else (0, 1)
+    plan = ShardPlan.for_model(model, rank, size)
+    read = random_source(seed, device, config.model_type in OFFSET_NORM_MODEL_TYPES)
+    weights = shard_weights(model, plan, device, dtype, read, group.group if group is not None else None)
+    if group is None:
+        return FastRunner(model, weights=weights, **options)
+    return TensorParallelRunner(model, weights, group, **options)
