@@ -438,9 +438,12 @@ def _figure(width: float, height: float) -> Figure:
     """A matplotlib figure drawn by the Agg backend without pyplot's global state (each plot function saves it and
     returns it for inspection). matplotlib is imported here because it takes about a second to import and only the
     plots need it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)  # attached, so labels can be measured before saving (`_label_apart`)
+    return figure
 
 
 def _by_temperature(rows: Sequence[dict]) -> dict[float, list[dict]]:
@@ -457,6 +460,61 @@ def _panels(rows: Sequence[dict], width: float, height: float):
     figure = _figure(width * len(groups) + 2.6, height)
     axes = figure.subplots(1, len(groups), sharey=True, squeeze=False)[0]
     return figure, [(temperature, group, axis) for (temperature, group), axis in zip(groups.items(), axes, strict=True)]
+
+
+# Where a point's label may go, tried in order: (dx, dy) in points from the point, and the text's alignment.
+LABEL_PLACES = (
+    (6, 0, "left"),
+    (-6, 0, "right"),
+    (0, 9, "center"),
+    (0, -9, "center"),
+    (6, 9, "left"),
+    (6, -9, "left"),
+    (-6, 9, "right"),
+    (-6, -9, "right"),
+    (6, 18, "left"),
+    (6, -18, "left"),
+    (-6, 18, "right"),
+    (-6, -18, "right"),
+)
+
+
+Point = tuple[float, float]
+
+
+def _label_apart(axes, markers: Sequence[tuple[Point, float]], labels: Sequence[tuple[Point, str, str]]) -> None:
+    """Label points (point, text, colour) so that no label covers another label or a marker (point, size in
+    points): each takes the first place in LABEL_PLACES that is free, judged in display coordinates once the layout
+    is done. Several configurations often measure almost the same, and a fixed offset then prints their labels on
+    top of each other. A label with no free place keeps the first one. Call it after the figure's DPI is final."""
+    from matplotlib.transforms import Bbox
+
+    figure = axes.figure
+    figure.draw_without_rendering()
+    renderer = figure.canvas.get_renderer()
+    pixels_per_point = figure.dpi / 72
+    taken = []
+    for point, size in markers:
+        x, y = axes.transData.transform(point)
+        radius = size / 2 * pixels_per_point
+        taken.append(Bbox.from_extents(x - radius, y - radius, x + radius, y + radius))
+    for point, text, color in labels:
+        dx, dy, align = LABEL_PLACES[0]
+        label = axes.annotate(
+            text, point, xytext=(dx, dy), textcoords="offset points", fontsize=8, color=color, va="center", ha=align
+        )
+        for dx, dy, align in LABEL_PLACES:
+            label.xyann = (dx, dy)
+            label.set_horizontalalignment(align)
+            extent = label.get_window_extent(renderer)
+            if not any(extent.overlaps(box) for box in taken):
+                break
+        else:
+            dx, dy, align = LABEL_PLACES[0]
+            label.xyann = (dx, dy)
+            label.set_horizontalalignment(align)
+            extent = label.get_window_extent(renderer)
+        taken.append(extent)
 
 
 def _drafter_colors(rows: Sequence[dict]) -> dict[str, str]:
@@ -567,21 +625,29 @@ def plot_throughput_vs_latency(rows: Sequence[dict], path: Path) -> Figure:
     per γ policy (the target alone a black star), a panel per temperature."""
     colors = _drafter_colors(rows)
     figure, panels = _panels(rows, 5.5, 4.5)
+    placing = []
     for temperature, group, axes in panels:
+        markers, labels = [], []
         for row in group:
             color = colors.get(row["drafter"], TARGET_COLOR)
             point = (row["ttft_ms_median"], row["tokens_per_second_median"])
             marker = POLICY_MARKERS[row["policy"]]
-            axes.plot(*point, marker, color=color, markersize=12 if marker == "*" else 7)
+            size = 12 if marker == "*" else 7
+            axes.plot(*point, marker, color=color, markersize=size)
+            markers.append((point, size))
             if row["policy"] != "target":
-                label = f"γ={row['gamma']}" if row["policy"] == "fixed" else _gamma_text(row)
-                axes.annotate(label, point, xytext=(5, 3), textcoords="offset points", fontsize=8, color=color)
+                text = f"γ={row['gamma']}" if row["policy"] == "fixed" else _gamma_text(row)
+                labels.append((point, text, color))
+        placing.append((axes, markers, labels))
         axes.margins(x=0.15, y=0.08)
         axes.set_xlabel("median time to first token (ms)")
         axes.set_title(f"T={temperature:g}")
     panels[0][2].set_ylabel("median tokens/s")
     figure.suptitle("Throughput vs latency")
     _legend(figure, colors, _policy_handles(rows))
+    figure.set_dpi(120)
+    for axes, markers, labels in placing:
+        _label_apart(axes, markers, labels)
     figure.savefig(path, dpi=120)
     return figure
 

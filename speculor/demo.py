@@ -17,6 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from speculor.errors import SpeculorError
 from speculor.threads import add_threads_argument
 
 if TYPE_CHECKING:
@@ -78,12 +79,23 @@ def run_demo(args: argparse.Namespace) -> int:
     from speculor.models import shipped
     from speculor.threads import use_cpu_threads
 
+    # Arguments first: a mistake must not cost the seconds of loading the models.
+    if args.gamma < 1:
+        raise SpeculorError(f"--gamma must be at least 1, got {args.gamma}")
+    if args.max_new_tokens < 1:
+        raise SpeculorError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     threads = use_cpu_threads(args.threads, args.device)
     console = Console(highlight=False)
     family = shipped()
     began = time.perf_counter()
     # float32 even on a GPU: the models are tiny, and it keeps greedy ties from rounding differently.
-    decoder = SpeculativeDecoder(family.target, family.best_draft, device=args.device, dtype="float32")
+    decoder = SpeculativeDecoder(
+        family.target,
+        family.best_draft,
+        device=args.device,
+        dtype="float32",
+        threads=None if threads is None else threads.threads,
+    )
     console.print(
         f"[bold]speculor demo[/bold]: target [cyan]{family.target.name}[/cyan], draft "
         f"[cyan]{family.best_draft_name}[/cyan], {decoder.device}"

@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from speculor.bench_report import (
     adaptive_comparisons,
     batch_run,
     best_config,
+    plot_throughput_vs_latency,
     summarize,
 )
 from speculor.cli import main
@@ -192,7 +194,9 @@ def test_bench_command_writes_every_output(text_pair_dirs, prompt_file, tmp_path
         assert best["gamma"] in (1, 2) and ("draft" in best or "ngram" in best)
     report = (out / "report.md").read_text()
     assert "## Recommendation" in report and "16/16 generations identical" in report
-    assert "speculor bench" in capsys.readouterr().out
+    console = capsys.readouterr().out
+    assert "speculor bench" in console
+    assert re.search(r"^T=0: ", console, re.MULTILINE) and re.search(r"^T=0\.8: ", console, re.MULTILINE)
 
 
 def test_bench_needs_a_drafter(text_pair_dirs, tmp_path, capsys):
@@ -239,6 +243,19 @@ def test_plots_tick_measured_gammas_and_carry_a_legend(tmp_path):
             assert "confidence threshold (adaptive γ)" in labels and "Leviathan γ (adaptive γ)" not in labels
         if name == "throughput_vs_latency.png":
             assert "target alone" in labels
+
+
+def test_throughput_vs_latency_labels_never_cover_each_other(tmp_path):
+    """Configurations that measure almost alike (here two drafters whose points nearly coincide) must still get
+    readable labels: no label's box may overlap another's."""
+    rows = [plot_row("target alone", "target", None, 0.0, 1.0)]
+    for drafter, nudge in (("models/draft-a", 0.0), ("ngram:3", 0.004)):
+        rows += [plot_row(drafter, "fixed", gamma, 0.0, 1.2 + nudge) for gamma in (1, 2, 3, 4)]
+    figure = plot_throughput_vs_latency(rows, tmp_path / "plot.png")
+    renderer = figure.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for axes in figure.axes for text in axes.texts]
+    assert len(boxes) == 8
+    assert not any(first.overlaps(second) for index, first in enumerate(boxes) for second in boxes[index + 1 :])
 
 
 def test_bench_sweeps_batch_sizes_with_the_load_aware_policy(text_pair_dirs, prompt_file, tmp_path):

@@ -18,3 +18,15 @@ def test_demo_exits_zero_and_prints_its_table(capsys):
     assert "draft-4x128-long" in output
     summary = next(line for line in output.splitlines() if line.startswith("│ all "))
     assert "True" in summary
+
+
+def test_bad_demo_arguments_fail_before_any_model_loads(capsys, monkeypatch):
+    """`--gamma 0` is a typo to report at once, not after seconds of loading the shipped models."""
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models were loaded before the arguments were checked")
+
+    monkeypatch.setattr("speculor.api.SpeculativeDecoder", no_loading)
+    assert main(["demo", "--device", "cpu", "--gamma", "0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--gamma must be at least 1" in lines[0]
