@@ -451,6 +451,7 @@ class BatchEngine:
         verify_seconds = clock.seconds(clock.VERIFY, clock.DONE)
         self._pending = (tuple(slots), next_tokens[:, None])
         events = []
+        now = time.perf_counter()
         for index, row in enumerate(rows):
             proposed = values[index * width : (index + 1) * width]
             drafted = values[count * width + index]
@@ -466,7 +467,7 @@ class BatchEngine:
                     row.request.gamma.observe(drafted, kept_drafts)
             row_logprobs = logprobs[index] if logprobs is not None else None
             try:
-                events.append(self._emit(row, emitted, drafted, kept_drafts, row_logprobs))
+                events.append(self._emit(row, emitted, drafted, kept_drafts, row_logprobs, width + 1, now))
             except Exception as error:
                 events.append(self._fail(row, error))
         if self._policy_step:
@@ -605,33 +606,39 @@ class BatchEngine:
         drafted: int,
         accepted: int,
         logprobs: list[TokenLogprob] | None,
+        fed: int,
+        now: float,
     ) -> RowEvent:
-        """Append a row's emitted tokens one by one, stopping at EOS (kept, as Hugging Face does), at a stop string
-        (the token that completes it is kept, its text is not) or at max_new_tokens; record the step's counters;
-        finish the row or roll its caches back to what it committed."""
+        """Append a row's emitted tokens, stopping at EOS (kept, as Hugging Face does), at a stop string (the token
+        that completes it is kept, its text is not) or at max_new_tokens; record the step's counters; finish the row
+        or roll its caches back to what it committed (the target was fed `fed` tokens this step). Runs once per row
+        per step, so the common case — no stop strings — takes the tokens in one slice, not one by one."""
         request, tracker = row.request, row.tracker
         remaining = request.max_new_tokens - len(row.generated)
-        taken: list[int] = []
+        taken: list[int] = emitted[:remaining]
         text = ""
-        check_each = bool(tracker.stop)
-        for token in emitted[:remaining]:
-            taken.append(token)
-            row.generated.append(token)
-            if check_each:
+        if tracker.stop:
+            taken = []
+            for token in emitted[:remaining]:
+                taken.append(token)
+                row.generated.append(token)
                 text += tracker.update(row.generated)
                 if tracker.stopped:
                     row.finish_reason = "stop"
                     break
-            if not request.ignore_eos and token in request.eos_ids:
+                if not request.ignore_eos and token in request.eos_ids:
+                    row.finish_reason = "eos"
+                    break
+        else:
+            if not request.ignore_eos and not request.eos_ids.isdisjoint(taken):
+                taken = taken[: next(i for i, token in enumerate(taken) if token in request.eos_ids) + 1]
                 row.finish_reason = "eos"
-                break
-        if not check_each:
+            row.generated.extend(taken)
             text = tracker.update(row.generated)
         cut_short = len(taken) < accepted + 1
         # γ as drafted: a lookup that found nothing, or a draft stopped by its confidence threshold, counts as such.
         row.stats.record_step(drafted, len(taken) if cut_short else drafted, min(accepted, len(taken)))
         row.context.extend(taken)
-        now = time.perf_counter()
         if not row.stats.time_to_first_token:
             row.stats.time_to_first_token = now - row.started
         row_logprobs = logprobs[: len(taken)] if logprobs is not None else None
@@ -644,8 +651,9 @@ class BatchEngine:
         row.stats.new_tokens = len(row.generated)
         row.stats.wall_seconds = now - row.started
         committed = len(row.context) - 1
-        self.target.rollback(row.slot, committed)
-        if self.proposer is not None:
+        if fed > len(taken):
+            self.target.rollback(row.slot, committed)
+        if drafted and self.proposer is not None:
             self.proposer.rollback(row.slot, committed)
         return RowEvent(row.request_id, Delta(taken, text, row_logprobs))
 
