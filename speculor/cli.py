@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 COMMAND_MODULES = (
     "speculor.cli",
     "speculor.train_command",
+    "speculor.train_parallel_command",
     "speculor.demo",
     "speculor.bench",
     "speculor.server.command",

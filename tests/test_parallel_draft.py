@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from transformers import LlamaForCausalLM
 import speculor
 from speculor.adaptive import FixedGamma
 from speculor.api import run_batch
+from speculor.cli import main
 from speculor.engine import BatchEngine, DecodeRequest
 from speculor.proposers import (
     PARALLEL_DRAFT_KEY,
@@ -26,6 +29,7 @@ from speculor.proposers import (
 )
 from speculor.runners import make_runner
 from speculor.sampling import DRAFT_STREAM, RowSampling, SamplingParams, counter_uniform, probabilities, sample
+from speculor.train_parallel import add_mask_token, cut_points, offset_positions, packed_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -254,3 +258,60 @@ def test_a_parallel_draft_one_logit_wider_pairs_with_its_target_without_tokenize
     assert decoder.vocab_size == VOCAB
     with pytest.raises(speculor.SpeculorError, match="same size"):
         decoder_for(target, build(LlamaForCausalLM, tiny_llama_config(vocab_size=VOCAB + 1), 23), "hf")
+
+
+def test_packed_training_forward_equals_one_forward_per_cut_point(noisy_draft):
+    """PARD's attention-mask trick: in one packed forward each block of masks sees only its cut's context and its
+    own earlier masks, so its logits equal those of the context + masks run alone (what the proposer feeds)."""
+    windows = torch.tensor([[(7 * index + 3 * row) % VOCAB for index in range(20)] for row in range(2)])
+    cuts = cut_points(20, MAX_GAMMA, 5, torch.Generator().manual_seed(0))
+    input_ids, positions, allowed = packed_inputs(windows, cuts, MAX_GAMMA, VOCAB)
+    draft = copy.deepcopy(noisy_draft).to(torch.float64)
+    with torch.no_grad():
+        packed = draft(input_ids=input_ids, position_ids=positions, attention_mask=allowed).logits
+        plain = draft(input_ids=windows).logits
+    pairs = offset_positions(20, cuts, MAX_GAMMA)
+    torch.testing.assert_close(packed[:, pairs[0][0]], plain[:, :19])
+    for row in range(2):
+        for cut_index, cut in enumerate(cuts.tolist()):
+            fed = torch.cat([windows[row, : cut + 1], torch.full((MAX_GAMMA - 1,), VOCAB)])
+            with torch.no_grad():
+                alone = draft(input_ids=fed[None]).logits[0, cut:]
+            for offset, (packed_at, answer_at) in enumerate(pairs):
+                index = cut if offset == 0 else packed_at[cut_index]
+                assert offset == 0 or answer_at[cut_index] == cut + offset
+                torch.testing.assert_close(packed[row, index], alone[offset])
+
+
+def test_adding_the_mask_token_keeps_the_vocabulary_and_marks_the_config(target):
+    model = copy.deepcopy(target)
+    spec = add_mask_token(model, 5)
+    assert spec == ParallelDraftSpec(VOCAB, 5) == ParallelDraftSpec.from_config(model.config)
+    assert model.get_input_embeddings().weight.shape[0] == model.config.vocab_size == VOCAB + 1
+    torch.testing.assert_close(model.get_input_embeddings().weight[:VOCAB], target.get_input_embeddings().weight)
+
+
+def test_train_parallel_end_to_end_writes_a_draft_speculor_detects(text_pair_dirs, tmp_path, capsys):
+    """A few steps from the command line on a small corpus: the saved draft is one embedding row wider, marked,
+    carries a model card with per-offset agreement, and decodes exactly like the target alone."""
+    target_dir, draft_dir = text_pair_dirs
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("engine.py", "verify.py", "sampling.py", "proposers.py"):
+        shutil.copy(Path(speculor.__file__).parent / name, corpus / name)
+    output = tmp_path / "parallel"
+    argv = ["train-parallel", "--output", str(output), "--init-from", str(draft_dir), "--distill-from"]
+    argv += [str(target_dir), "--parallel", "3", "--corpus", str(corpus), "--steps", "3", "--batch-size", "2"]
+    argv += ["--sequence-length", "32", "--cuts", "4", "--threads", "1", "--quiet"]
+    assert main(argv) == 0
+    assert "held-out top-1 by offset" in capsys.readouterr().out
+    config = (output / "config.json").read_text()
+    assert f'"{PARALLEL_DRAFT_KEY}"' in config
+    card = (output / "README.md").read_text()
+    assert "speculor train-parallel --output" in card and "top-1 agreement" in card
+    decoder = speculor.SpeculativeDecoder(target_dir, output, device="cpu")
+    assert isinstance(decoder._proposer(), ParallelDraftProposer)
+    assert decoder.draft.logits_width == decoder.vocab_size + 1
+    alone = decoder.generate("def f(x):\n", max_new_tokens=16, speculative=False, ignore_eos=True)
+    speculative = decoder.generate("def f(x):\n", max_new_tokens=16, gamma=3, ignore_eos=True)
+    assert speculative.token_ids == alone.token_ids and len(set(alone.token_ids)) > 3
