@@ -66,7 +66,7 @@ def train_pair(args: argparse.Namespace) -> dict[str, str]:
     train_family(
         directory,
         shapes,
-        max_corpus_bytes=8 << 20 if args.quick else 64 << 20,
+        max_corpus_bytes=8 << 20 if args.quick else 32 << 20,
         sequence_length=256 if args.quick else 1024,
         device=torch.device(args.device),
         seed=0,

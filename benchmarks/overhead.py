@@ -1,0 +1,119 @@
+"""What the engine adds around the model: its decode step against the runner's own step, side by side in one run.
+
+    python benchmarks/overhead.py --out OUT                   # on cuda: Llama-3-8B shape, random bf16 weights
+    python benchmarks/overhead.py --device cpu --quick --out /tmp/overhead-smoke
+
+For each batch size B: the runner's own loop (one-token steps of B rows back to back, one sync at the end: what the
+GPU needs per step) and the engine generating B prompts with the target alone (`speculative=False`), whose decode
+step is (wall − time to the first token) / (steps − 1) — every bit of Python around the model included. Goal: the
+engine's step ≤ 1.15x the runner's at B = 64 and ≤ 1.05x at B = 1. JSON is written after every batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from gpu import llama_shapes, random_model
+
+from speculor.api import SpeculativeDecoder
+from speculor.provenance import source_revision
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def runner_step_ms(decoder: SpeculativeDecoder, batch: int, steps: int) -> float:
+    """ms per one-token step of `batch` rows, the runner alone, steps queued back to back."""
+    runner, device = decoder.target_runner, decoder.device
+    slots = list(range(batch))
+    for slot in slots:
+        runner.reset(slot)
+        runner.extend(slot, torch.zeros(128, dtype=torch.long, device=device))
+    tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    runner.step(slots, tokens)
+    synchronize(device)
+    began = time.perf_counter()
+    for _ in range(steps):
+        runner.step(slots, tokens)
+    synchronize(device)
+    seconds = (time.perf_counter() - began) / steps
+    for slot in slots:
+        runner.reset(slot)
+    return 1000 * seconds
+
+
+def engine_step_ms(decoder: SpeculativeDecoder, prompts: list[list[int]], tokens: int) -> dict:
+    synchronize(decoder.device)
+    results = decoder.generate(prompts, max_new_tokens=tokens, ignore_eos=True, speculative=False)
+    synchronize(decoder.device)
+    steps = [(r.stats.wall_seconds - r.stats.time_to_first_token) / (r.stats.target_forwards - 1) for r in results]
+    return {"ms_per_step": 1000 * statistics.median(steps), "time_to_first_token": results[0].stats.time_to_first_token}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-sizes", default="1,16,64")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--commit", help="the commit being measured, where the checkout has no git metadata")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    sizes = [int(size) for size in args.batch_sizes.split(",")]
+    if args.quick:
+        sizes, args.tokens, args.repeats = [1, 4], 8, 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shape = llama_shapes(args.quick)["llama-3-8b"]
+    decoder = SpeculativeDecoder(
+        random_model(shape, device, dtype), device=device, dtype=dtype, max_batch_size=max(sizes)
+    )
+    decoder.warm_up(1)
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(shape.vocab_size, (max(sizes), 128), generator=generator).tolist()
+    revision = source_revision()
+    report = {
+        "command": "python " + shlex.join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": args.commit or revision["commit"],
+        "dirty": revision["dirty"],
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "shape": "llama-3-8b, random bf16" if device.type == "cuda" else "toy",
+        "batches": [],
+    }
+    for size in sizes:
+        batch = prompts[:size]
+        engine_step_ms(decoder, batch, 8)
+        engine = [engine_step_ms(decoder, batch, args.tokens) for _ in range(args.repeats)]
+        runner = [runner_step_ms(decoder, size, args.tokens) for _ in range(args.repeats)]
+        entry = {
+            "batch_size": size,
+            "runner_ms_per_step": statistics.median(runner),
+            "engine_ms_per_step": statistics.median(run["ms_per_step"] for run in engine),
+        }
+        entry["engine_vs_runner"] = entry["engine_ms_per_step"] / entry["runner_ms_per_step"]
+        report["batches"].append(entry)
+        (args.out / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(
+            f"B={size:>3} runner {entry['runner_ms_per_step']:.2f} ms/step, engine {entry['engine_ms_per_step']:.2f} "
+            f"ms/step: {entry['engine_vs_runner']:.3f}x",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
