@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from speculor.adaptive import ConfidenceThreshold, FixedGamma, GammaPolicy, LeviathanGamma
-from speculor.cli import DTYPE_CHOICES, RUNNER_CHOICES, add_kernels_argument
+from speculor.cli import DTYPE_CHOICES, RUNNER_CHOICES, add_kernels_argument, add_tensor_parallel_argument, quiet_rank
 from speculor.errors import SpeculorError
 from speculor.threads import add_threads_argument
 
@@ -310,6 +310,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="default: bfloat16 on a GPU, float32 on the CPU")
     add_threads_argument(parser)
+    add_tensor_parallel_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--warmup", type=int, default=2, help="untimed generations per configuration (longest prompt, shortest, …)"
@@ -348,6 +349,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise SpeculorError("--num-prompts and --max-new-tokens must be ≥ 1, --warmup ≥ 0")
     if not 0 <= args.confidence_threshold <= 1:
         raise SpeculorError(f"--confidence-threshold must be in [0, 1], got {args.confidence_threshold}")
+    if args.adaptive and args.tensor_parallel > 1:
+        raise SpeculorError(
+            "--adaptive times draft and target on each rank, whose γ would then differ: not with --tensor-parallel"
+        )
 
 
 def _device_name(device: torch.device) -> str:
@@ -389,7 +394,12 @@ def run_bench(args: argparse.Namespace) -> int:
     loader = {"device": args.device, "dtype": args.dtype, "runner": args.runner, "kernels": args.kernels}
     loader["max_batch_size"] = max(args.batch_size)
     loader["threads"] = None if threads is None else threads.threads
+    loader["tensor_parallel"] = args.tensor_parallel
     baseline_decoder = SpeculativeDecoder(args.target, **loader)
+    # Under tensor parallelism every rank runs the same plans; rank 0 alone reports and writes.
+    main_rank = baseline_decoder.tensor_parallel is None or baseline_decoder.tensor_parallel.is_main
+    if not main_rank:
+        quiet_rank()
     if baseline_decoder.tokenizer is None:
         raise SpeculorError(f"target {args.target!r} has no tokenizer, which the prompt sets need")
     prompt_ids = [baseline_decoder.encode(render_prompt(prompt, baseline_decoder.tokenizer)) for prompt in prompts]
@@ -409,7 +419,7 @@ def run_bench(args: argparse.Namespace) -> int:
         size = plan.config.batch_size
         timed = sum(map(len, batches(len(prompt_ids), size)))
         total += timed + (args.warmup if size == 1 else min(args.warmup, 1) * size)
-    with tqdm(total=total, desc="speculor bench", unit="gen", dynamic_ncols=True) as progress:
+    with tqdm(total=total, desc="speculor bench", unit="gen", dynamic_ncols=True, disable=not main_rank) as progress:
         results = run_plans(plans, prompt_ids, settings, progress)
     baselines = {(r.config.temperature, r.config.batch_size): r for r in results if r.config.policy == "target"}
     rows = [summarize(result, baselines[result.config.temperature, result.config.batch_size]) for result in results]
@@ -445,6 +455,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+    if not main_rank:
+        return 0
     out_dir = Path(args.out)
     best = write_outputs(out_dir, meta, results, rows)
     console = Console(highlight=False)

@@ -98,6 +98,10 @@ def add_model_arguments(
     parser.add_argument("--runner", default="auto", choices=RUNNER_CHOICES, help="model runner")
     add_kernels_argument(parser)
     add_threads_argument(parser)
+    add_tensor_parallel_argument(parser)
+
+
+def add_tensor_parallel_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tensor-parallel",
         type=int,

@@ -55,9 +55,10 @@ def make_decoder(target: str, draft: str | None, tensor_parallel: int):
     )
 
 
-def rank_main(out: str, target: str, draft: str, kv1_target: str) -> None:
-    """One rank: the generations of `decode_all`, the single-key/value-head target, and the command line, written
-    to OUT.RANK.json; then rank 1 dies while rank 0 starts another generation, which must fail."""
+def rank_main(out: str, target: str, draft: str, kv1_target: str, bench_target: str, bench_draft: str) -> None:
+    """One rank: the generations of `decode_all`, the single-key/value-head target, and `speculor generate`, written
+    to OUT.RANK.json; `speculor bench` on the pair with a tokenizer (writing to OUT.bench.RANK); then rank 1 dies
+    while rank 0 starts another generation, which must fail."""
     rank = int(os.environ["RANK"])
     decoder = make_decoder(target, draft, RANKS)
     results = decode_all(decoder)
@@ -72,6 +73,15 @@ def rank_main(out: str, target: str, draft: str, kv1_target: str) -> None:
             ]
         )
     results["printed"] = printed.getvalue()
+    prompts = Path(f"{out}.prompts.{rank}.jsonl")
+    prompts.write_text(json.dumps({"prompt": "def add(a, b):"}) + "\n")
+    results["bench"] = main(
+        [
+            *("bench", "--target", bench_target, "--draft", bench_draft, "--gamma", "2", "--prompts", str(prompts)),
+            *("--num-prompts", "1", "--max-new-tokens", "6", "--warmup", "0", "--device", "cpu", "--threads", "1"),
+            *("--tensor-parallel", str(RANKS), "--out", f"{out}.bench.{rank}"),
+        ]
+    )
     Path(f"{out}.{rank}.json").write_text(json.dumps(results))
     if rank == 1:
         os._exit(3)
@@ -136,10 +146,12 @@ def model_paths(tmp_path_factory) -> dict[str, str]:
     }
 
 
-def test_two_ranks_generate_what_one_process_generates_and_fail_together(model_paths, tmp_path, one_torch_thread):
+def test_two_ranks_generate_what_one_process_generates_and_fail_together(
+    model_paths, text_pair_dirs, tmp_path, one_torch_thread
+):
     """One launch (starting processes is most of the time): equal output, then a rank's death."""
     out = tmp_path / "ranks"
-    paths = [model_paths["target"], model_paths["draft"], model_paths["kv1_target"]]
+    paths = [model_paths["target"], model_paths["draft"], model_paths["kv1_target"], *map(str, text_pair_dirs)]
     survivor, dead = launch([__file__, str(out), *paths], LAUNCH_TIMEOUT_SECONDS)
     assert dead.returncode == 3, dead.stderr[-3000:]
     assert survivor.returncode != 0
@@ -149,6 +161,9 @@ def test_two_ranks_generate_what_one_process_generates_and_fail_together(model_p
     assert per_rank[1].pop("printed") == "", "only rank 0 prints"
     printed = json.loads(per_rank[0].pop("printed"))
     assert per_rank[0] == per_rank[1]
+    assert per_rank[0].pop("bench") == 0
+    assert (tmp_path / "ranks.bench.0" / "best_config.json").exists()
+    assert not (tmp_path / "ranks.bench.1").exists(), "only rank 0 writes"
 
     expected = decode_all(make_decoder(model_paths["target"], model_paths["draft"], 1))
     expected["kv1"] = (
@@ -175,6 +190,11 @@ def test_hf_runner_refuses_tensor_parallel(model_paths):
 
     with pytest.raises(SpeculorError, match="Hugging Face runner does not shard"):
         SpeculativeDecoder(model_paths["target"], device="cpu", runner="hf", tensor_parallel=2)
+
+
+def test_serve_refuses_tensor_parallel(model_paths, capsys):
+    assert main(["serve", "--target", model_paths["target"], "--tensor-parallel", "2"]) == 2
+    assert "does not shard a target yet" in capsys.readouterr().err
 
 
 def test_shard_plan_replicates_key_value_heads_where_fewer_than_ranks():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -251,15 +252,32 @@ def load_sharded_target(
     source: str | os.PathLike | PreTrainedModel, group: TensorParallelGroup, dtype: torch.dtype, **options
 ) -> tuple[LoadedModel, TensorParallelRunner]:
     """A decoder's target under tensor parallelism: this rank's runner, and the model (holding the shard) with the
-    directory's tokenizer. `options` go to `FastRunner`."""
+    directory's tokenizer. `options` go to `FastRunner`. The model of a target loaded so before stands for its
+    runner, which is then shared (`speculor bench` builds one decoder per draft over one target): a second copy of
+    a shard would not fit beside the first."""
     if isinstance(source, PreTrainedModel):
-        raise SpeculorError(
-            "tensor parallelism loads the target from its directory, each rank reading only its shard: pass the path, "
-            "not a loaded model"
-        )
+        held = _sharded_runners.get(source)
+        runner = held() if held is not None else None
+        if runner is None:
+            raise SpeculorError(
+                "tensor parallelism loads the target from its directory, each rank reading only its shard: pass the "
+                "path, not a loaded model"
+            )
+        if runner.slots != options.get("slots", 1) or runner.fixed_width != options.get("fixed_width"):
+            raise SpeculorError("a sharded target is shared only by decoders of the same batch size and fixed width")
+        name = source.config.name_or_path
+        return LoadedModel(name, source, _load_tokenizer(name)), runner
     runner = TensorParallelRunner.from_pretrained(source, group, dtype, **options)
+    _sharded_runners[runner.model] = weakref.ref(runner)
     name = os.path.expanduser(os.fspath(source))
     return LoadedModel(name, runner.model, _load_tokenizer(name)), runner
+
+
+# Sharded targets by their model, for decoders given the model of one already loaded (`load_sharded_target`); weak
+# both ways, so a shard is freed with the last decoder using it.
+_sharded_runners: weakref.WeakKeyDictionary[PreTrainedModel, weakref.ref[TensorParallelRunner]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def random_fast_runner(

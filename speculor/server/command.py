@@ -107,6 +107,11 @@ def run_serve(args: argparse.Namespace) -> int:
         ) from error
 
     apply_config_file(args)
+    if args.tensor_parallel != 1:
+        raise SpeculorError(
+            "`speculor serve` does not shard a target yet (its ranks would need rank 0 to send them every engine "
+            "operation): --tensor-parallel works with `generate` and `bench`"
+        )
     if args.api_key_all and not args.api_key:
         raise SpeculorError("--api-key-all needs an API key (--api-key or $SPECULOR_API_KEY)")
     with listening_socket(args.host, args.port) as sock:
