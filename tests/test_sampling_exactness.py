@@ -1,9 +1,14 @@
 """Speculative sampling is lossless: the engine's output distribution equals the target's, enumerated exactly.
 
 The models are table-lookup runners over a 4-token vocabulary (see fakes.py), so three generated tokens have 64
-possible outcomes whose exact probabilities under the target alone can be enumerated. The requests run as batches of
-eight rows, each with its own seed, so the rule is checked per row of a batch. A deliberately wrong acceptance rule
-must fail the same test, which shows the test has the power to catch one.
+possible outcomes whose exact probabilities under the target alone can be enumerated; the filtering behind them
+comes from transformers' own warpers (tests/exact_reference.py), not from speculor's `probabilities`, so the
+reference is independent of the engine. The requests run as batches of eight rows, each with its own seed, so the
+rule is checked per row of a batch, end to end through the engine.
+
+1,500 samples only catch gross errors (a rule resampling from p instead of the residual fails here); small ones,
+such as the residual taken at the wrong draft position or a 10% over-acceptance, are caught exactly, without
+sampling, by tests/test_acceptance_reference.py, and tests/test_mutations.py proves it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import itertools
 
 import pytest
 import torch
+from exact_reference import warped_probabilities
 from fakes import TableRunner
 
 from speculor import engine
@@ -19,7 +25,7 @@ from speculor.adaptive import FixedGamma
 from speculor.api import run_batch
 from speculor.engine import BatchEngine, DecodeRequest
 from speculor.proposers import DraftModelProposer
-from speculor.sampling import SamplingParams, probabilities
+from speculor.sampling import SamplingParams
 from speculor.verify import stochastic_accept
 
 VOCAB = 4
@@ -35,7 +41,7 @@ def exact_distribution(params: SamplingParams) -> dict[tuple[int, ...], float]:
     for outcome in itertools.product(range(VOCAB), repeat=NEW_TOKENS):
         probability, context = 1.0, list(PROMPT)
         for token in outcome:
-            probability *= float(probabilities(target.logits_after(context), params)[token])
+            probability *= float(warped_probabilities(target.logits_after(context), params)[token])
             context.append(token)
         result[outcome] = probability
     return result
