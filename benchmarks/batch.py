@@ -37,6 +37,7 @@ import torch
 from speculor.api import SpeculativeDecoder
 from speculor.models import shipped
 from speculor.prompts import load_prompts
+from speculor.provenance import source_revision
 from speculor.threads import use_cpu_threads
 
 
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python " + shlex.join(sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **source_revision(),
         "device": torch.cuda.get_device_name(decoder.device) if decoder.device.type == "cuda" else platform.processor(),
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),

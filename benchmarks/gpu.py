@@ -62,6 +62,7 @@ from transformers import (
 from speculor.analysis import alpha_from_tar, predicted_speedup
 from speculor.api import SpeculativeDecoder
 from speculor.engine import GenerationResult
+from speculor.provenance import source_revision
 from speculor.runners import FastRunner, HFRunner
 
 PARTS = ("a", "b", "c", "d", "e", "f")
@@ -1165,6 +1166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report = {
         "date": datetime.date.today().isoformat(),
+        **source_revision(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "command": shlex.join(["python", "benchmarks/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
         "torch": torch.__version__,

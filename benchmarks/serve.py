@@ -41,6 +41,7 @@ from pathlib import Path
 import httpx
 
 from speculor.prompts import load_prompts
+from speculor.provenance import source_revision
 
 MODEL_NAME = "bench"
 QUICK = {"requests": 8, "concurrency": [1, 4], "max_tokens": 16, "max_batch_size": 8}
@@ -333,6 +334,7 @@ def main() -> int:
     if args.json:
         report = {
             "date": datetime.date.today().isoformat(),
+            **source_revision(),
             "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores",
             "load_average_before": load_before,
             "load_average_after": load_after,

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 from speculor.adaptive import ConfidenceThreshold, FixedGamma, GammaPolicy, LeviathanGamma
 from speculor.cli import DTYPE_CHOICES, RUNNER_CHOICES, add_kernels_argument, add_tensor_parallel_argument, quiet_rank
 from speculor.errors import SpeculorError
+from speculor.provenance import source_revision
 from speculor.threads import add_threads_argument
 
 if TYPE_CHECKING:
@@ -425,6 +426,7 @@ def run_bench(args: argparse.Namespace) -> int:
     rows = [summarize(result, baselines[result.config.temperature, result.config.batch_size]) for result in results]
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **source_revision(),
         "command": command_line(args),
         "target": args.target,
         "drafts": args.draft,
