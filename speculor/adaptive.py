@@ -184,16 +184,21 @@ class PositionAcceptance:
 
     def observe(self, drafted: int, accepted: int) -> None:
         """One row's step: `drafted` tokens verified, the first `accepted` of them accepted."""
-        if drafted == 0:
+        self.observe_rows([(drafted, accepted)])
+
+    def observe_rows(self, steps: Sequence[tuple[int, int]]) -> None:
+        """Several rows' steps at once, (drafted, accepted) each; the counts decay once for all of them."""
+        steps = [(drafted, accepted) for drafted, accepted in steps if drafted]
+        if not steps:
             return
-        reached = min(accepted + 1, drafted, len(self.reached))
-        for position in range(len(self.reached)):
-            self.reached[position] *= self.decay
-            self.accepted[position] *= self.decay
-        for position in range(reached):
-            self.reached[position] += 1
-            if position < accepted:
-                self.accepted[position] += 1
+        factor = self.decay ** len(steps)
+        self.reached = [count * factor for count in self.reached]
+        self.accepted = [count * factor for count in self.accepted]
+        for drafted, accepted in steps:
+            for position in range(min(accepted + 1, drafted, len(self.reached))):
+                self.reached[position] += 1
+                if position < accepted:
+                    self.accepted[position] += 1
 
     def rates(self, gamma: int) -> list[float]:
         """The conditional acceptance of positions 1..γ."""
@@ -207,11 +212,15 @@ class PositionAcceptance:
 
     def expected_tokens(self, gamma: int) -> float:
         """Tokens one step emits on average when drafting γ: 1 + Σ_j Π_{i≤j} a_i."""
-        total, survive = 1.0, 1.0
+        return self.expected_tokens_upto(gamma)[gamma]
+
+    def expected_tokens_upto(self, gamma: int) -> list[float]:
+        """`expected_tokens` for every γ from 0 to `gamma`, in one pass."""
+        totals, survive = [1.0], 1.0
         for rate in self.rates(gamma):
             survive *= rate
-            total += survive
-        return total
+            totals.append(totals[-1] + survive)
+        return totals
 
 
 class LoadAwareGamma:
@@ -243,15 +252,20 @@ class LoadAwareGamma:
         self.draft_passes = draft_passes or (lambda gamma: gamma)
         self.acceptance: dict[str, PositionAcceptance] = {}
         self._buckets: dict[int, _BucketCosts] = {}
+        self._nearest: dict[int, list[_BucketCosts]] = {}
 
     @staticmethod
     def bucket(batch: int) -> int:
         return 1 << max(0, batch - 1).bit_length()
 
     def _costs(self, bucket: int) -> list[_BucketCosts]:
-        """The bucket's own costs first, then the other buckets nearest to it, to borrow what it has not seen."""
-        near = sorted(self._buckets, key=lambda other: (abs(other.bit_length() - bucket.bit_length()), other))
-        return [self._buckets[b] for b in near]
+        """The bucket's own costs first, then the other buckets nearest to it, to borrow what it has not seen
+        (remembered until a new bucket appears: this runs many times per step)."""
+        near = self._nearest.get(bucket)
+        if near is None:
+            order = sorted(self._buckets, key=lambda other: (abs(other.bit_length() - bucket.bit_length()), other))
+            near = self._nearest[bucket] = [self._buckets[b] for b in order]
+        return near
 
     def step_seconds(self, batch: int, gamma: int) -> float | None:
         """What a step of `batch` rows drafting γ is expected to take (None while nothing is known)."""
@@ -273,14 +287,22 @@ class LoadAwareGamma:
         """An engine step of `batch` rows drafted γ in `passes` draft passes: its draft phase, its verify phase and
         all of it took these seconds. `draft_seconds` < 0 marks a draft phase that also caught a draft cache up
         (one-off work that says nothing about drafting)."""
-        costs = self._buckets.setdefault(self.bucket(batch), _BucketCosts())
+        costs = self._bucket_costs(batch)
         costs.verify.observe(gamma + 1, verify_seconds)
         if gamma and draft_seconds >= 0:
             costs.draft.observe(passes, draft_seconds)
         costs.host.observe(0, max(0.0, seconds - verify_seconds - max(draft_seconds, 0.0)))
 
-    def observe_acceptance(self, kind: str, drafted: int, accepted: int) -> None:
-        self.acceptance.setdefault(kind, PositionAcceptance()).observe(drafted, accepted)
+    def _bucket_costs(self, batch: int) -> _BucketCosts:
+        bucket = self.bucket(batch)
+        if bucket not in self._buckets:
+            self._buckets[bucket] = _BucketCosts()
+            self._nearest.clear()
+        return self._buckets[bucket]
+
+    def observe_acceptance(self, kind: str, steps: Sequence[tuple[int, int]]) -> None:
+        """What rows of one kind drafted and had accepted in a step, (drafted, accepted) per row."""
+        self.acceptance.setdefault(kind, PositionAcceptance()).observe_rows(steps)
 
     @property
     def pair_acceptance(self) -> dict[str, PositionAcceptance]:
@@ -293,17 +315,21 @@ class LoadAwareGamma:
         top = min(self.max_gamma, max(caps, default=0))
         if top == 0:
             return 0
+        groups: dict[tuple[str, int], int] = {}
+        for kind, cap in zip(kinds, caps, strict=True):
+            groups[(kind, min(cap, top))] = groups.get((kind, min(cap, top)), 0) + 1
+        expected = {
+            kind: self.acceptance.setdefault(kind, PositionAcceptance()).expected_tokens_upto(top)
+            for kind in {kind for kind, _ in groups}
+        }
         rates = {0: batch / base / self.MARGIN if base else 0.0}
         for gamma in range(1, top + 1):
             seconds = self.step_seconds(batch, gamma)
-            tokens = sum(
-                self.acceptance.setdefault(kind, PositionAcceptance()).expected_tokens(min(gamma, cap))
-                for kind, cap in zip(kinds, caps, strict=True)
-            )
+            tokens = sum(count * expected[kind][min(gamma, cap)] for (kind, cap), count in groups.items())
             # Never run: optimistic, so it gets tried (and measured) once.
             rates[gamma] = tokens / seconds if seconds else float("inf")
         best = max(rates, key=rates.__getitem__)
-        costs = self._buckets.setdefault(self.bucket(batch), _BucketCosts())
+        costs = self._bucket_costs(batch)
         costs.choices += 1
         if costs.choices % self.EXPLORE_EVERY == 0:
             close = self.EXPLORE_WITHIN * rates[best]

@@ -451,6 +451,7 @@ class BatchEngine:
         verify_seconds = clock.seconds(clock.VERIFY, clock.DONE)
         self._pending = (tuple(slots), next_tokens[:, None])
         events = []
+        learned: dict[str, list[tuple[int, int]]] = {}
         now = time.perf_counter()
         for index, row in enumerate(rows):
             proposed = values[index * width : (index + 1) * width]
@@ -461,15 +462,17 @@ class BatchEngine:
             row.stats.verify_seconds += verify_seconds
             row.stats.draft_forwards += forwards if gammas[index] else 0
             if gammas[index]:
-                if row.request.gamma is None:
-                    self.load_aware.observe_acceptance(_acceptance_kind(row), drafted, kept_drafts)
-                else:
+                # Every speculating row teaches the policy how this pair's drafts fare, whoever chose its γ.
+                learned.setdefault(_acceptance_kind(row), []).append((drafted, kept_drafts))
+                if row.request.gamma is not None:
                     row.request.gamma.observe(drafted, kept_drafts)
             row_logprobs = logprobs[index] if logprobs is not None else None
             try:
                 events.append(self._emit(row, emitted, drafted, kept_drafts, row_logprobs, width + 1, now))
             except Exception as error:
                 events.append(self._fail(row, error))
+        for kind, steps in learned.items():
+            self.load_aware.observe_acceptance(kind, steps)
         if self._policy_step:
             drafting = -1.0 if self._caught_up else draft_seconds
             seconds = time.perf_counter() - began

@@ -105,7 +105,7 @@ def learned_policy(verify_cost, draft_pass: float, acceptance: float, batch: int
         policy.observe(batch, gamma, gamma, gamma * draft_pass, verify, verify + gamma * draft_pass + 0.0005)
     for index in range(1000):
         accepted = int((index + 1) * acceptance) - int(index * acceptance)
-        policy.observe_acceptance("greedy", 1, accepted)
+        policy.observe_acceptance("greedy", [(1, accepted)])
     return policy
 
 
@@ -127,7 +127,7 @@ def test_load_aware_gamma_predicts_every_gamma_from_two_and_corrects_a_hopeful_g
     policy.observe(1, 2, 2, 0.004, 0.010, 0.015)
     assert policy.step_seconds(1, 4) == pytest.approx(0.001 + 0.008 + 0.010)
     for _ in range(50):
-        policy.observe_acceptance("greedy", 6, 6)
+        policy.observe_acceptance("greedy", [(6, 6)])
     assert policy.choose(["greedy"], [6]) == 6
     for _ in range(20):
         policy.observe(1, 6, 6, 0.2, 0.010, 0.211)
@@ -137,7 +137,7 @@ def test_load_aware_gamma_predicts_every_gamma_from_two_and_corrects_a_hopeful_g
 def test_load_aware_gamma_learns_acceptance_by_position():
     policy = LoadAwareGamma(6)
     for _ in range(200):
-        policy.observe_acceptance("greedy", 4, 1)  # the first draft always passes, the second never
+        policy.observe_acceptance("greedy", [(4, 1)])  # the first draft always passes, the second never
     rates = policy.acceptance["greedy"].rates(4)
     assert rates[0] > 0.95 and rates[1] < 0.05
     assert policy.acceptance["greedy"].expected_tokens(4) == pytest.approx(2.0, abs=0.1)
