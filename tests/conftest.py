@@ -43,8 +43,8 @@ def tiny_llama_config(vocab_size: int = 96, layers: int = 2, **overrides) -> Lla
     return LlamaConfig(**settings)
 
 
-def tiny_gpt2_config(vocab_size: int = 96, layers: int = 2) -> GPT2Config:
-    return GPT2Config(
+def tiny_gpt2_config(vocab_size: int = 96, layers: int = 2, **overrides) -> GPT2Config:
+    settings = dict(
         vocab_size=vocab_size,
         n_embd=32,
         n_layer=layers,
@@ -53,6 +53,8 @@ def tiny_gpt2_config(vocab_size: int = 96, layers: int = 2) -> GPT2Config:
         eos_token_id=None,
         bos_token_id=None,
     )
+    settings.update(overrides)
+    return GPT2Config(**settings)
 
 
 def build(model_class, config, seed: int, dtype: torch.dtype = torch.float64):
@@ -79,8 +81,10 @@ def llama_pair():
 
 @pytest.fixture(scope="session")
 def gpt2_pair():
-    return build(GPT2LMHeadModel, tiny_gpt2_config(layers=2), seed=2), build(
-        GPT2LMHeadModel, tiny_gpt2_config(layers=1), seed=3
+    """(target, draft): GPT-2, random weights initialised at 0.2 — at GPT-2's default 0.02 the tiny target's greedy
+    output is one token repeated, which any draft matches."""
+    return build(GPT2LMHeadModel, tiny_gpt2_config(layers=2, initializer_range=0.2), seed=2), build(
+        GPT2LMHeadModel, tiny_gpt2_config(layers=1, initializer_range=0.2), seed=3
     )
 
 
