@@ -184,3 +184,21 @@ def test_greedy_accept_exhaustive_against_reference():
             while expected < 2 and drafts[expected] == choices[expected]:
                 expected += 1
             assert accept_one_row(list(drafts), list(choices), vocab=3) == (expected, choices[expected])
+
+
+def test_rejection_after_accepted_drafts_takes_the_residual_at_the_rejected_position():
+    """Draft 0 accepted, draft 1 rejected: the next token comes from normalize(max(0, p₁ − q₁)), with q of position
+    1 (not of position 0), q spread over several tokens; a second row drafting one token gets the bonus from p₁."""
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.3, 0.2, 0.5], [0.3, 0.3, 0.4]], dtype=torch.float64)
+    q = torch.tensor([[0.4, 0.4, 0.2], [0.1, 0.6, 0.3]], dtype=torch.float64)
+    accepted, distribution = stochastic_accept(
+        torch.tensor([[0, 1], [0, 0]]),
+        torch.tensor([2, 1]),
+        q.expand(2, 2, 3),
+        p.expand(2, 3, 3),
+        torch.tensor([[0.5, 0.9], [0.5, 0.9]], dtype=torch.float64),
+    )
+    assert accepted.tolist() == [1, 1]
+    # max(0, p₁ − q₁) = (0.2, 0, 0.2); with q₀ instead it would be (0, 0, 0.3).
+    assert torch.allclose(distribution[0], torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))
+    assert torch.allclose(distribution[1], p[1])
