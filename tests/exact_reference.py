@@ -69,7 +69,7 @@ def speculative_step_law(target: Conditional, draft: Conditional, count: int, vo
                 break
             p, q = target(kept), draft(kept)
             token = drafts[position]
-            keep = min(1.0, p[token] / q[token]) if q[token] > 0 else 1.0
+            keep = min(1.0, p[token] / q[token])  # q[token] > 0: sequences q never drafts were skipped
             for other, probability in enumerate(residual(p, q)):
                 add((*kept, other), mass * (1 - keep) * probability)
             mass *= keep
