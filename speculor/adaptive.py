@@ -165,6 +165,7 @@ class _BucketCosts:
     verify: _Curve = field(default_factory=_Curve)
     draft: _Curve = field(default_factory=lambda: _Curve(through_origin=True))
     host: _Curve = field(default_factory=_Curve)
+    pipelined: _Curve = field(default_factory=_Curve)
     choices: int = 0
 
 
@@ -270,6 +271,8 @@ class LoadAwareGamma:
     def step_seconds(self, batch: int, gamma: int) -> float | None:
         """What a step of `batch` rows drafting γ is expected to take (None while nothing is known)."""
         bucket = self.bucket(batch)
+        if gamma == 0 and (pipelined := self._costs(bucket)[0].pipelined(0) if self._buckets else None) is not None:
+            return pipelined
         passes = self.draft_passes(gamma) if gamma else 0
         parts = []
         for curve, x in (("host", 0), ("verify", gamma + 1), ("draft", passes)):
@@ -292,6 +295,12 @@ class LoadAwareGamma:
         if gamma and draft_seconds >= 0:
             costs.draft.observe(passes, draft_seconds)
         costs.host.observe(0, max(0.0, seconds - verify_seconds - max(draft_seconds, 0.0)))
+
+    def observe_pipelined(self, batch: int, seconds: float) -> None:
+        """A step without drafting whose target forward was queued during the previous step (the engine's look-ahead):
+        the host's work hid behind the device's, so it took only this long — what not speculating costs while the
+        policy keeps choosing it."""
+        self._bucket_costs(batch).pipelined.observe(0, seconds)
 
     def _bucket_costs(self, batch: int) -> _BucketCosts:
         bucket = self.bucket(batch)

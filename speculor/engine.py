@@ -254,6 +254,13 @@ class BatchEngine:
         self.last_gamma = 0
         self._policy_step = False
         self._caught_up = False
+        # A look-ahead step queued on the device (request ids, logits (rows, 1, V)) and the pinned buffer results come
+        # back through (`_read_and_look_ahead`).
+        self._ahead: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._host_values: torch.Tensor | None = None
+        # Look ahead where it pays: on a GPU, whose queue runs while the host works (on a CPU it only changes the
+        # order of the same work; tests turn it on there to check it).
+        self.look_ahead = self.device.type == "cuda"
         self.last_batch_size = 0
         self._free = list(range(target.slots))
         self._rows: dict[int, _Row] = {}
@@ -339,6 +346,7 @@ class BatchEngine:
         left on the device."""
         self._pending = None
         self._sampling_cache = None
+        self._ahead = None
         for row in rows:
             committed = len(row.context) - 1 if row.ready else row.prefilled
             self.target.rollback(row.slot, committed)
@@ -427,17 +435,26 @@ class BatchEngine:
         began = time.perf_counter()
         clock, device, vocab = self.clock, self.device, self.vocab_size
         count = len(rows)
+        ahead = self._take_ahead(rows)
         sampling = self._sampling(rows)
         starts = None
         if sampling.any_sampled:
             starts = torch.tensor([len(row.context) for row in rows], dtype=torch.long, device=device)
         clock.mark(clock.DRAFT)
-        gammas = self._gammas(rows)
-        drafts, counts, draft_probs, forwards = self._propose(rows, gammas, sampling)
-        clock.mark(clock.VERIFY)
         slots = [row.slot for row in rows]
-        tokens = torch.cat([self._pending_tokens(rows), drafts], dim=1)
-        logits = self.target.step(slots, tokens)[..., :vocab]
+        if ahead is None:
+            gammas = self._gammas(rows)
+            drafts, counts, draft_probs, forwards = self._propose(rows, gammas, sampling)
+            clock.mark(clock.VERIFY)
+            tokens = torch.cat([self._pending_tokens(rows), drafts], dim=1)
+            logits = self.target.step(slots, tokens)[..., :vocab]
+        else:
+            gammas, forwards, draft_probs, self._policy_step = [0] * count, 0, None, False
+            self.last_gamma, self.last_batch_size = 0, count
+            drafts = torch.zeros(count, 0, dtype=torch.long, device=device)
+            counts = torch.zeros(count, dtype=torch.long, device=device)
+            clock.mark(clock.VERIFY)
+            logits = ahead
         width = drafts.shape[1]
         if starts is not None:
             accepted, next_tokens = self._sampled_accept(logits, drafts, counts, draft_probs, sampling, starts)
@@ -445,7 +462,11 @@ class BatchEngine:
             accepted, next_tokens = greedy_accept(drafts, counts, logits)
         clock.mark(clock.DONE)
         # The single host read of the step; on a GPU it also completes the timing events above.
-        values = torch.cat([drafts.flatten(), counts, accepted, next_tokens]).tolist()
+        values_on_device = torch.cat([drafts.flatten(), counts, accepted, next_tokens])
+        if self._may_look_ahead(rows, gammas):
+            values = self._read_and_look_ahead(values_on_device, rows, next_tokens)
+        else:
+            values = values_on_device.tolist()
         logprobs = self._logprobs(rows, logits, drafts, accepted, next_tokens)
         draft_seconds = clock.seconds(clock.DRAFT, clock.VERIFY)
         verify_seconds = clock.seconds(clock.VERIFY, clock.DONE)
@@ -477,7 +498,71 @@ class BatchEngine:
             drafting = -1.0 if self._caught_up else draft_seconds
             seconds = time.perf_counter() - began
             self.load_aware.observe(count, self.last_gamma, forwards, drafting, verify_seconds, seconds)
+        elif ahead is not None:
+            self.load_aware.observe_pipelined(count, time.perf_counter() - began)
         return events
+
+    def _may_look_ahead(self, rows: list[_Row], gammas: list[int]) -> bool:
+        """Whether to queue the next step's target forward before reading this one's results: on a GPU, when this
+        step and the next draft nothing for any row (so the next step's input is this step's output, already on the
+        device, and every row's length grows by exactly one). The host's work on this step's results then overlaps
+        the device's next step instead of leaving it idle. Rows still prefilling, or asking for logprobs, keep the
+        plain order."""
+        if not self.look_ahead or any(gammas) or len(rows) != len(self._rows):
+            return False
+        if all(row.request.max_new_tokens - len(row.generated) <= 1 for row in rows):
+            return False  # every row ends with this step's token
+        kinds, caps = [], []
+        for row in rows:
+            if row.request.logprobs is not None:
+                return False
+            remaining = row.request.max_new_tokens - len(row.generated) - 1
+            cap = min(remaining - 1, row.request.max_gamma or remaining)
+            if self.proposer is None or not row.request.speculative or cap < 1:
+                continue
+            if row.request.gamma is not None:
+                return False
+            kinds.append(_acceptance_kind(row))
+            caps.append(cap)
+        return not kinds or self.load_aware.choose(kinds, caps) == 0
+
+    def _read_and_look_ahead(self, values: torch.Tensor, rows: list[_Row], next_tokens: torch.Tensor) -> list[int]:
+        """Copy this step's results to the host without waiting for what comes after them, queue the next step's
+        target forward (each row fed the token this step chose), then wait for the copy alone."""
+        rows_ahead = tuple(row.request_id for row in rows)
+        slots = [row.slot for row in rows]
+        if self.device.type != "cuda":
+            host_values = values.tolist()
+            self._ahead = (rows_ahead, self.target.step(slots, next_tokens[:, None])[..., : self.vocab_size])
+            return host_values
+        if self._host_values is None or self._host_values.numel() < values.numel():
+            self._host_values = torch.empty(max(values.numel(), 4 * self.capacity), dtype=torch.long, pin_memory=True)
+        host = self._host_values[: values.numel()]
+        host.copy_(values, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self._ahead = (rows_ahead, self.target.step(slots, next_tokens[:, None])[..., : self.vocab_size])
+        copied.synchronize()
+        return host.tolist()
+
+    def _take_ahead(self, rows: list[_Row]) -> torch.Tensor | None:
+        """The logits a look-ahead already computed for these rows, or None. Rows that finished since are simply
+        not asked for; a row that joined is not covered, so the look-ahead is undone (each covered row's cache cut
+        back to what it committed) and the step runs as usual."""
+        if self._ahead is None:
+            return None
+        covered, logits = self._ahead
+        self._ahead = None
+        position = {request_id: index for index, request_id in enumerate(covered)}
+        if all(row.request_id in position for row in rows):
+            if len(rows) == len(covered):
+                return logits
+            return logits[torch.tensor([position[row.request_id] for row in rows], device=logits.device)]
+        for row in rows:
+            if row.request_id in position:
+                self.target.rollback(row.slot, len(row.context) - 1)
+        self._pending = None
+        return None
 
     @staticmethod
     def _sampled_accept(

@@ -16,6 +16,7 @@ from conftest import build, tiny_llama_config
 from transformers import LlamaForCausalLM
 
 from speculor import SpeculativeDecoder
+from speculor.adaptive import LoadAwareGamma
 from speculor.api import run_batch
 from speculor.engine import BatchEngine
 from speculor.proposers import PromptLookupProposer
@@ -161,3 +162,34 @@ def test_empty_lookups_count_as_steps_without_drafting(float32_pair):
     assert result.stats.gamma_steps.get(0, 0) > 0
     assert sum(result.stats.gamma_steps.values()) == result.stats.target_forwards
     assert sum(g * n for g, n in result.stats.gamma_steps.items()) == result.stats.drafted
+
+
+@pytest.mark.parametrize("with_draft", [False, True])
+def test_looking_ahead_changes_no_token(float32_pair, with_draft, monkeypatch):
+    """The look-ahead (the next target-only step queued before this one's results are read) gives every row the
+    tokens it gets without it, while rows finish at different steps, join mid-run and sample with seeds. With a
+    draft, the load-aware policy is held at γ = 0 so that it looks ahead too."""
+    target, draft = float32_pair
+    decoder = SpeculativeDecoder(target, draft if with_draft else None, dtype=torch.float32, max_batch_size=4)
+    cases = prompts(6, seed=12)
+    requests = [
+        decoder.request(prompt, max_new_tokens=5 + 3 * index, temperature=[0.0, 0.9][index % 2], seed=index)
+        for index, prompt in enumerate(cases)
+    ]
+    plain = run_batch(decoder.new_engine(), requests)
+    used = []
+    take = BatchEngine._take_ahead
+
+    def spy(self, rows):
+        logits = take(self, rows)
+        used.append(logits is not None)
+        return logits
+
+    monkeypatch.setattr(BatchEngine, "_take_ahead", spy)
+    engine = decoder.new_engine()
+    engine.look_ahead = True
+    engine.load_aware = LoadAwareGamma(max_gamma=0)
+    ahead = run_batch(engine, requests)
+    assert [r.token_ids for r in ahead] == [r.token_ids for r in plain]
+    assert sum(used) > len(used) / 2, "most steps used the look-ahead"
+    assert not all(used), "rows joining undid a look-ahead"
