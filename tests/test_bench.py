@@ -271,7 +271,8 @@ def test_bench_sweeps_batch_sizes_with_the_load_aware_policy(text_pair_dirs, pro
     assert [row["rows"] for (size, _), row in rows.items() if size == 3] == [3, 3, 3]
     checked = [row for row in rows.values() if row["greedy_checked"] is not None]
     assert len(checked) == 4 and all(row["greedy_identical"] == row["greedy_checked"] == row["rows"] for row in checked)
-    assert rows[3, "fixed"]["gamma_steps"].keys() <= {"0", "1", "2"} and rows[3, "fixed"]["gamma_per_step"] > 0
+    # γ as drafted: a lookup that finds nothing in these short texts is a step at γ 0.
+    assert rows[3, "fixed"]["gamma_steps"].keys() <= {"0", "1", "2"} and sum(rows[3, "fixed"]["gamma_steps"].values())
     assert sum(rows[3, "load-aware"]["gamma_steps"].values()) > 0
     assert results["meta"]["batch_sizes"] == [1, 3] and "--batch-size 1,3" in results["meta"]["command"]
     assert (out / "batch_scaling.png").read_bytes().startswith(PNG_SIGNATURE)
