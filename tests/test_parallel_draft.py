@@ -315,3 +315,17 @@ def test_train_parallel_end_to_end_writes_a_draft_speculor_detects(text_pair_dir
     alone = decoder.generate("def f(x):\n", max_new_tokens=16, speculative=False, ignore_eos=True)
     speculative = decoder.generate("def f(x):\n", max_new_tokens=16, gamma=3, ignore_eos=True)
     assert speculative.token_ids == alone.token_ids and len(set(alone.token_ids)) > 3
+
+
+def test_the_shipped_parallel_draft_is_listed_detected_and_exact():
+    from speculor.models import PARALLEL_DRAFTS, shipped
+
+    family = shipped()
+    assert list(family.parallel_drafts) == list(PARALLEL_DRAFTS)
+    decoder = speculor.SpeculativeDecoder(family.target, family.parallel_drafts[PARALLEL_DRAFTS[0]], device="cpu")
+    assert isinstance(decoder._proposer(), ParallelDraftProposer) and decoder.vocab_size == 8192
+    prompt = 'def flatten(nested):\n    """Return a flat list of the items of a list of lists."""\n'
+    alone = decoder.generate(prompt, max_new_tokens=32, speculative=False, ignore_eos=True)
+    speculative = decoder.generate(prompt, max_new_tokens=32, gamma=4, ignore_eos=True)
+    assert speculative.token_ids == alone.token_ids
+    assert speculative.stats.target_forwards < alone.stats.target_forwards
