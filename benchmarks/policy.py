@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--pair", default="shipped", choices=["shipped", "trained"])
+    parser.add_argument("--target", help="a target directory (with --draft): the pair to measure, trained elsewhere")
+    parser.add_argument("--draft", help="a draft directory for --target")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
     parser.add_argument("--gammas", default="1,2,3,4,5,6", help="the fixed γ values compared with the default")
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     use_cpu_threads(args.threads, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    if args.pair == "trained":
+    if args.target and args.draft:
+        pair = {"target": args.target, "draft": args.draft}
+    elif args.pair == "trained":
         pair = train_pair(args)
     else:
         family = shipped()
