@@ -6,7 +6,8 @@
 For each batch size B: the runner's own loop (one-token steps of B rows back to back, one sync at the end: what the
 GPU needs per step) and the engine stepping B rows with the target alone (`speculative=False`), timed once every
 prompt is prefilled — every bit of Python around the model and the per-step wait for the device included. Goal: the
-engine's step ≤ 1.15x the runner's at B = 64 and ≤ 1.05x at B = 1. JSON is written after every batch size.
+engine's step ≤ 1.15x the runner's at B = 64 and ≤ 1.05x at B = 1. The engine runs with and without its look-ahead
+(the next target step queued before this one's results are read), alternating. JSON is written after every batch size.
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ def runner_step_ms(decoder: SpeculativeDecoder, batch: int, steps: int) -> float
     return 1000 * seconds
 
 
-def engine_step_ms(decoder: SpeculativeDecoder, prompts: list[list[int]], steps: int, **options) -> float:
+def engine_step_ms(
+    decoder: SpeculativeDecoder, prompts: list[list[int]], steps: int, look_ahead: bool = True, **options
+) -> float:
     """ms per engine decode step of these rows once every prompt is prefilled (prefill chunks of joining rows
     would otherwise count as decode time): the engine's host work, its per-step device wait and the step itself."""
     engine = decoder.new_engine()
+    engine.look_ahead = look_ahead and engine.look_ahead
     for prompt in prompts:
         engine.add(decoder.request(prompt, max_new_tokens=steps + 8, ignore_eos=True, **options))
     started = set()
@@ -108,19 +112,28 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         batch = prompts[:size]
         engine_step_ms(decoder, batch, 8, speculative=False)
-        engine = [engine_step_ms(decoder, batch, args.tokens, speculative=False) for _ in range(args.repeats)]
-        runner = [runner_step_ms(decoder, size, args.tokens) for _ in range(args.repeats)]
+        engine, plain, runner = [], [], []
+        for _ in range(args.repeats):
+            engine.append(engine_step_ms(decoder, batch, args.tokens, speculative=False))
+            plain.append(engine_step_ms(decoder, batch, args.tokens, look_ahead=False, speculative=False))
+            runner.append(runner_step_ms(decoder, size, args.tokens))
         entry = {
             "batch_size": size,
             "runner_ms_per_step": statistics.median(runner),
             "engine_ms_per_step": statistics.median(engine),
+            "engine_without_look_ahead_ms_per_step": statistics.median(plain),
         }
         entry["engine_vs_runner"] = entry["engine_ms_per_step"] / entry["runner_ms_per_step"]
+        entry["without_look_ahead_vs_runner"] = (
+            entry["engine_without_look_ahead_ms_per_step"] / entry["runner_ms_per_step"]
+        )
         report["batches"].append(entry)
         (args.out / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
         print(
             f"B={size:>3} runner {entry['runner_ms_per_step']:.2f} ms/step, engine {entry['engine_ms_per_step']:.2f} "
-            f"ms/step: {entry['engine_vs_runner']:.3f}x",
+            f"ms/step: {entry['engine_vs_runner']:.3f}x; without the look-ahead "
+            f"{entry['engine_without_look_ahead_ms_per_step']:.2f} ms/step: "
+            f"{entry['without_look_ahead_vs_runner']:.3f}x",
             flush=True,
         )
     return 0
