@@ -120,6 +120,9 @@ class SpeculativeDecoder:
         if self.draft is not None:
             self.draft_runner = make_runner(self.draft.model, runner, kernels=kernels, slots=max_batch_size)
         self._policy: LoadAwareGamma | None = None
+        # False where one rank builds the requests and sends them whole to the others, its seeds drawn on its own
+        # (`speculor serve`'s rank 0, speculor.server.replicas): a collective there would run beside the engine's.
+        self.agree_on_seeds = True
         self.eos_ids = eos_token_ids(self.target.model)
 
     @property
@@ -197,7 +200,8 @@ class SpeculativeDecoder:
             policy = FixedGamma(gamma)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise SpeculorError(f"seed must be an integer, got {seed!r}")
-        if seed is None and self.tensor_parallel is not None:
+        reproducible = seed is not None if reproducible is None else bool(reproducible)
+        if seed is None and self.tensor_parallel is not None and self.agree_on_seeds:
             seed = agreed_seed(self.tensor_parallel)
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0):
             raise SpeculorError(f"logprobs must be an integer ≥ 0 (alternatives per token), got {logprobs!r}")
@@ -220,7 +224,7 @@ class SpeculativeDecoder:
             max_gamma=self.fixed_width - 1 if self.fixed_width is not None else None,
             speculative=self.speculative if speculative is None else bool(speculative) and self.speculative,
             logprobs=logprobs,
-            reproducible=seed is not None if reproducible is None else bool(reproducible),
+            reproducible=reproducible,
         )
 
     def _check_length(self, prompt_length: int, max_new_tokens: int) -> None:

@@ -96,6 +96,10 @@ def tensor_parallel_group(size: int, device: torch.device, runner: str) -> Tenso
     return join_group(size, device)
 
 
+class GroupLostError(SpeculorError):
+    """A collective failed: another rank died or stopped answering, and the group cannot go on without it."""
+
+
 # Words in the message of a failed collective: gloo reports a dead peer as a plain RuntimeError.
 COLLECTIVE_FAILURE_MARKS = ("gloo", "nccl", "connection", "timed out", "timeout")
 
@@ -113,7 +117,7 @@ def collectives(group: TensorParallelGroup) -> Iterator[None]:
         ):
             raise
         reason = message.splitlines()[0] if message else type(error).__name__
-        raise SpeculorError(
+        raise GroupLostError(
             f"tensor-parallel rank {group.rank} of {group.size} lost the group: another rank died or stopped "
             f"answering ({reason})"
         ) from error

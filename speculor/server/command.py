@@ -12,7 +12,7 @@ import os
 import socket
 from pathlib import Path
 
-from speculor.cli import DEFAULT_BATCH_SIZE, add_model_arguments, apply_config_file, console
+from speculor.cli import DEFAULT_BATCH_SIZE, add_model_arguments, apply_config_file, console, quiet_rank
 from speculor.errors import SpeculorError
 
 # The model id clients send to the shipped family (its directory path would be an awkward name).
@@ -106,23 +106,26 @@ def run_serve(args: argparse.Namespace) -> int:
             f"`speculor serve` needs fastapi, uvicorn, pydantic and prometheus_client installed ({error})"
         ) from error
 
+    from speculor.server import replicas
+
     apply_config_file(args)
-    if args.tensor_parallel != 1:
-        raise SpeculorError(
-            "`speculor serve` does not shard a target yet (its ranks would need rank 0 to send them every engine "
-            "operation): --tensor-parallel works with `generate` and `bench`"
-        )
     if args.api_key_all and not args.api_key:
         raise SpeculorError("--api-key-all needs an API key (--api-key or $SPECULOR_API_KEY)")
-    with listening_socket(args.host, args.port) as sock:
+    if args.tensor_parallel > 1 and replicas.serving_rank() > 0:
+        # A follower rank: no port, nothing printed; it replays rank 0's engine (speculor.server.replicas).
+        quiet_rank()
+        return load_and_serve(args, None)
+    with listening_socket(args.host, args.port) as sock, replicas.spawned_followers(args.tensor_parallel):
         return load_and_serve(args, sock)
 
 
-def load_and_serve(args: argparse.Namespace, sock: socket.socket) -> int:
-    """Load the models, warm them up and serve on the already bound `sock` until uvicorn stops."""
+def load_and_serve(args: argparse.Namespace, sock: socket.socket | None) -> int:
+    """Load the models, warm them up and serve on the already bound `sock` until uvicorn stops; a follower
+    tensor-parallel rank (no `sock`) replays rank 0's engine instead."""
     import uvicorn
 
     from speculor.api import SpeculativeDecoder
+    from speculor.server import replicas
     from speculor.server.app import create_app
     from speculor.threads import use_cpu_threads
 
@@ -152,9 +155,12 @@ def load_and_serve(args: argparse.Namespace, sock: socket.socket) -> int:
         runner=args.runner,
         kernels=args.kernels,
         max_batch_size=args.max_batch_size,
+        tensor_parallel=args.tensor_parallel,
     )
     progress("warming up: running each step shape once and measuring step costs …")
     decoder.warm_up(args.gamma)
+    if sock is None:
+        return replicas.follow(decoder)
     app = create_app(
         decoder,
         gamma=args.gamma,
@@ -173,5 +179,16 @@ def load_and_serve(args: argparse.Namespace, sock: socket.socket) -> int:
         soft_wrap=True,
     )
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    lost = []
+    if decoder.tensor_parallel is not None:
+
+        def stop_serving(error: SpeculorError) -> None:
+            lost.append(error)
+            server.should_exit = True
+
+        replicas.lead(app.state.worker, decoder, stop_serving)
+    server.run(sockets=[sock])
+    if lost:
+        raise lost[0]
     return 0

@@ -22,8 +22,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+from speculor.distributed import GroupLostError
 from speculor.engine import BatchEngine, DecodeRequest, Delta, GenerationResult, GenerationStats, TokenLogprob
 from speculor.errors import SpeculorError
 from speculor.server.errors import APIError
@@ -135,6 +136,9 @@ class GenerationWorker:
         self._occupied = 0
         self._wake = threading.Condition()
         self._closing = False
+        # Set by `lead` on a tensor-parallel rank 0 (speculor.server.replicas).
+        self._leader = None
+        self._on_group_lost: Callable[[GroupLostError], None] | None = None
         self._thread = threading.Thread(target=self._serve, name="speculor-generation", daemon=True)
 
     @property
@@ -156,6 +160,19 @@ class GenerationWorker:
 
     def start(self) -> None:
         self._thread.start()
+
+    def lead(self, leader, on_group_lost: Callable[[GroupLostError], None]) -> None:
+        """Step the engine through `leader` (a `speculor.server.replicas.Leader`), which sends every engine operation
+        to the other tensor-parallel ranks, and beats its heartbeat while idle. When the group is lost the worker
+        fails every request, refuses new ones, stops, and calls `on_group_lost`: a server without its other ranks
+        cannot generate anything."""
+        self.engine = leader
+        self._leader = leader
+        self._on_group_lost = on_group_lost
+
+    @property
+    def _idle(self) -> bool:
+        return not self._running and not self._waiting and not self._closing
 
     def check_fits(self, jobs: int) -> None:
         """400 for a request of more jobs than the slots and the queue together could ever hold: unlike a 503, no
@@ -203,12 +220,25 @@ class GenerationWorker:
             self._thread.join(timeout)
 
     def _serve(self) -> None:
+        try:
+            self._serve_until_closed()
+            if self._leader is not None:
+                self._leader.stop()
+        except GroupLostError as error:
+            self._abandon(error)
+
+    def _serve_until_closed(self) -> None:
+        heartbeat_seconds = self._leader.heartbeat_seconds if self._leader is not None else None
         while True:
             with self._wake:
-                while not self._running and not self._waiting and not self._closing:
-                    self._wake.wait()
+                while self._idle:
+                    if not self._wake.wait(heartbeat_seconds) and self._idle:
+                        break
                 if self._closing and not self._running:
                     return
+            if self._idle:
+                self._leader.heartbeat()
+                continue
             try:
                 self._abort_cancelled()
                 with self._wake:
@@ -216,6 +246,8 @@ class GenerationWorker:
                 self._admit(admitted)
                 if self._running:
                     self._step()
+            except GroupLostError:
+                raise
             except Exception as error:
                 # A bug in the bookkeeping around the step: without this the thread would end and every request,
                 # present and future, would wait forever.
@@ -268,6 +300,8 @@ class GenerationWorker:
     def _step(self) -> None:
         try:
             events = self.engine.step()
+        except GroupLostError:
+            raise
         except Exception as error:
             logger.exception("engine step failed")
             self._fail_running(
@@ -297,6 +331,19 @@ class GenerationWorker:
         latency = time.perf_counter() - job.arrived
         self.metrics.record_generation(result.stats, job.prompt_tokens, FINISH_REASONS[result.finish_reason], latency)
         job.post(result)
+
+    def _abandon(self, error: GroupLostError) -> None:
+        """After the tensor-parallel group is lost: fail every request, running or waiting, refuse new ones, and
+        report the loss."""
+        lost = APIError(503, "the server lost one of its tensor-parallel ranks", code="server_shutting_down")
+        with self._wake:
+            self._closing = True
+            while self._waiting:
+                self._waiting.popleft().post(lost)
+            self.metrics.waiting.set(0)
+        self._fail_running(lost)
+        assert self._on_group_lost is not None
+        self._on_group_lost(error)
 
     def _fail_running(self, error: APIError) -> None:
         """After a failed step: end every running row, tell its client, and go on serving the queue."""
