@@ -186,9 +186,9 @@ def test_head_health_and_no_cors_unless_asked(server_url):
 
 def test_cors_origin_opens_the_api_to_that_origin(model_dirs, monkeypatch):
     started = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.update(app=app))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: started.update(app=server.config.app))
     monkeypatch.setattr(SpeculativeDecoder, "warm_up", lambda decoder, gamma: None)
-    arguments = ["serve", "--target", str(model_dirs["plain"]), "--device", "cpu"]
+    arguments = ["serve", "--target", str(model_dirs["plain"]), "--device", "cpu", "--port", "0"]
     assert main([*arguments, "--cors-origin", "http://page.example"]) == 0
     browser = TestClient(started["app"])
     request_headers = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
