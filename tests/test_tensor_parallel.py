@@ -192,11 +192,6 @@ def test_hf_runner_refuses_tensor_parallel(model_paths):
         SpeculativeDecoder(model_paths["target"], device="cpu", runner="hf", tensor_parallel=2)
 
 
-def test_serve_refuses_tensor_parallel(model_paths, capsys):
-    assert main(["serve", "--target", model_paths["target"], "--tensor-parallel", "2"]) == 2
-    assert "does not shard a target yet" in capsys.readouterr().err
-
-
 def test_shard_plan_replicates_key_value_heads_where_fewer_than_ranks():
     from speculor.runners.tensor_parallel import ShardPlan
 

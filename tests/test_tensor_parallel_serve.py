@@ -165,3 +165,12 @@ def test_serve_starts_its_own_follower_which_stops_when_rank_zero_dies(served_pa
         assert "lost rank 0" in server.output, server.output[-3000:]
     finally:
         server.stop()
+
+
+def test_serve_called_from_python_cannot_start_its_own_followers(served_pair, capsys):
+    """Its followers rerun the process's command line, which here is pytest's: it must refuse, not wait for ranks
+    that never come."""
+    from speculor.cli import main
+
+    assert main(["serve", "--target", served_pair["target"], "--tensor-parallel", "2", "--port", "0"]) == 2
+    assert "torchrun --nproc-per-node 2 -m speculor serve" in capsys.readouterr().err

@@ -24,14 +24,16 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch.distributed as dist
 
 from speculor.api import SpeculativeDecoder
 from speculor.cli import console
 from speculor.distributed import GroupLostError, TensorParallelGroup, collectives, group_timeout, launched_world_size
-from speculor.engine import BatchEngine, DecodeRequest, RowEvent
+from speculor.engine import BatchEngine, DecodeRequest, GenerationResult, RowEvent
 from speculor.errors import SpeculorError
+from speculor.server.worker import GenerationWorker
 
 # The longest a follower waits between two messages while rank 0 is idle; a quarter of a shorter group timeout.
 HEARTBEAT_SECONDS = 5.0
@@ -88,7 +90,7 @@ class Leader:
         self.heartbeat_seconds = heartbeat_seconds()
         self._since_last = Message()
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
 
     def add(self, request: DecodeRequest) -> int:
@@ -100,7 +102,7 @@ class Leader:
         self._since_last.operations.append(Added(request, request_id))
         return request_id
 
-    def abort(self, request_id: int):
+    def abort(self, request_id: int) -> GenerationResult:
         result = self.engine.abort(request_id)
         self._since_last.operations.append(Aborted(request_id))
         return result
@@ -138,8 +140,9 @@ def follow(decoder: SpeculativeDecoder) -> int:
         try:
             message = broadcast(None, group)
         except GroupLostError as error:
+            reason = str(error.__cause__ or error).splitlines()[0]
             raise SpeculorError(
-                f"tensor-parallel rank {group.rank} lost rank 0, which serves: it died or stopped answering ({error})"
+                f"tensor-parallel rank {group.rank} lost rank 0, which serves: it died or stopped answering ({reason})"
             ) from error
         for operation in message.operations:
             if isinstance(operation, Added):
@@ -157,7 +160,7 @@ def follow(decoder: SpeculativeDecoder) -> int:
             return 0
 
 
-def lead(worker, decoder: SpeculativeDecoder, on_lost: Callable[[GroupLostError], None]) -> None:
+def lead(worker: GenerationWorker, decoder: SpeculativeDecoder, on_lost: Callable[[GroupLostError], None]) -> None:
     """Make rank 0's generation `worker` send its engine's operations to the followers; `on_lost` is called (from the
     worker's thread) when the group is lost and the worker has stopped."""
     group = decoder.tensor_parallel
@@ -186,6 +189,12 @@ def spawned_followers(size: int) -> Iterator[None]:
     if size <= 1 or launched_world_size() > 1:
         yield
         return
+    if sys.argv[1:2] != ["serve"]:
+        raise SpeculorError(
+            "`speculor serve --tensor-parallel` starts its other ranks by running its own command line again, and "
+            f"this process was not started as `speculor serve …`: launch every rank with `torchrun --nproc-per-node "
+            f"{size} -m speculor serve …`"
+        )
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(size)}
     os.environ.update(rendezvous, RANK="0", LOCAL_RANK="0")
     followers = []

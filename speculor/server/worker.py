@@ -23,12 +23,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from speculor.distributed import GroupLostError
 from speculor.engine import BatchEngine, DecodeRequest, Delta, GenerationResult, GenerationStats, TokenLogprob
 from speculor.errors import SpeculorError
 from speculor.server.errors import APIError
 from speculor.server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from speculor.server.replicas import Leader
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +141,7 @@ class GenerationWorker:
         self._wake = threading.Condition()
         self._closing = False
         # Set by `lead` on a tensor-parallel rank 0 (speculor.server.replicas).
-        self._leader = None
+        self._leader: Leader | None = None
         self._on_group_lost: Callable[[GroupLostError], None] | None = None
         self._thread = threading.Thread(target=self._serve, name="speculor-generation", daemon=True)
 
@@ -161,7 +165,7 @@ class GenerationWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def lead(self, leader, on_group_lost: Callable[[GroupLostError], None]) -> None:
+    def lead(self, leader: Leader, on_group_lost: Callable[[GroupLostError], None]) -> None:
         """Step the engine through `leader` (a `speculor.server.replicas.Leader`), which sends every engine operation
         to the other tensor-parallel ranks, and beats its heartbeat while idle. When the group is lost the worker
         fails every request, refuses new ones, stops, and calls `on_group_lost`: a server without its other ranks
@@ -237,6 +241,7 @@ class GenerationWorker:
                 if self._closing and not self._running:
                     return
             if self._idle:
+                assert self._leader is not None, "only a leader's idle wait times out"
                 self._leader.heartbeat()
                 continue
             try:
