@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import train_tiny_tokenizer
+from server_support import metric_samples, wait_for
 from test_tensor_parallel import RANKS, free_port, make_decoder, save_model
 
 GAMMA = 3
@@ -106,6 +107,16 @@ class Server:
             self.process.kill()
             self.process.wait()
 
+    def leave_mid_stream(self, prompt: str) -> None:
+        """Start a long streamed completion and hang up after its first piece, so rank 0 aborts it."""
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 200, "temperature": 0.0, "stream": True}
+        with httpx.stream("POST", f"{self.url}/completions", json=body, timeout=60) as stream:
+            next(line for line in stream.iter_lines() if line.startswith("data: "))
+
+    def cancelled(self) -> float:
+        samples = metric_samples(f"http://127.0.0.1:{self.port}")
+        return samples.get(("speculor_generations_total", frozenset({("finish_reason", "cancelled")})), 0)
+
     def complete(self, prompt: str, **options) -> dict:
         body = {"model": "tiny", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0.0, **options}
         response = httpx.post(f"{self.url}/completions", json=body, timeout=60)
@@ -143,6 +154,10 @@ def test_two_ranks_serve_what_one_process_generates_and_stop_when_the_follower_d
         assert unseeded["usage"]["completion_tokens"] == NEW_TOKENS
         # Had the ranks drawn different seeds, they would now run different steps and this would hang.
         assert server.complete(PROMPTS[2])["choices"][0]["text"] == expected["greedy"][PROMPTS[2]]
+        # An abort must reach the follower too, or its batch would differ from rank 0's from then on.
+        server.leave_mid_stream(PROMPTS[0])
+        wait_for(lambda: server.cancelled() == 1)
+        assert server.complete(PROMPTS[3])["choices"][0]["text"] == expected["greedy"][PROMPTS[3]]
         assert follower.process.poll() is None
         assert "serving" not in follower.output, "only rank 0 serves"
 

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from speculor.api import SpeculativeDecoder
@@ -67,6 +68,13 @@ class Message:
 
 def heartbeat_seconds() -> float:
     return min(HEARTBEAT_SECONDS, group_timeout().total_seconds() / 4)
+
+
+def control_group(group: TensorParallelGroup) -> TensorParallelGroup:
+    """A gloo group of the same ranks for rank 0's messages, made by every rank at the same point. On CUDA the
+    model's group is NCCL, where a dead peer leaves a collective waiting for the group's timeout; gloo sees the
+    closed connection at once. And the pickled messages need no trip through the GPU."""
+    return replace(group, device=torch.device("cpu"), group=dist.new_group(backend="gloo", timeout=group_timeout()))
 
 
 def broadcast(message: Message | None, group: TensorParallelGroup) -> Message:
@@ -133,8 +141,8 @@ class Leader:
 def follow(decoder: SpeculativeDecoder) -> int:
     """A follower rank's serving: replay rank 0's engine operations and steps until it stops (0), or raise a
     `SpeculorError` when rank 0 goes away."""
-    group = decoder.tensor_parallel
-    assert group is not None and not group.is_main
+    assert decoder.tensor_parallel is not None and not decoder.tensor_parallel.is_main
+    group = control_group(decoder.tensor_parallel)
     engine = decoder.new_engine()
     while True:
         try:
@@ -163,8 +171,8 @@ def follow(decoder: SpeculativeDecoder) -> int:
 def lead(worker: GenerationWorker, decoder: SpeculativeDecoder, on_lost: Callable[[GroupLostError], None]) -> None:
     """Make rank 0's generation `worker` send its engine's operations to the followers; `on_lost` is called (from the
     worker's thread) when the group is lost and the worker has stopped."""
-    group = decoder.tensor_parallel
-    assert group is not None and group.is_main
+    assert decoder.tensor_parallel is not None and decoder.tensor_parallel.is_main
+    group = control_group(decoder.tensor_parallel)
     # Requests are built on the server's event loop, beside the worker's collectives: rank 0 draws their seeds.
     decoder.agree_on_seeds = False
     worker.lead(Leader(worker.engine, group), on_lost)
