@@ -180,7 +180,7 @@ def load_and_serve(args: argparse.Namespace, sock: socket.socket | None) -> int:
     )
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout)
     server = uvicorn.Server(config)
-    lost = []
+    lost: list[SpeculorError] = []
     if decoder.tensor_parallel is not None:
 
         def stop_serving(error: SpeculorError) -> None:

@@ -36,7 +36,8 @@ from speculor.engine import BatchEngine, DecodeRequest, GenerationResult, RowEve
 from speculor.errors import SpeculorError
 from speculor.server.worker import GenerationWorker
 
-# The longest a follower waits between two messages while rank 0 is idle; a quarter of a shorter group timeout.
+# The longest a follower waits between two messages while rank 0 is idle (a quarter of the group's timeout where
+# that is shorter than 20 s).
 HEARTBEAT_SECONDS = 5.0
 # Seconds a follower rank 0 started gets to exit on its own after rank 0 stops, before it is killed.
 FOLLOWER_EXIT_SECONDS = 10.0
