@@ -6,6 +6,8 @@ policy. Adaptive policies live here too so that the engine never needs to know w
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -127,19 +129,22 @@ AUTO_MAX_GAMMA = 6
 
 class _Curve:
     """Seconds as a function of a small integer (a step's width, a number of draft passes), learned from
-    observations: a running mean per value observed, straight lines between and beyond them for values not yet
-    seen, nothing with none. With one point the curve is flat, or proportional when `through_origin` (no draft
-    passes cost nothing)."""
+    observations: per value, the median of its last `WINDOW` observations (a one-off stall — a kernel compiled on
+    first use, a page fault — cannot drag it for long); between observed values a straight line through the two
+    nearest, beyond them the least-squares line through all of them; nothing with none. With one point the curve is
+    flat, or proportional when `through_origin` (no draft passes cost nothing)."""
 
-    WEIGHT = 0.15
+    WINDOW = 9
 
     def __init__(self, through_origin: bool = False) -> None:
         self.points: dict[int, float] = {}
         self.through_origin = through_origin
+        self._recent: dict[int, deque[float]] = {}
 
     def observe(self, x: int, seconds: float) -> None:
-        previous = self.points.get(x)
-        self.points[x] = seconds if previous is None else previous + self.WEIGHT * (seconds - previous)
+        recent = self._recent.setdefault(x, deque(maxlen=self.WINDOW))
+        recent.append(seconds)
+        self.points[x] = statistics.median(recent)
 
     def __call__(self, x: int) -> float | None:
         if x in self.points:
@@ -152,9 +157,14 @@ class _Curve:
             return self.points[only] * x / only if self.through_origin and only else self.points[only]
         below = [v for v in xs if v < x]
         above = [v for v in xs if v > x]
-        left, right = (below[-1], above[0]) if below and above else (xs[-2], xs[-1]) if below else (xs[0], xs[1])
-        slope = (self.points[right] - self.points[left]) / (right - left)
-        return max(0.0, self.points[left] + slope * (x - left))
+        if below and above:
+            left, right = below[-1], above[0]
+            slope = (self.points[right] - self.points[left]) / (right - left)
+            return self.points[left] + slope * (x - left)
+        mean_x = sum(xs) / len(xs)
+        mean_y = sum(self.points.values()) / len(xs)
+        slope = sum((v - mean_x) * (self.points[v] - mean_y) for v in xs) / sum((v - mean_x) ** 2 for v in xs)
+        return max(0.0, mean_y + slope * (x - mean_x))
 
 
 @dataclass
@@ -176,6 +186,7 @@ class PositionAcceptance:
     accepted more or less often than the first."""
 
     PRIOR_WEIGHT = 2.0
+    STEP_DECAY = 0.97
 
     def __init__(self, prior: float = 0.6, decay: float = 0.995, positions: int = 16) -> None:
         self.prior = prior
@@ -192,7 +203,8 @@ class PositionAcceptance:
         steps = [(drafted, accepted) for drafted, accepted in steps if drafted]
         if not steps:
             return
-        factor = self.decay ** len(steps)
+        # Forget per row, but never faster than `STEP_DECAY` per step: a batch of 64 rows is one moment's sample.
+        factor = max(self.decay ** len(steps), self.STEP_DECAY)
         self.reached = [count * factor for count in self.reached]
         self.accepted = [count * factor for count in self.accepted]
         for drafted, accepted in steps:
@@ -237,14 +249,18 @@ class LoadAwareGamma:
       one's costs. So one step at γ = 0 and one at some γ > 0 predict every γ, and a prediction that was too hopeful
       is corrected by the very step that ran it.
     Exploration: every `EXPLORE_EVERY`-th choice in a bucket tries the best γ's neighbour when it is predicted within
-    `EXPLORE_WITHIN` of the best, so a wrong early estimate cannot stick. Speculating must promise `MARGIN` more
-    tokens per second than not, so noise cannot make a batch slower than the target alone. It adapts within a few
-    steps: costs move a sixth of the way to each new observation, acceptance forgets with a half-life of ~140 row
-    steps. `pair_acceptance` outlives an engine: a new engine of the same decoder starts from what it learned."""
+    `EXPLORE_WITHIN` of the best, and while not speculating, every `RETRY_SPECULATION_EVERY`-th choice retries the most
+    promising γ when within `RETRY_SPECULATION_WITHIN`, so a wrong early estimate cannot stick. Speculating must
+    promise `MARGIN` more tokens per second than not, so noise cannot make a batch slower than the target alone. It
+    adapts within a few steps: each cost is the median of its last nine observations (one-off stalls do not stick),
+    and acceptance forgets with a half-life of ~140 row-steps (at least ~23 steps). The decoder keeps one policy for
+    all its engines, so what it learned carries over."""
 
     MARGIN = 1.02
     EXPLORE_EVERY = 16
     EXPLORE_WITHIN = 0.9
+    RETRY_SPECULATION_EVERY = 64
+    RETRY_SPECULATION_WITHIN = 0.75
 
     def __init__(self, max_gamma: int = AUTO_MAX_GAMMA, draft_passes: Callable[[int], int] | None = None) -> None:
         if max_gamma < 0:
@@ -292,9 +308,11 @@ class LoadAwareGamma:
         (one-off work that says nothing about drafting)."""
         costs = self._bucket_costs(batch)
         costs.verify.observe(gamma + 1, verify_seconds)
-        if gamma and draft_seconds >= 0:
+        if draft_seconds < 0:
+            return  # a draft catching up (one-off work after steps without drafting) is neither drafting nor host
+        if gamma:
             costs.draft.observe(passes, draft_seconds)
-        costs.host.observe(0, max(0.0, seconds - verify_seconds - max(draft_seconds, 0.0)))
+        costs.host.observe(0, max(0.0, seconds - verify_seconds - draft_seconds))
 
     def observe_pipelined(self, batch: int, seconds: float) -> None:
         """A step without drafting whose target forward was queued during the previous step (the engine's look-ahead):
@@ -340,6 +358,11 @@ class LoadAwareGamma:
         best = max(rates, key=rates.__getitem__)
         costs = self._bucket_costs(batch)
         costs.choices += 1
+        if best == 0 and costs.choices % self.RETRY_SPECULATION_EVERY == 0:
+            # Not speculating teaches nothing new about speculating: now and then retry the most promising γ.
+            hopeful = max((g for g in rates if g), key=rates.__getitem__)
+            if rates[hopeful] >= self.RETRY_SPECULATION_WITHIN * rates[0]:
+                return hopeful
         if costs.choices % self.EXPLORE_EVERY == 0:
             close = self.EXPLORE_WITHIN * rates[best]
             neighbours = [g for g in (best + 1, best - 1) if g in rates and rates[g] >= close]

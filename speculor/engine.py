@@ -254,6 +254,7 @@ class BatchEngine:
         self.last_gamma = 0
         self._policy_step = False
         self._caught_up = False
+        self._planned_gamma: int | None = None
         # A look-ahead step queued on the device (request ids, logits (rows, 1, V)) and the pinned buffer results come
         # back through (`_read_and_look_ahead`).
         self._ahead: tuple[tuple[int, ...], torch.Tensor] | None = None
@@ -419,8 +420,8 @@ class BatchEngine:
         auto = [index for index, row in enumerate(rows) if row.request.gamma is None and caps[index] > 0]
         # Steps of rows that all leave γ to the policy (or cannot draft) teach it what steps cost.
         self._policy_step = all(row.request.gamma is None for row in rows)
-        chosen = 0
-        if auto:
+        chosen, self._planned_gamma = self._planned_gamma or 0, None
+        if auto and not chosen:
             chosen = self.load_aware.choose([_acceptance_kind(rows[i]) for i in auto], [caps[i] for i in auto])
         gammas = []
         for row, cap in zip(rows, caps, strict=True):
@@ -524,7 +525,14 @@ class BatchEngine:
                 return False
             kinds.append(_acceptance_kind(row))
             caps.append(cap)
-        return not kinds or self.load_aware.choose(kinds, caps) == 0
+        if not kinds:
+            return True
+        # The policy's choice for the next step, made now: if it drafts, there is no look-ahead and the next step
+        # takes this choice instead of asking again.
+        chosen = self.load_aware.choose(kinds, caps)
+        if chosen:
+            self._planned_gamma = chosen
+        return chosen == 0
 
     def _read_and_look_ahead(self, values: torch.Tensor, rows: list[_Row], next_tokens: torch.Tensor) -> list[int]:
         """Copy this step's results to the host without waiting for what comes after them, queue the next step's
@@ -765,7 +773,8 @@ def _acceptance_kind(row: _Row) -> str:
 
 class Decoding:
     """One generation in progress on an engine of its own: iterate it for `Delta`s; `result` is complete once
-    iteration ends. Closing the iterator early aborts the generation and frees its slot."""
+    iteration ends. Closing the iterator early aborts the generation and frees its slot. A generation that fails
+    raises `SpeculorError` after its last delta, with `result` holding what it generated."""
 
     def __init__(self, engine: BatchEngine, request: DecodeRequest) -> None:
         self.engine = engine
@@ -782,6 +791,8 @@ class Decoding:
                     if event.result is not None:
                         self.result = event.result
                     yield event.delta
+            if self.result.finish_reason == "error":
+                raise SpeculorError(f"generation failed: {self.result.error}")
         finally:
             if self.result is None:
                 self.result = self.engine.abort(request_id)

@@ -15,7 +15,7 @@ import torch
 from conftest import build, tiny_llama_config
 from transformers import LlamaForCausalLM
 
-from speculor import SpeculativeDecoder
+from speculor import SpeculativeDecoder, SpeculorError
 from speculor.adaptive import LoadAwareGamma
 from speculor.api import run_batch
 from speculor.engine import BatchEngine
@@ -193,3 +193,13 @@ def test_looking_ahead_changes_no_token(float32_pair, with_draft, monkeypatch):
     assert [r.token_ids for r in ahead] == [r.token_ids for r in plain]
     assert sum(used) > len(used) / 2, "most steps used the look-ahead"
     assert not all(used), "rows joining undid a look-ahead"
+
+
+def test_a_single_generation_that_fails_raises_with_what_failed(decoder):
+    original = decoder.target_runner
+    decoder.target_runner = FailingRunner(original, slot=0, after=3)
+    try:
+        with pytest.raises(SpeculorError, match="injected failure"):
+            decoder.generate(prompts(1, seed=13)[0], max_new_tokens=10, gamma=2, ignore_eos=True)
+    finally:
+        decoder.target_runner = original
