@@ -132,29 +132,34 @@ class _Curve:
     observations: per value, the median of its last `WINDOW` observations (a one-off stall — a kernel compiled on
     first use, a page fault — cannot drag it for long); between observed values a straight line through the two
     nearest, beyond them the least-squares line through all of them; nothing with none. With one point the curve is
-    flat, or proportional when `through_origin` (no draft passes cost nothing)."""
+    flat: optimistic for a longer draft or a wider verify, so the policy tries one and learns its real cost."""
 
     WINDOW = 9
 
-    def __init__(self, through_origin: bool = False) -> None:
+    def __init__(self) -> None:
         self.points: dict[int, float] = {}
-        self.through_origin = through_origin
         self._recent: dict[int, deque[float]] = {}
+        self._predicted: dict[int, float | None] = {}
 
     def observe(self, x: int, seconds: float) -> None:
         recent = self._recent.setdefault(x, deque(maxlen=self.WINDOW))
         recent.append(seconds)
         self.points[x] = statistics.median(recent)
+        self._predicted.clear()
 
     def __call__(self, x: int) -> float | None:
+        if x not in self._predicted:
+            self._predicted[x] = self._predict(x)
+        return self._predicted[x]
+
+    def _predict(self, x: int) -> float | None:
         if x in self.points:
             return self.points[x]
         if not self.points:
             return None
         xs = sorted(self.points)
         if len(xs) == 1:
-            only = xs[0]
-            return self.points[only] * x / only if self.through_origin and only else self.points[only]
+            return self.points[xs[0]]
         below = [v for v in xs if v < x]
         above = [v for v in xs if v > x]
         if below and above:
@@ -173,7 +178,7 @@ class _BucketCosts:
     draft's phase by number of draft passes, and the host work around them (everything else the step took)."""
 
     verify: _Curve = field(default_factory=_Curve)
-    draft: _Curve = field(default_factory=lambda: _Curve(through_origin=True))
+    draft: _Curve = field(default_factory=_Curve)
     host: _Curve = field(default_factory=_Curve)
     pipelined: _Curve = field(default_factory=_Curve)
     choices: int = 0
@@ -248,19 +253,21 @@ class LoadAwareGamma:
       run is predicted along a line through those that have (flat with one), and an empty bucket borrows the nearest
       one's costs. So one step at γ = 0 and one at some γ > 0 predict every γ, and a prediction that was too hopeful
       is corrected by the very step that ran it.
-    Exploration: every `EXPLORE_EVERY`-th choice in a bucket tries the best γ's neighbour when it is predicted within
-    `EXPLORE_WITHIN` of the best, and while not speculating, every `RETRY_SPECULATION_EVERY`-th choice retries the most
-    promising γ when within `RETRY_SPECULATION_WITHIN`, so a wrong early estimate cannot stick. Speculating must
+    Exploration: every `EXPLORE_EVERY`-th decision in a bucket tries the best γ's neighbour for one step when it is
+    predicted within `EXPLORE_WITHIN` of the best, and while not speculating, every `RETRY_SPECULATION_EVERY`-th
+    decision retries the most promising γ when within `RETRY_SPECULATION_WITHIN`, so a wrong early estimate cannot
+    stick; a γ never run is tried once (its cost is unknown, so it looks free). Speculating must
     promise `MARGIN` more tokens per second than not, so noise cannot make a batch slower than the target alone. It
     adapts within a few steps: each cost is the median of its last nine observations (one-off stalls do not stick),
     and acceptance forgets with a half-life of ~140 row-steps (at least ~23 steps). The decoder keeps one policy for
     all its engines, so what it learned carries over."""
 
     MARGIN = 1.02
-    EXPLORE_EVERY = 16
+    EXPLORE_EVERY = 4
     EXPLORE_WITHIN = 0.9
-    RETRY_SPECULATION_EVERY = 64
+    RETRY_SPECULATION_EVERY = 8
     RETRY_SPECULATION_WITHIN = 0.75
+    DECIDE_EVERY = 8
 
     def __init__(self, max_gamma: int = AUTO_MAX_GAMMA, draft_passes: Callable[[int], int] | None = None) -> None:
         if max_gamma < 0:
@@ -270,6 +277,7 @@ class LoadAwareGamma:
         self.acceptance: dict[str, PositionAcceptance] = {}
         self._buckets: dict[int, _BucketCosts] = {}
         self._nearest: dict[int, list[_BucketCosts]] = {}
+        self._decision: tuple[tuple, int, int] | None = None
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -336,12 +344,25 @@ class LoadAwareGamma:
         return self.acceptance
 
     def choose(self, kinds: Sequence[str], caps: Sequence[int]) -> int:
-        """The best γ for rows of these kinds that may draft at most `caps` tokens each."""
+        """The best γ for rows of these kinds that may draft at most `caps` tokens each. A decision stands for
+        `DECIDE_EVERY` steps of the same batch (the same bucket, kinds and largest cap): costs and acceptance move
+        slowly, and on a small model a decision's Python costs as much as a step."""
         batch = len(kinds)
-        base = self.step_seconds(batch, 0)
         top = min(self.max_gamma, max(caps, default=0))
         if top == 0:
             return 0
+        key = (self.bucket(batch), top, frozenset(kinds))
+        if self._decision is not None and self._decision[0] == key and self._decision[2] > 0:
+            self._decision = (key, self._decision[1], self._decision[2] - 1)
+            return self._decision[1]
+        gamma, settled = self._decide(batch, kinds, caps, top)
+        # An exploring choice runs one step; a settled one stands.
+        self._decision = (key, gamma, self.DECIDE_EVERY - 1 if settled else 0)
+        return gamma
+
+    def _decide(self, batch: int, kinds: Sequence[str], caps: Sequence[int], top: int) -> tuple[int, bool]:
+        """(γ, whether it is the best prediction rather than an exploration)."""
+        base = self.step_seconds(batch, 0)
         groups: dict[tuple[str, int], int] = {}
         for kind, cap in zip(kinds, caps, strict=True):
             groups[(kind, min(cap, top))] = groups.get((kind, min(cap, top)), 0) + 1
@@ -362,13 +383,13 @@ class LoadAwareGamma:
             # Not speculating teaches nothing new about speculating: now and then retry the most promising γ.
             hopeful = max((g for g in rates if g), key=rates.__getitem__)
             if rates[hopeful] >= self.RETRY_SPECULATION_WITHIN * rates[0]:
-                return hopeful
+                return hopeful, False
         if costs.choices % self.EXPLORE_EVERY == 0:
             close = self.EXPLORE_WITHIN * rates[best]
             neighbours = [g for g in (best + 1, best - 1) if g in rates and rates[g] >= close]
             if neighbours:
-                return neighbours[(costs.choices // self.EXPLORE_EVERY) % len(neighbours)]
-        return best
+                return neighbours[(costs.choices // self.EXPLORE_EVERY) % len(neighbours)], False
+        return best, rates[best] != float("inf")
 
     def snapshot(self) -> dict:
         """What the policy has learned, for reports: per batch bucket the host, verify-by-width and draft-by-passes

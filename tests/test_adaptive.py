@@ -111,6 +111,7 @@ def learned_policy(verify_cost, draft_pass: float, acceptance: float, batch: int
 
 def test_load_aware_gamma_speculates_when_verify_is_free_and_stops_when_it_is_not():
     free = learned_policy(lambda width: 0.01, 0.001, 0.8, batch=1)
+    free.DECIDE_EVERY = 1
     assert free.choose(["greedy"], [6]) >= 3
     assert free.choose(["greedy"], [1]) == 1
     busy = learned_policy(lambda width: 0.01 * max(1.0, 64 * width / 16), 0.001, 0.8, batch=64)
@@ -120,12 +121,15 @@ def test_load_aware_gamma_speculates_when_verify_is_free_and_stops_when_it_is_no
 
 
 def test_load_aware_gamma_predicts_every_gamma_from_two_and_corrects_a_hopeful_guess():
-    """After one step without drafting and one drafting 2, every γ is predicted (draft passes proportional, verify
-    along a line); a γ whose real cost is far above the line is dropped as soon as it has run."""
+    """After one step without drafting and one drafting 2, every γ is predicted — hopefully: a pass count not yet
+    run costs what the nearest one did — and a γ whose real cost is far above that is dropped once it has run."""
     policy = LoadAwareGamma(6)
+    policy.DECIDE_EVERY = 1
     policy.observe(1, 0, 0, 0.0, 0.010, 0.011)
     policy.observe(1, 2, 2, 0.004, 0.010, 0.015)
-    assert policy.step_seconds(1, 4) == pytest.approx(0.001 + 0.008 + 0.010)
+    assert policy.step_seconds(1, 4) == pytest.approx(0.001 + 0.004 + 0.010)
+    policy.observe(1, 4, 4, 0.008, 0.010, 0.019)
+    assert policy.step_seconds(1, 3) == pytest.approx(0.001 + 0.006 + 0.010)
     for _ in range(50):
         policy.observe_acceptance("greedy", [(6, 6)])
     assert policy.choose(["greedy"], [6]) == 6
@@ -145,10 +149,11 @@ def test_load_aware_gamma_learns_acceptance_by_position():
 
 def test_load_aware_gamma_explores_the_neighbour_of_its_choice():
     policy = learned_policy(lambda width: 0.01, 0.001, 0.7, batch=1)
-    choices = [policy.choose(["greedy"], [6]) for _ in range(4 * LoadAwareGamma.EXPLORE_EVERY)]
+    policy.DECIDE_EVERY = 1
+    choices = [policy.choose(["greedy"], [6]) for _ in range(8 * LoadAwareGamma.EXPLORE_EVERY)]
     best = max(set(choices), key=choices.count)
     assert set(choices) - {best}, "a neighbour is tried now and then"
-    assert choices.count(best) >= len(choices) * 0.9
+    assert choices.count(best) >= len(choices) * 0.7
 
 
 def test_the_first_token_never_waits_for_the_draft(llama_pair):
@@ -161,3 +166,12 @@ def test_the_first_token_never_waits_for_the_draft(llama_pair):
         events = [event for event in engine.step() if event.request_id == request_id and event.delta.token_ids]
     assert len(events[0].delta.token_ids) == 1
     assert engine.proposer.runner.length(0) == 0, "the draft did not even read the prompt before the first token"
+
+
+def test_a_load_aware_decision_stands_for_several_steps_of_the_same_batch():
+    policy = learned_policy(lambda width: 0.01, 0.001, 0.8, batch=2)
+    first = policy.choose(["greedy"] * 2, [6] * 2)
+    for _ in range(20):
+        policy.observe(2, first, first, 1.0, 0.01, 1.02)  # the chosen γ turns out very slow
+    assert [policy.choose(["greedy"] * 2, [6] * 2) for _ in range(LoadAwareGamma.DECIDE_EVERY - 1)] == [first] * 7
+    assert policy.choose(["greedy"] * 2, [6] * 2) != first, "the next decision sees the new costs"
