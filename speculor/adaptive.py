@@ -181,6 +181,7 @@ class _BucketCosts:
     draft: _Curve = field(default_factory=_Curve)
     host: _Curve = field(default_factory=_Curve)
     pipelined: _Curve = field(default_factory=_Curve)
+    catch_up: float = 0.0
     choices: int = 0
 
 
@@ -268,6 +269,7 @@ class LoadAwareGamma:
     RETRY_SPECULATION_EVERY = 8
     RETRY_SPECULATION_WITHIN = 0.75
     DECIDE_EVERY = 8
+    CATCH_UP_WEIGHT = 0.05
 
     def __init__(self, max_gamma: int = AUTO_MAX_GAMMA, draft_passes: Callable[[int], int] | None = None) -> None:
         if max_gamma < 0:
@@ -306,20 +308,35 @@ class LoadAwareGamma:
             if value is None:
                 return None
             parts.append(value)
+        if gamma:
+            parts.append(self._costs(bucket)[0].catch_up)
         return sum(parts)
 
     def observe(
-        self, batch: int, gamma: int, passes: int, draft_seconds: float, verify_seconds: float, seconds: float
+        self,
+        batch: int,
+        gamma: int,
+        passes: int,
+        draft_seconds: float,
+        verify_seconds: float,
+        seconds: float,
+        caught_up: bool = False,
     ) -> None:
         """An engine step of `batch` rows drafted γ in `passes` draft passes: its draft phase, its verify phase and
-        all of it took these seconds. `draft_seconds` < 0 marks a draft phase that also caught a draft cache up
-        (one-off work that says nothing about drafting)."""
+        all of it took these seconds. `caught_up` says the draft phase also fed a draft cache what it had missed (a
+        joining row's prompt, or the tokens of steps without drafting): that part is kept apart, as the catch-up
+        that steps drafting γ > 0 pay on average — real in a server where rows keep joining, and the price of
+        switching speculation back on."""
         costs = self._bucket_costs(batch)
         costs.verify.observe(gamma + 1, verify_seconds)
-        if draft_seconds < 0:
-            return  # a draft catching up (one-off work after steps without drafting) is neither drafting nor host
+        drafting = draft_seconds
         if gamma:
-            costs.draft.observe(passes, draft_seconds)
+            if caught_up:
+                known = costs.draft(passes)
+                drafting = min(draft_seconds, known) if known is not None else draft_seconds
+            else:
+                costs.draft.observe(passes, draft_seconds)
+            costs.catch_up += self.CATCH_UP_WEIGHT * (draft_seconds - drafting - costs.catch_up)
         costs.host.observe(0, max(0.0, seconds - verify_seconds - draft_seconds))
 
     def observe_pipelined(self, batch: int, seconds: float) -> None:
@@ -400,6 +417,8 @@ class LoadAwareGamma:
                     "host": costs.host.points.get(0),
                     "verify_by_width": dict(sorted(costs.verify.points.items())),
                     "draft_by_passes": dict(sorted(costs.draft.points.items())),
+                    "catch_up": costs.catch_up,
+                    "pipelined": costs.pipelined.points.get(0),
                 }
                 for bucket, costs in sorted(self._buckets.items())
             },

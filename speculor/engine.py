@@ -496,9 +496,10 @@ class BatchEngine:
         for kind, steps in learned.items():
             self.load_aware.observe_acceptance(kind, steps)
         if self._policy_step:
-            drafting = -1.0 if self._caught_up else draft_seconds
             seconds = time.perf_counter() - began
-            self.load_aware.observe(count, self.last_gamma, forwards, drafting, verify_seconds, seconds)
+            self.load_aware.observe(
+                count, self.last_gamma, forwards, draft_seconds, verify_seconds, seconds, self._caught_up
+            )
         elif ahead is not None:
             self.load_aware.observe_pipelined(count, time.perf_counter() - began)
         return events

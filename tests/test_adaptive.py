@@ -175,3 +175,17 @@ def test_a_load_aware_decision_stands_for_several_steps_of_the_same_batch():
         policy.observe(2, first, first, 1.0, 0.01, 1.02)  # the chosen γ turns out very slow
     assert [policy.choose(["greedy"] * 2, [6] * 2) for _ in range(LoadAwareGamma.DECIDE_EVERY - 1)] == [first] * 7
     assert policy.choose(["greedy"] * 2, [6] * 2) != first, "the next decision sees the new costs"
+
+
+def test_draft_catch_ups_are_charged_to_speculating_steps_on_average():
+    """A row joining (its prompt fed to the draft) or speculation resuming (the tokens drafted without) makes the draft
+    phase longer once; the policy charges that to speculating steps on average, not to drafting or host work."""
+    policy = learned_policy(lambda width: 0.01, 0.001, 0.8, batch=4)
+    before = policy.step_seconds(4, 3)
+    for index in range(40):
+        caught_up = index % 4 == 0
+        draft = 0.003 + (0.02 if caught_up else 0.0)
+        policy.observe(4, 3, 3, draft, 0.01, 0.0105 + draft, caught_up)
+    assert policy.step_seconds(4, 3) > before + 0.002
+    assert policy.step_seconds(4, 0) == pytest.approx(0.0105)
+    assert policy.snapshot()["buckets"][4]["draft_by_passes"][3] == pytest.approx(0.003)
