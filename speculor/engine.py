@@ -418,8 +418,8 @@ class BatchEngine:
             speculating = self.proposer is not None and row.request.speculative and bool(row.generated)
             caps.append(min(remaining - 1, row.request.max_gamma or remaining) if speculating else 0)
         auto = [index for index, row in enumerate(rows) if row.request.gamma is None and caps[index] > 0]
-        # Steps of rows that all leave γ to the policy (or cannot draft) teach it what steps cost.
-        self._policy_step = all(row.request.gamma is None for row in rows)
+        # Steps of rows that all leave γ to the policy teach it what steps cost, when it has something to choose.
+        self._policy_step = self.proposer is not None and all(row.request.gamma is None for row in rows)
         chosen, self._planned_gamma = self._planned_gamma or 0, None
         if auto and not chosen:
             chosen = self.load_aware.choose([_acceptance_kind(rows[i]) for i in auto], [caps[i] for i in auto])
@@ -460,7 +460,7 @@ class BatchEngine:
         if starts is not None:
             accepted, next_tokens = self._sampled_accept(logits, drafts, counts, draft_probs, sampling, starts)
         else:
-            accepted, next_tokens = greedy_accept(drafts, counts, logits)
+            accepted, next_tokens = greedy_accept(drafts, counts, logits) if width else self._argmax_only(logits)
         clock.mark(clock.DONE)
         # The single host read of the step; on a GPU it also completes the timing events above.
         values_on_device = torch.cat([drafts.flatten(), counts, accepted, next_tokens])
@@ -572,6 +572,13 @@ class BatchEngine:
                 self.target.rollback(row.slot, len(row.context) - 1)
         self._pending = None
         return None
+
+    @staticmethod
+    def _argmax_only(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`greedy_accept` of a step without drafts in two operations (per token, batch 1 is launch-bound even on a
+        CPU): nothing accepted, the target's argmax next."""
+        next_tokens = logits[:, 0].argmax(-1)
+        return torch.zeros_like(next_tokens), next_tokens
 
     @staticmethod
     def _sampled_accept(

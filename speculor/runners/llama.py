@@ -465,6 +465,9 @@ def store_rows(
     if host_rows is None:
         layer_cache[:, token_rows, :, positions] = keys_values
         return
+    if len(host_rows) == 1:
+        layer_cache[:, host_rows[0]].index_copy_(2, positions, keys_values.permute(1, 2, 0, 3))
+        return
     per_row = keys_values.shape[0] // len(host_rows)
     for row, sequence in enumerate(host_rows):
         part = slice(row * per_row, (row + 1) * per_row)
@@ -486,6 +489,9 @@ def attend_rows(
     if host_rows is None:
         rows_cache = layer_cache[:, sequences, :, :span]
         return attend(query, rows_cache[0], rows_cache[1], mask, scaling, softcap)
+    if len(host_rows) == 1:
+        row_cache = layer_cache[:, host_rows[0], None, :, :span]
+        return attend(query, row_cache[0], row_cache[1], mask, scaling, softcap)
     per_row = query.shape[0] // len(host_rows)
     parts = []
     for row, sequence in enumerate(host_rows):
