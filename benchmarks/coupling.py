@@ -15,10 +15,7 @@ length (tokens per target forward) of each rule. Accuracy, not speed: any machin
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -26,7 +23,7 @@ import torch
 from speculor.api import SpeculativeDecoder
 from speculor.models import shipped
 from speculor.prompts import load_prompts
-from speculor.provenance import source_revision
+from speculor.provenance import measurement_header
 
 
 def measure(decoder: SpeculativeDecoder, prompts: list, temperature: float, gamma: int, tokens: int, coupled: bool):
@@ -67,13 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     target, draft = args.target or str(family.target), args.draft or str(family.best_draft)
     decoder = SpeculativeDecoder(target, draft, device=args.device)
     prompts = load_prompts("humaneval")[: args.num_prompts]
-    revision = source_revision()
     report = {
-        "command": "python " + shlex.join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": args.commit or revision["commit"],
-        "dirty": revision["dirty"],
-        "device": torch.cuda.get_device_name(decoder.device) if decoder.device.type == "cuda" else "cpu",
+        **measurement_header(decoder.device, args.commit),
         "target": target,
         "draft": draft,
         "gamma": args.gamma,

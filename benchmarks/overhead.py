@@ -13,11 +13,8 @@ engine's step ≤ 1.15x the runner's at B = 64 and ≤ 1.05x at B = 1. The engin
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +22,7 @@ import torch
 from gpu import llama_shapes, random_model
 
 from speculor.api import SpeculativeDecoder
-from speculor.provenance import source_revision
+from speculor.provenance import measurement_header
 
 
 def synchronize(device: torch.device) -> None:
@@ -98,14 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     decoder.warm_up(1)
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(shape.vocab_size, (max(sizes), 128), generator=generator).tolist()
-    revision = source_revision()
     report = {
-        "command": "python " + shlex.join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": args.commit or revision["commit"],
-        "dirty": revision["dirty"],
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        **measurement_header(device, args.commit),
         "shape": "llama-3-8b, random bf16" if device.type == "cuda" else "toy",
         "batches": [],
     }

@@ -15,10 +15,7 @@ it does in a server. JSON is written after every batch size, with the commit it 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +25,7 @@ from batch import median_run, timed_batch
 from speculor.api import SpeculativeDecoder
 from speculor.models import shipped
 from speculor.prompts import load_prompts
-from speculor.provenance import source_revision
+from speculor.provenance import measurement_header
 from speculor.threads import use_cpu_threads
 
 
@@ -95,14 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     decoder = SpeculativeDecoder(pair["target"], pair["draft"], device=args.device, max_batch_size=size)
     decoder.warm_up(max(args.gammas))
     prompts = load_prompts("humaneval")
-    revision = source_revision()
     report = {
-        "command": "python " + shlex.join(sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": args.commit or revision["commit"],
-        "dirty": revision["dirty"],
-        "device": torch.cuda.get_device_name(decoder.device) if decoder.device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+        **measurement_header(decoder.device, args.commit),
         "dtype": str(decoder.dtype),
         "pair": pair,
         "train_seconds": train_seconds,

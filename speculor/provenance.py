@@ -26,3 +26,25 @@ def source_revision() -> dict[str, str | bool | None]:
         return {"commit": None, "dirty": None}
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def measurement_header(device: object, commit: str | None = None) -> dict:
+    """What every benchmark's JSON starts with: the command line, the date (UTC), the commit (`commit` when given:
+    a copy of the checkout whose git metadata is stale or missing, as on a lent GPU machine), whether the tree was
+    dirty, the device's name and torch's version."""
+    import datetime
+    import shlex
+    import sys
+
+    import torch
+
+    device = torch.device(device)
+    revision = source_revision()
+    return {
+        "command": "python " + shlex.join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit or revision["commit"],
+        "dirty": None if commit else revision["dirty"],
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
