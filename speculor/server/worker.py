@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from speculor.distributed import GroupLostError
 from speculor.engine import BatchEngine, DecodeRequest, Delta, GenerationResult, GenerationStats, TokenLogprob
@@ -31,8 +31,18 @@ from speculor.errors import SpeculorError
 from speculor.server.errors import APIError
 from speculor.server.metrics import ServerMetrics
 
-if TYPE_CHECKING:
-    from speculor.server.replicas import Leader
+
+class Leader(Protocol):
+    """What the worker needs of an engine front that also drives follower ranks (tensor-parallel serving,
+    `speculor.server.replicas.Leader`): it steps like the engine, is told when to keep idle followers alive, and when
+    to let them go."""
+
+    heartbeat_seconds: float
+
+    def heartbeat(self) -> None: ...
+
+    def stop(self) -> None: ...
+
 
 logger = logging.getLogger(__name__)
 
