@@ -179,7 +179,7 @@ class SpeculativeDecoder:
         reproducible: bool | None = None,
     ) -> DecodeRequest:
         """A checked request, ready for an engine (`new_engine().add(...)`). `gamma=None` (the default) lets the
-        engine choose γ each step for the whole batch from the measured step costs and the running acceptance
+        engine choose γ each step for the whole batch from the step costs and acceptance it learns as it runs
         (`LoadAwareGamma`; 0 = no speculation under a heavy load); an int or a `GammaPolicy` fixes this request's
         own. `speculative=False` runs the target alone even when a draft is loaded (for baselines on the same
         runner). `logprobs=N` reports the target's log-probability of each token and its N best alternatives.

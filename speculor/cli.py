@@ -142,7 +142,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Generation options, named as in the Python API."""
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     parser.add_argument(
-        "--gamma", type=int, help="tokens drafted per step (default: chosen each step from measured step costs)"
+        "--gamma", type=int, help="tokens drafted per step (default: chosen each step, learned from the steps)"
     )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     parser.add_argument("--top-k", type=int, help="sample from the k likeliest tokens only (default: off)")
@@ -360,7 +360,7 @@ def generate_batch(
 ) -> int:
     """`generate --prompts-file`: every prompt through one rolling batch, one JSON line per prompt in order, then a
     summary line (total tokens/s, what γ the steps drafted, and with --compare the target alone on the same batch)
-    on stderr. Step shapes and step costs are measured first, so the timing covers generation only."""
+    on stderr. Every step shape is prepared first, so the timing covers generation only."""
     decoder.warm_up(args.gamma)
     began = time.perf_counter()
     results = decoder.generate(prompts, **options)

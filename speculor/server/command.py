@@ -157,7 +157,7 @@ def load_and_serve(args: argparse.Namespace, sock: socket.socket | None) -> int:
         max_batch_size=args.max_batch_size,
         tensor_parallel=args.tensor_parallel,
     )
-    progress("warming up: running each step shape once and measuring step costs …")
+    progress("warming up: running each step shape once …")
     decoder.warm_up(args.gamma)
     if sock is None:
         return replicas.follow(decoder)
