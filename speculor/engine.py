@@ -412,11 +412,7 @@ class BatchEngine:
         load-aware choice for the batch otherwise. Never past max_new_tokens (a step can emit γ + 1 tokens). A
         row's first token drafts nothing: it comes from the target alone, so speculation (the draft's prefill, its
         passes) never delays the first token."""
-        caps = []
-        for row in rows:
-            remaining = row.request.max_new_tokens - len(row.generated)
-            speculating = self.proposer is not None and row.request.speculative and bool(row.generated)
-            caps.append(min(remaining - 1, row.request.max_gamma or remaining) if speculating else 0)
+        caps = [self._draft_cap(row, len(row.generated)) for row in rows]
         auto = [index for index, row in enumerate(rows) if row.request.gamma is None and caps[index] > 0]
         # Steps of rows that all leave γ to the policy teach it what steps cost, when it has something to choose.
         self._policy_step = self.proposer is not None and all(row.request.gamma is None for row in rows)
@@ -500,9 +496,18 @@ class BatchEngine:
             self.load_aware.observe(
                 count, self.last_gamma, forwards, draft_seconds, verify_seconds, seconds, self._caught_up
             )
-        elif ahead is not None:
+        elif ahead is not None and self.proposer is not None:
             self.load_aware.observe_pipelined(count, time.perf_counter() - began)
         return events
+
+    def _draft_cap(self, row: _Row, generated: int) -> int:
+        """The most tokens the row may draft once it has `generated` tokens: none without a proposer, for a request
+        that does not speculate, or for its first token (which comes from the target alone, so speculation never
+        delays it); never past max_new_tokens (a step can emit γ + 1 tokens)."""
+        if self.proposer is None or not row.request.speculative or generated == 0:
+            return 0
+        remaining = row.request.max_new_tokens - generated
+        return min(remaining - 1, row.request.max_gamma or remaining)
 
     def _may_look_ahead(self, rows: list[_Row], gammas: list[int]) -> bool:
         """Whether to queue the next step's target forward before reading this one's results: on a GPU, when this
@@ -518,9 +523,8 @@ class BatchEngine:
         for row in rows:
             if row.request.logprobs is not None:
                 return False
-            remaining = row.request.max_new_tokens - len(row.generated) - 1
-            cap = min(remaining - 1, row.request.max_gamma or remaining)
-            if self.proposer is None or not row.request.speculative or cap < 1:
+            cap = self._draft_cap(row, len(row.generated) + 1)
+            if cap < 1:
                 continue
             if row.request.gamma is not None:
                 return False
@@ -600,7 +604,7 @@ class BatchEngine:
             positions = starts[:, None] + torch.arange(width + 1, device=starts.device)
             choices = sample(target_probs, counter_uniform(sampling.seeds, positions, TARGET_STREAM, vocab))
             coupled = match_accept(drafts, counts, choices)
-            if bool(sampling.reproducible.all()):
+            if sampling.only_coupled:
                 return coupled
         offsets = torch.arange(width, device=starts.device)
         uniforms = counter_uniform(sampling.seeds, starts[:, None] + offsets, ACCEPT_STREAM)

@@ -103,6 +103,8 @@ class RowSampling:
     # their drafts are drawn with the target's noise and verified by coupling (`speculor.verify.match_accept`).
     reproducible: torch.Tensor | None = None
     any_reproducible: bool = False
+    # Whether every row is reproducible or greedy, so coupling alone verifies the batch (known on the host: no sync).
+    only_coupled: bool = False
 
     @classmethod
     def build(
@@ -125,6 +127,7 @@ class RowSampling:
             any_greedy=len(sampled) < len(params),
             reproducible=torch.tensor(coupled, dtype=torch.bool, device=device) if any(coupled) else None,
             any_reproducible=any(coupled),
+            only_coupled=any(coupled) and all(flag or p.greedy for flag, p in zip(coupled, params, strict=True)),
         )
 
     def select(self, rows: torch.Tensor) -> RowSampling:
@@ -139,6 +142,7 @@ class RowSampling:
             self.any_greedy,
             self.reproducible[rows] if self.reproducible is not None else None,
             self.any_reproducible,
+            self.only_coupled,
         )
 
 
