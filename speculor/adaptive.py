@@ -200,10 +200,6 @@ class PositionAcceptance:
         self.reached = [0.0] * positions
         self.accepted = [0.0] * positions
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        """One row's step: `drafted` tokens verified, the first `accepted` of them accepted."""
-        self.observe_rows([(drafted, accepted)])
-
     def observe_rows(self, steps: Sequence[tuple[int, int]]) -> None:
         """Several rows' steps at once, (drafted, accepted) each; the counts decay once for all of them."""
         steps = [(drafted, accepted) for drafted, accepted in steps if drafted]
@@ -355,10 +351,6 @@ class LoadAwareGamma:
     def observe_acceptance(self, kind: str, steps: Sequence[tuple[int, int]]) -> None:
         """What rows of one kind drafted and had accepted in a step, (drafted, accepted) per row."""
         self.acceptance.setdefault(kind, PositionAcceptance()).observe_rows(steps)
-
-    @property
-    def pair_acceptance(self) -> dict[str, PositionAcceptance]:
-        return self.acceptance
 
     def choose(self, kinds: Sequence[str], caps: Sequence[int]) -> int:
         """The best γ for rows of these kinds that may draft at most `caps` tokens each. A decision stands for

@@ -86,9 +86,14 @@ def _command_line(args: argparse.Namespace) -> str:
         "--threads": args.threads,
         "--seed": args.seed,
     }
+    return joined_command(words, options)
+
+
+def joined_command(words: list[str], options: dict[str, object]) -> str:
+    """`words` followed by every option that has a value (floats in their shortest form), as one shell line."""
     for flag, value in options.items():
         if value is not None:
-            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+            words = [*words, flag, f"{value:g}" if isinstance(value, float) else str(value)]
     return shlex.join(words)
 
 

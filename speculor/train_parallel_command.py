@@ -4,9 +4,9 @@ when the command runs, so the command line starts quickly (as `speculor.train_co
 from __future__ import annotations
 
 import argparse
-import shlex
 
 from speculor.threads import add_threads_argument, use_cpu_threads
+from speculor.train_command import joined_command
 
 DEFAULT_MAX_GAMMA = 6  # speculor.train_parallel.DEFAULT_MAX_GAMMA: the largest γ the load-aware policy picks
 
@@ -57,10 +57,7 @@ def _command_line(args: argparse.Namespace) -> str:
         "--threads": args.threads,
         "--seed": args.seed,
     }
-    for flag, value in options.items():
-        if value is not None:
-            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    return shlex.join(words)
+    return joined_command(words, options)
 
 
 def run_train_parallel(args: argparse.Namespace) -> int:
