@@ -24,6 +24,7 @@ from rich.markup import escape
 
 from speculor.errors import SpeculorError
 from speculor.threads import ThreadChoice, add_threads_argument
+from speculor.wording import counted
 
 if TYPE_CHECKING:
     from speculor.api import SpeculativeDecoder
@@ -57,6 +58,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         default = action.default
         if not action.option_strings or default is None or default is False or default == argparse.SUPPRESS:
             return None
+        if isinstance(default, (list, tuple)) and not default:
+            return None  # a repeatable option given no times: "(default: )" would say nothing
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"(default: {shown.replace('%', '%%')})"
 
@@ -333,7 +336,7 @@ def run_generate(args: argparse.Namespace) -> int:
         out.print(" ".join(map(str, result.token_ids)))
     else:
         out.print()
-    line = f"{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
+    line = f"{counted(stats.new_tokens, 'token')}, {stats.tokens_per_second:.1f} tok/s, "
     if decoder.speculative:
         line += (
             f"TAR {stats.acceptance_rate:.3f}, mean accepted length {stats.mean_accepted_length:.2f}, "
@@ -389,8 +392,9 @@ def generate_batch(
         print(json.dumps(line), flush=True)
     tokens = sum(result.stats.new_tokens for result in results)
     summary = (
-        f"{len(prompts)} prompts, batch size {decoder.max_batch_size}: {tokens} tokens in {seconds:.2f} s, "
-        f"{tokens / seconds:.1f} tok/s total; γ drafted per row step {dict(sorted(gamma_steps.items()))}"
+        f"{counted(len(prompts), 'prompt')}, batch size {decoder.max_batch_size}: {counted(tokens, 'token')} in "
+        f"{seconds:.2f} s, {tokens / seconds:.1f} tok/s total; "
+        f"γ drafted per row step {dict(sorted(gamma_steps.items()))}"
     )
     if baselines is not None:
         alone_rate = sum(result.stats.new_tokens for result in baselines) / baseline_seconds

@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from speculor.errors import SpeculorError
 from speculor.loading import resolve_device
+from speculor.wording import counted
 
 END_OF_TEXT = "<|endoftext|>"
 SHAPE_PATTERN = re.compile(
@@ -244,6 +245,19 @@ def collect_corpus(roots: Sequence[str | os.PathLike] | None = None, max_bytes: 
     if not held_out:
         held_out.append(train.pop())
     return Corpus(train, held_out, root_list, len(train) + len(held_out), total)
+
+
+def read_corpus(roots: Sequence[str | os.PathLike] | None, max_bytes: int | None, say: Callable[[str], None]) -> Corpus:
+    """`collect_corpus`, with a line before it saying how much it will read and one after saying what it read and
+    how long that took: a large corpus takes minutes to read, and a silent command looks hung."""
+    began = time.perf_counter()
+    say(f"corpus: reading .py files, {'all of them' if max_bytes is None else f'at most {max_bytes / 1e6:g} MB'} …")
+    documents = collect_corpus(roots, max_bytes)
+    say(
+        f"corpus: {counted(documents.files, 'file')}, {documents.bytes:,} bytes from {', '.join(documents.roots)} "
+        f"({time.perf_counter() - began:.0f} s)"
+    )
+    return documents
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int, progress: bool = False) -> PreTrainedTokenizerFast:
@@ -537,15 +551,15 @@ an assistant.
 
 | | |
 |---|---|
-| architecture | Llama, {config.num_hidden_layers} layers, hidden size {config.hidden_size}, \
-{config.num_attention_heads} heads ({config.num_key_value_heads} key/value), MLP {config.intermediate_size}, \
-tied embeddings |
+| architecture | Llama, {counted(config.num_hidden_layers, "layer")}, hidden size {config.hidden_size}, \
+{counted(config.num_attention_heads, "head")} ({config.num_key_value_heads} key/value), \
+MLP {config.intermediate_size}, tied embeddings |
 | parameters | {trained.parameters:,} |
 | vocabulary | {result.vocab_size:,} byte-level BPE tokens, newline isolated; `<|endoftext|>` is BOS and EOS |
 | context | {config.max_position_embeddings} tokens (training windows of the same length) |
 | corpus | {result.corpus_files:,} de-duplicated Python files, {result.corpus_bytes:,} bytes: \
 {result.train_tokens:,} training tokens, {result.held_out_tokens:,} held-out tokens (1% of files, by path hash) |
-| training | {trained.steps:,} steps, {trained.tokens_seen:,} tokens seen, {trained.seconds:.0f} s at \
+| training | {counted(trained.steps, "step")}, {trained.tokens_seen:,} tokens seen, {trained.seconds:.0f} s at \
 {trained.tokens_per_second:,.0f} tokens/s |
 | held-out loss | {trained.held_out_loss:.4f} nats/token (cross-entropy against the corpus) |
 | hardware | {result.device} |
@@ -577,7 +591,9 @@ def save_model(
     (directory / "README.md").write_text(card)
 
 
-def _progress_print(enabled: bool) -> Callable[[str], None]:
+def progress_printer(enabled: bool) -> Callable[[str], None]:
+    """A function that prints a progress line on stderr above any progress bar, or does nothing when disabled."""
+
     def say(message: str) -> None:
         if enabled:
             tqdm.write(message, file=sys.stderr)
@@ -628,19 +644,14 @@ def train_family(
     if vocab_size < 300:
         raise SpeculorError(f"vocab_size must be at least 300 (256 bytes plus merges), got {vocab_size}")
     resolved = resolve_device(device)
-    say = _progress_print(progress)
+    say = progress_printer(progress)
     if resolved.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     roots = None if corpus is None else [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
     cap = default_corpus_cap(resolved) if max_corpus_bytes == "auto" else max_corpus_bytes
     began = time.perf_counter()
-    say(f"corpus: reading .py files, {'all of them' if cap is None else f'at most {cap / 1e6:g} MB'} …")
-    documents = collect_corpus(roots, cap)
-    say(
-        f"corpus: {documents.files:,} files, {documents.bytes:,} bytes from {', '.join(documents.roots)} "
-        f"({time.perf_counter() - began:.0f} s)"
-    )
+    documents = read_corpus(roots, cap, say)
     teacher = None
     if teacher_directory is None:
         sample = tokenizer_sample(documents.train)
@@ -695,8 +706,8 @@ def train_family(
         )
         result.models[shape.name] = trained
         say(
-            f"{shape}: {trained.parameters:,} parameters, {trained.steps} steps, {trained.tokens_seen:,} tokens, "
-            f"held-out loss {trained.held_out_loss:.4f}"
+            f"{shape}: {trained.parameters:,} parameters, {counted(trained.steps, 'step')}, "
+            f"{trained.tokens_seen:,} tokens, held-out loss {trained.held_out_loss:.4f}"
         )
         save_model(model, tokenizer, directory, model_card(result, trained, model.config))
         if shape.name == distill_from:

@@ -10,11 +10,18 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import Literal
 
 from speculor.threads import add_threads_argument, use_cpu_threads
 
 # The shapes of the shipped family (speculor/models), each trained for --seconds.
 DEFAULT_FAMILY = ("target:8x384", "draft-4x128:4x128", "draft-3x128:3x128", "draft-1x192:1x192")
+# speculor.train.DEFAULT_CPU_CORPUS_BYTES and DEFAULT_GPU_CORPUS_BYTES, spelled out without importing torch; shared
+# with `train-parallel`, which reads the same corpus.
+MAX_CORPUS_BYTES_HELP = (
+    "use at most this many bytes of source; 0 for all of it (default: 8 MB on the CPU, 200 MB on a GPU; the whole "
+    "default corpus is often hundreds of MB)"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,12 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--corpus", action="append", help="directory of .py files (repeatable; default: stdlib + site-packages)"
     )
-    parser.add_argument(
-        "--max-corpus-bytes",
-        type=int,
-        help="use at most this many bytes of source; 0 for all of it (default: 8 MB on the CPU, 200 MB on a GPU; the "
-        "whole default corpus is often hundreds of MB)",
-    )
+    parser.add_argument("--max-corpus-bytes", type=int, help=MAX_CORPUS_BYTES_HELP)
     parser.add_argument("--vocab-size", type=int, default=8192, help="tokens in the BPE tokenizer")
     parser.add_argument(
         "--seconds",
@@ -97,6 +99,12 @@ def joined_command(words: list[str], options: dict[str, object]) -> str:
     return shlex.join(words)
 
 
+def corpus_cap(max_corpus_bytes: int | None) -> int | Literal["auto"] | None:
+    """--max-corpus-bytes as the training functions take it: left out is "auto" (the device's default cap), 0 is
+    None (no cap)."""
+    return "auto" if max_corpus_bytes is None else max_corpus_bytes or None
+
+
 def run_train(args: argparse.Namespace) -> int:
     from speculor.train import train_family
 
@@ -105,7 +113,7 @@ def run_train(args: argparse.Namespace) -> int:
         args.output,
         args.models or list(DEFAULT_FAMILY),
         corpus=args.corpus,
-        max_corpus_bytes="auto" if args.max_corpus_bytes is None else args.max_corpus_bytes or None,
+        max_corpus_bytes=corpus_cap(args.max_corpus_bytes),
         vocab_size=args.vocab_size,
         seconds=args.seconds,
         steps=args.steps,

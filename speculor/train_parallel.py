@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from speculor.errors import SpeculorError
 from speculor.loading import resolve_device
 from speculor.proposers import PARALLEL_DRAFT_KEY, ParallelDraftSpec
-from speculor.train import collect_corpus, distillation_loss, encode_documents, hardware_name, learning_rate_at
+from speculor.train import (
+    default_corpus_cap,
+    distillation_loss,
+    encode_documents,
+    hardware_name,
+    learning_rate_at,
+    progress_printer,
+    read_corpus,
+)
+from speculor.wording import counted
 
 DEFAULT_MAX_GAMMA = 6
 HELD_OUT_WINDOWS = 64
@@ -212,10 +222,10 @@ output stays exactly the target's.
 | | |
 |---|---|
 | made from | `{result.base_draft}` (same weights plus the mask token's embedding row) |
-| architecture | Llama, {config.num_hidden_layers} layers, hidden size {config.hidden_size}, tied embeddings, \
-vocabulary {config.vocab_size:,} (the target's plus the mask) |
+| architecture | Llama, {counted(config.num_hidden_layers, "layer")}, hidden size {config.hidden_size}, \
+tied embeddings, vocabulary {config.vocab_size:,} (the target's plus the mask) |
 | parameters | {result.parameters:,} |
-| training | {result.steps:,} steps, {result.windows_seen:,} windows of {result.sequence_length} tokens with \
+| training | {counted(result.steps, "step")}, {result.windows_seen:,} windows of {result.sequence_length} tokens with \
 {result.cuts_per_window} cut points each, {result.seconds:.0f} s, final training loss {result.final_train_loss:.4f} |
 | loss | {loss_kind} at every offset, offsets weighted equally |
 | teacher | {f"`{result.teacher}`" if result.teacher else "none (corpus tokens)"} |
@@ -246,7 +256,7 @@ def train_parallel_draft(
     distill_from: str | os.PathLike | None = None,
     max_gamma: int = DEFAULT_MAX_GAMMA,
     corpus: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    max_corpus_bytes: int | None = None,
+    max_corpus_bytes: int | Literal["auto"] | None = "auto",
     seconds: float | None = 600.0,
     steps: int | None = None,
     batch_size: int = 8,
@@ -260,7 +270,8 @@ def train_parallel_draft(
 ) -> ParallelTrainResult:
     """Adapt the draft saved in `init_from` into a parallel draft of `max_gamma` (K) tokens and save it in
     `output_dir` (float16 safetensors, the draft's tokenizer and a model card). Trains for `steps`,
-    or for `seconds` when no step count is given."""
+    or for `seconds` when no step count is given. The corpus is read up to `max_corpus_bytes` ("auto": the
+    device's default cap, as `speculor train` reads it; None: all of it)."""
     if max_gamma < 2:
         raise SpeculorError(f"a parallel draft proposes at least 2 tokens a forward, got max_gamma={max_gamma}")
     if steps is None and not seconds:
@@ -281,12 +292,19 @@ def train_parallel_draft(
         raise SpeculorError("the teacher scores fewer tokens than the draft: they cannot share a vocabulary")
     spec = add_mask_token(student, max_gamma)
     student.to(resolved).train()
+    say = progress_printer(progress)
     roots = None if corpus is None else [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
-    documents = collect_corpus(roots, max_corpus_bytes)
+    cap = default_corpus_cap(resolved) if max_corpus_bytes == "auto" else max_corpus_bytes
+    documents = read_corpus(roots, cap, say)
     train_stream = encode_documents(tokenizer, documents.train).to(resolved)
     held_out_stream = encode_documents(tokenizer, documents.held_out).to(resolved)
     if train_stream.numel() <= sequence_length + 1:
         raise SpeculorError(f"the training corpus has {train_stream.numel()} tokens, fewer than one window")
+    budget = counted(steps, "step") if steps is not None else f"{seconds:g} s"
+    say(
+        f"training: {train_stream.numel():,} training and {held_out_stream.numel():,} held-out tokens; "
+        f"{budget} of {batch_size} windows × {sequence_length} tokens, then a held-out pass"
+    )
     torch.manual_seed(seed)
     sampler = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)

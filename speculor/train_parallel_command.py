@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 
 from speculor.threads import add_threads_argument, use_cpu_threads
-from speculor.train_command import joined_command
+from speculor.train_command import MAX_CORPUS_BYTES_HELP, corpus_cap, joined_command
+from speculor.wording import counted
 
 DEFAULT_MAX_GAMMA = 6  # speculor.train_parallel.DEFAULT_MAX_GAMMA: the largest γ the load-aware policy picks
 
@@ -24,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--distill-from", help="directory of the target to learn from (default: corpus tokens)")
     parser.add_argument("--parallel", type=int, default=DEFAULT_MAX_GAMMA, help="K, tokens per forward (default 6)")
     parser.add_argument("--corpus", action="append", help="directory of .py files (default: stdlib + site-packages)")
-    parser.add_argument("--max-corpus-bytes", type=int, help="use at most this many bytes of source")
+    parser.add_argument("--max-corpus-bytes", type=int, help=MAX_CORPUS_BYTES_HELP)
     parser.add_argument("--seconds", type=float, default=600.0, help="training time (default 600)")
     parser.add_argument("--steps", type=int, help="train for this many steps instead of a time budget")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per step")
@@ -70,7 +71,7 @@ def run_train_parallel(args: argparse.Namespace) -> int:
         distill_from=args.distill_from,
         max_gamma=args.parallel,
         corpus=args.corpus,
-        max_corpus_bytes=args.max_corpus_bytes,
+        max_corpus_bytes=corpus_cap(args.max_corpus_bytes),
         seconds=args.seconds,
         steps=args.steps,
         batch_size=args.batch_size,
@@ -83,5 +84,5 @@ def run_train_parallel(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     by_offset = " ".join(f"{value:.3f}" for value in result.held_out_accuracy_by_offset)
-    print(f"{result.output_dir}\t{result.steps} steps\theld-out top-1 by offset {by_offset}")
+    print(f"{result.output_dir}\t{counted(result.steps, 'step')}\theld-out top-1 by offset {by_offset}")
     return 0

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from speculor import train
 from speculor.api import DEFAULT_MAX_BATCH_SIZE
 from speculor.cli import (
     COMMAND_MODULES,
@@ -22,6 +23,8 @@ from speculor.cli import (
 )
 from speculor.loading import DTYPES
 from speculor.runners import RUNNER_KINDS, fast
+from speculor.train_command import MAX_CORPUS_BYTES_HELP
+from speculor.wording import counted
 
 
 @pytest.fixture(autouse=True)
@@ -151,6 +154,15 @@ def test_single_prompt_json_says_why_it_stopped_and_target_alone_says_it_did_not
     assert "no speculation" in err and "TAR" not in err
 
 
+def test_a_count_of_one_reads_in_the_singular(capsys, text_pair_dirs):
+    assert [counted(count, "step") for count in (0, 1, 2, 1024)] == ["0 steps", "1 step", "2 steps", "1,024 steps"]
+    assert [counted(count, "batch", "batches") for count in (1, 3)] == ["1 batch", "3 batches"]
+    target, _ = map(str, text_pair_dirs)
+    assert main(["generate", "--target", target, "--prompt", "x = 1\n", "--max-new-tokens", "1"]) == 0
+    stats_line = capsys.readouterr().err
+    assert stats_line.startswith("1 token, ") and "1 tokens" not in stats_line
+
+
 def test_version_and_every_commands_help_shows_its_defaults(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
@@ -159,7 +171,8 @@ def test_version_and_every_commands_help_shows_its_defaults(capsys):
         "generate": ["--max-new-tokens MAX_NEW_TOKENS", "(default: 64)"],
         "serve": ["(default: 8000)"],
         "bench": ["(default: 20)", "(default: 128)"],
-        "train": ["(default: 8192)"],
+        "train": ["(default: 8192)", "(default: 8 MB on the CPU, 200 MB on a GPU"],
+        "train-parallel": ["(default: 8 MB on the CPU, 200 MB on a GPU"],
         "demo": ["(default 96)"],
     }
     for command, needles in expected.items():
@@ -167,7 +180,7 @@ def test_version_and_every_commands_help_shows_its_defaults(capsys):
             main([command, "--help"])
         shown = " ".join(capsys.readouterr().out.split())
         assert all(" ".join(needle.split()) in shown for needle in needles), (command, needles)
-        assert "(default: None)" not in shown and "(default: False)" not in shown
+        assert "(default: None)" not in shown and "(default: False)" not in shown and "(default: )" not in shown
 
 
 HEAVY_MODULES = ("torch", "transformers", "fastapi", "numpy")
@@ -195,6 +208,8 @@ def test_option_choices_match_the_modules_that_define_them():
     assert RUNNER_CHOICES == RUNNER_KINDS
     assert KERNEL_CHOICES == fast.KERNEL_CHOICES
     assert DEFAULT_BATCH_SIZE == DEFAULT_MAX_BATCH_SIZE
+    cpu_cap, gpu_cap = train.DEFAULT_CPU_CORPUS_BYTES / 1e6, train.DEFAULT_GPU_CORPUS_BYTES / 1e6
+    assert f"(default: {cpu_cap:g} MB on the CPU, {gpu_cap:g} MB on a GPU;" in MAX_CORPUS_BYTES_HELP
 
 
 def test_generate_reports_its_cpu_threads(capsys, text_pair_dirs):

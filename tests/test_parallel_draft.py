@@ -29,6 +29,7 @@ from speculor.proposers import (
 )
 from speculor.runners import make_runner
 from speculor.sampling import DRAFT_STREAM, RowSampling, SamplingParams, counter_uniform, probabilities, sample
+from speculor.train import DEFAULT_CPU_CORPUS_BYTES
 from speculor.train_parallel import add_mask_token, cut_points, offset_positions, packed_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -292,8 +293,9 @@ def test_adding_the_mask_token_keeps_the_vocabulary_and_marks_the_config(target)
 
 
 def test_train_parallel_end_to_end_writes_a_draft_speculor_detects(text_pair_dirs, tmp_path, capsys):
-    """A few steps from the command line on a small corpus: the saved draft is one embedding row wider, marked,
-    carries a model card with per-offset agreement, and decodes exactly like the target alone."""
+    """A few steps from the command line on a small corpus: it says what it reads (at most the CPU's default cap,
+    as `speculor train` does) and how long it trains before it starts; the saved draft is one embedding row wider,
+    marked, carries a model card with per-offset agreement, and decodes exactly like the target alone."""
     target_dir, draft_dir = text_pair_dirs
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -302,9 +304,13 @@ def test_train_parallel_end_to_end_writes_a_draft_speculor_detects(text_pair_dir
     output = tmp_path / "parallel"
     argv = ["train-parallel", "--output", str(output), "--init-from", str(draft_dir), "--distill-from"]
     argv += [str(target_dir), "--parallel", "3", "--corpus", str(corpus), "--steps", "3", "--batch-size", "2"]
-    argv += ["--sequence-length", "32", "--cuts", "4", "--threads", "1", "--quiet"]
+    argv += ["--sequence-length", "32", "--cuts", "4", "--threads", "1"]
     assert main(argv) == 0
-    assert "held-out top-1 by offset" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "3 steps\theld-out top-1 by offset" in printed.out
+    cap_megabytes = DEFAULT_CPU_CORPUS_BYTES / 1e6
+    assert f"corpus: reading .py files, at most {cap_megabytes:g} MB" in printed.err
+    assert "training: " in printed.err and "3 steps of 2 windows × 32 tokens" in printed.err
     config = (output / "config.json").read_text()
     assert f'"{PARALLEL_DRAFT_KEY}"' in config
     card = (output / "README.md").read_text()
