@@ -6,11 +6,15 @@ steps that feed every listed slot the same number of tokens at that slot's own p
 (`step`), and cuts a slot back after a rejection (`rollback`). A dynamic-cache runner crops tensors; a static-cache
 runner only moves a per-slot position pointer and keeps fixed shapes for graph capture, so both fit behind this
 protocol. A runner that cannot batch may run a step's rows one after another; the engine cannot tell.
+
+A runner may also offer target features (`FeatureSource`), an optional capability for drafts that read the target's
+own hidden states (EAGLE-3 heads, `speculor.eagle`): asked once, it hands the residual stream entering a few of its
+layers at every position it processes to a sink. The engine never sees this; a runner nobody asked captures nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -66,4 +70,34 @@ class Runner(Protocol):
 
     def rollback(self, slot: int, length: int) -> None:
         """Cut the slot's cache back to its first `length` tokens (no-op when it holds fewer)."""
+        ...
+
+
+# Called after every forward that fed tokens: `(slots, starts, features)`, where row i's tokens were written to
+# `slots[i]` from position `starts[i]` on and `features` is (rows, width, len(layers) · hidden_size), float, one
+# vector per fed position (rows padded to the widest are padded here too: positions past what a row really fed hold
+# padding's features, which the sink must not trust). `features` may be a view of a buffer the next forward
+# overwrites: a sink that keeps it copies it.
+FeatureSink = Callable[[Sequence[int], Sequence[int], torch.Tensor], None]
+
+
+@runtime_checkable
+class FeatureSource(Protocol):
+    """The optional capability of a runner that can capture its model's hidden states for a feature draft."""
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of one layer's hidden state."""
+        ...
+
+    @property
+    def layer_count(self) -> int:
+        """Decoder layers of the model."""
+        ...
+
+    def capture_features(self, layers: Sequence[int], sink: FeatureSink) -> None:
+        """From now on, after every `extend`, `extend_rows` and `step`, hand `sink` the hidden states entering
+        decoder layers `layers` (index i is the residual stream after i layers: Hugging Face's
+        `output_hidden_states[i]`), concatenated in that order, at every position fed. Called once, before the
+        runner's step shapes are prepared (a graph captured before would not write them)."""
         ...

@@ -37,6 +37,11 @@ on its own inputs: decoding alone and verifying then agree bit for bit. The pric
 step (small while the step is bound by reading the weights) and a full-cache attention span. Across different
 batch buckets the matrix products may still pick different kernels (a batch-invariant guarantee would need
 batch-invariant kernels).
+
+Target features (`capture_features`, for EAGLE-3 heads): once asked, every forward copies the hidden states entering
+the chosen layers into a buffer (`speculor.runners.llama.FeatureTap`) — inside the captured graph for a step, into
+one buffer all graphs share like the logits — and hands a view of it to the sink after the forward. A runner nobody
+asked runs exactly the graphs it ran before.
 """
 
 from __future__ import annotations
@@ -50,8 +55,16 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from speculor.errors import SpeculorError
+from speculor.runners.base import FeatureSink
 from speculor.runners.hf import _context_length
-from speculor.runners.llama import LlamaWeights, StaticCache, forward_tokens, to_device, unsupported_reason
+from speculor.runners.llama import (
+    FeatureTap,
+    LlamaWeights,
+    StaticCache,
+    forward_tokens,
+    to_device,
+    unsupported_reason,
+)
 
 CAPTURE_MODES = ("graph", "compile", "eager")
 KERNEL_CHOICES = ("auto", "triton", "torch")
@@ -74,13 +87,15 @@ class CapturedStep:
     """One step shape's static inputs and output: `tokens` (bucket, width); `inputs` = (the cache row of each bucket
     row, then how far the row's length advances: k for a real row, 0 for padding); `logits` (bucket·width, vocab);
     `graph` is None under torch.compile, which keeps its own graphs. `rows` remembers which (slots, k) `inputs`
-    holds, so that a run of steps over the same slots sends nothing but tokens to the device."""
+    holds, so that a run of steps over the same slots sends nothing but tokens to the device. `features` is the
+    buffer the graph writes target features into, when they are captured."""
 
     tokens: torch.Tensor
     inputs: torch.Tensor
     logits: torch.Tensor | None
     graph: torch.cuda.CUDAGraph | None
     rows: tuple[tuple[int, ...], int] | None = None
+    features: torch.Tensor | None = None
 
 
 class FastRunner:
@@ -145,6 +160,9 @@ class FastRunner:
         self._stale = False
         self._steps: dict[tuple[int, int, int | None], CapturedStep] = {}
         self._logits_buffer: torch.Tensor | None = None
+        self._feature_layers: tuple[int, ...] | None = None
+        self._feature_sink: FeatureSink | None = None
+        self._features_buffer: torch.Tensor | None = None
         self._graph_pool = torch.cuda.graph_pool_handle() if capture == "graph" else None
         self._compiled = self._compile() if capture == "compile" else None
 
@@ -163,6 +181,37 @@ class FastRunner:
     @property
     def slots(self) -> int:
         return self._slots
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weights.embed.shape[1])
+
+    @property
+    def layer_count(self) -> int:
+        return len(self.weights.layers)
+
+    def capture_features(self, layers: Sequence[int], sink: FeatureSink) -> None:
+        """Start handing target features to `sink` (see `speculor.runners.base.FeatureSource`). Step shapes captured
+        before are dropped, so that every graph from now on writes them. A row's start is its host length when the
+        forward is issued."""
+        wrong = [layer for layer in layers if not 0 <= layer < self.layer_count]
+        if wrong or not layers:
+            raise SpeculorError(f"feature layers must be among 0..{self.layer_count - 1}, got {list(layers)}")
+        if self.capture == "compile":
+            raise SpeculorError("capture mode 'compile' cannot capture target features; use 'graph' or 'eager'")
+        self._feature_layers = tuple(layers)
+        self._feature_sink = sink
+        self._steps.clear()
+
+    def _tap(self, tokens: int) -> FeatureTap | None:
+        """Where a forward of `tokens` tokens writes its target features: the first rows of one buffer every
+        forward shares (the sink copies what it keeps), grown as needed; None when no features are captured."""
+        if self._feature_layers is None:
+            return None
+        if self._features_buffer is None or self._features_buffer.shape[0] < tokens:
+            width = len(self._feature_layers) * self.hidden_size
+            self._features_buffer = torch.empty((tokens, width), dtype=self.weights.embed.dtype, device=self.device)
+        return FeatureTap(self._feature_layers, self._features_buffer[:tokens])
 
     @property
     def graph_count(self) -> int:
@@ -196,9 +245,12 @@ class FastRunner:
         positions = torch.arange(start, start + count, device=self.device)
         tokens = token_ids.to(self.device).view(-1)
         span = self._span(start + count)
-        forward_tokens(self.weights, self.cache, tokens, positions, [slot], span, False, self.fused)
+        tap = self._tap(count)
+        forward_tokens(self.weights, self.cache, tokens, positions, [slot], span, False, self.fused, tap=tap)
         self._lengths[slot] = start + count
         self._stale = True
+        if tap is not None and self._feature_sink is not None:
+            self._feature_sink([slot], [start], tap.out.view(1, count, -1))
 
     @torch.inference_mode()
     def extend_rows(self, slots: Sequence[int], token_ids: Sequence[torch.Tensor]) -> None:
@@ -225,10 +277,15 @@ class FastRunner:
         positions = (to_device(starts, self.device)[:, None] + self.cache.offsets[:width]).reshape(-1)
         span = self._span(max(starts) + width)
         sequences = [slot for slot, _ in together]
-        forward_tokens(self.weights, self.cache, tokens.reshape(-1), positions, sequences, span, False, self.fused)
+        tap = self._tap(tokens.numel())
+        forward_tokens(
+            self.weights, self.cache, tokens.reshape(-1), positions, sequences, span, False, self.fused, tap=tap
+        )
         for slot, row in together:
             self._lengths[slot] += row.numel()
         self._stale = True
+        if tap is not None and self._feature_sink is not None:
+            self._feature_sink(sequences, starts, tap.out.view(len(sequences), width, -1))
 
     @torch.inference_mode()
     def step(self, slots: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
@@ -254,7 +311,9 @@ class FastRunner:
         bucket = next(size for size in self.buckets if size >= rows)
         span = self.cache.capacity if self.fixed_width else self._span(longest + count)
         if self.capture == "eager":
-            logits = self._eager_step(slots, token_ids, bucket, width, span)
+            tap = self._tap(bucket * width)
+            logits = self._eager_step(slots, token_ids, bucket, width, span, tap)
+            features = tap.out if tap is not None else None
         else:
             if self._stale:
                 self._send(self._device_lengths, [*lengths, 0])
@@ -271,6 +330,9 @@ class FastRunner:
                 logits = captured.logits
             else:
                 logits = self._compiled(captured.tokens, captured.inputs, self._graph_span(width, span), None)
+        if self._feature_sink is not None and features is not None:
+            starts = [lengths[slot] for slot in slots]
+            self._feature_sink(slots, starts, features.view(bucket, width, -1)[:rows, :count])
         for slot in slots:
             lengths[slot] += count
         # A copy: the graph's output buffer is overwritten by the next replay.
@@ -330,7 +392,13 @@ class FastRunner:
         return self.weights.heads // self.weights.kv_heads
 
     def _eager_step(
-        self, slots: Sequence[int], token_ids: torch.Tensor, bucket: int, width: int, span: int
+        self,
+        slots: Sequence[int],
+        token_ids: torch.Tensor,
+        bucket: int,
+        width: int,
+        span: int,
+        tap: FeatureTap | None = None,
     ) -> torch.Tensor:
         """The step without graphs: positions from the host's lengths (the device lengths are not used), rows as
         host ints, padded to the bucket like a captured step."""
@@ -345,7 +413,7 @@ class FastRunner:
             positions = (to_device(starts, self.device)[:, None] + self.cache.offsets[:width]).reshape(-1)
         sequences = [*slots, *[self._scratch_row] * (bucket - rows)]
         return forward_tokens(
-            self.weights, self.cache, tokens.reshape(-1), positions, sequences, span, True, self.fused
+            self.weights, self.cache, tokens.reshape(-1), positions, sequences, span, True, self.fused, tap=tap
         )
 
     def _step_inputs(self, bucket: int, slots: Sequence[int], count: int) -> list[int]:
@@ -358,7 +426,12 @@ class FastRunner:
         target.copy_(torch.tensor(values, dtype=torch.long, pin_memory=True), non_blocking=True)
 
     def _static_step(
-        self, tokens: torch.Tensor, inputs: torch.Tensor, span: int | None, logits_out: torch.Tensor | None
+        self,
+        tokens: torch.Tensor,
+        inputs: torch.Tensor,
+        span: int | None,
+        logits_out: torch.Tensor | None,
+        tap: FeatureTap | None = None,
     ) -> torch.Tensor:
         """One step over static buffers: row i's tokens `tokens[i]` go to cache row `inputs[i]` from that row's
         device length on, which then advances by `inputs[bucket + i]`."""
@@ -367,7 +440,16 @@ class FastRunner:
         positions = advance(self._device_lengths, inputs, self.cache.offsets[:width])
         span = self.cache.capacity if span is None else span
         logits = forward_tokens(
-            self.weights, self.cache, tokens.view(-1), positions, inputs[:bucket], span, True, self.fused, logits_out
+            self.weights,
+            self.cache,
+            tokens.view(-1),
+            positions,
+            inputs[:bucket],
+            span,
+            True,
+            self.fused,
+            logits_out,
+            tap,
         )
         assert logits is not None
         return logits
@@ -405,16 +487,17 @@ class FastRunner:
             self._compiled(tokens, inputs, span, None)
             return CapturedStep(tokens, inputs, None, None)
         logits_out = self._logits_rows(bucket * width)
+        tap = self._tap(bucket * width)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._static_step(tokens, inputs, span, logits_out)
+                self._static_step(tokens, inputs, span, logits_out, tap)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            logits = self._static_step(tokens, inputs, span, logits_out)
-        return CapturedStep(tokens, inputs, logits, graph)
+            logits = self._static_step(tokens, inputs, span, logits_out, tap)
+        return CapturedStep(tokens, inputs, logits, graph, features=tap.out if tap is not None else None)
 
 
 def advance_positions(lengths: torch.Tensor, inputs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from transformers.cache_utils import (
 )
 
 from speculor.errors import SpeculorError
+from speculor.runners.base import FeatureSink
 
 # transformers renamed `past_key_values` to `cache` during 5.x, and recurrent models called it `cache_params`.
 CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")
@@ -156,6 +157,9 @@ class HFRunner:
 
     Models that take no cache argument, or whose cache layers are of a kind not listed above, are refused at
     construction, before anything is generated.
+
+    Target features (`capture_features`) come from transformers' own `output_hidden_states`, asked for only once a
+    feature draft is attached.
     """
 
     def __init__(self, model: PreTrainedModel, slots: int = 1) -> None:
@@ -203,6 +207,10 @@ class HFRunner:
         )
         self._max_length = _context_length(model)
         self._slots = [_Slot() for _ in range(slots)]
+        self._feature_layers: tuple[int, ...] | None = None
+        self._feature_sink: FeatureSink | None = None
+        # What the forwards of the current call captured, in order, until handed to the sink.
+        self._captured: list[torch.Tensor] = []
         self._refuse_state_outside_the_cache()
 
     @torch.inference_mode()
@@ -264,6 +272,27 @@ class HFRunner:
     def slots(self) -> int:
         return len(self._slots)
 
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def layer_count(self) -> int:
+        return int(self.model.config.get_text_config().num_hidden_layers)
+
+    def capture_features(self, layers: Sequence[int], sink: FeatureSink) -> None:
+        wrong = [layer for layer in layers if not 0 <= layer < self.layer_count]
+        if wrong or not layers:
+            raise SpeculorError(f"feature layers must be among 0..{self.layer_count - 1}, got {list(layers)}")
+        self._feature_layers = tuple(layers)
+        self._feature_sink = sink
+
+    def _hand_over_features(self, slot: int, start: int) -> None:
+        """Give the sink what this call's forwards captured for `slot` (positions from `start` on), as one row."""
+        captured, self._captured = self._captured, []
+        if self._feature_sink is not None and captured:
+            self._feature_sink([slot], [start], torch.cat(captured)[None])
+
     def _slot(self, slot: int) -> _Slot:
         if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < len(self._slots):
             raise SpeculorError(f"slot {slot!r} does not exist: this runner holds slots 0..{len(self._slots) - 1}")
@@ -285,8 +314,11 @@ class HFRunner:
             # A long chunk after a recurrent state (a prompt prefilled in chunks): one fresh prefill of the whole
             # sequence instead of a forward per token.
             self._rebuild(slot, torch.cat([*state.history, token_ids.view(-1)]))
+            self._hand_over_features(slot, 0)
             return
+        start = state.length
         self._feed(state, token_ids.view(-1), logits_to_keep=1, checkpoints=False)
+        self._hand_over_features(slot, start)
 
     def extend_rows(self, slots: Sequence[int], token_ids: Sequence[torch.Tensor]) -> None:
         """One row after another, as `step` runs them."""
@@ -303,8 +335,13 @@ class HFRunner:
         if len(set(slots)) != len(slots):
             raise SpeculorError(f"step lists a slot twice: {list(slots)}")
         width = token_ids.shape[1]
-        states = [self._slot(slot) for slot in slots]
-        return torch.stack([self._feed(state, row, width) for state, row in zip(states, token_ids, strict=True)])
+        rows = []
+        for slot, row in zip(slots, token_ids, strict=True):
+            state = self._slot(slot)
+            start = state.length
+            rows.append(self._feed(state, row, width))
+            self._hand_over_features(slot, start)
+        return torch.stack(rows)
 
     @torch.inference_mode()
     def rollback(self, slot: int, length: int) -> None:
@@ -312,6 +349,8 @@ class HFRunner:
         surplus = state.length - length
         if surplus > 0 and self._recurrent and length not in state.checkpoints:
             self._rebuild(slot, torch.cat(state.history)[:length])
+            # Positions a rollback re-feeds were handed over when first fed, with the same values.
+            self._captured = []
             return
         if surplus > 0:
             for layer in state.cache.layers:
@@ -371,6 +410,10 @@ class HFRunner:
             options["position_ids"] = positions.view(1, -1)
         if self._takes_logits_to_keep:
             options["logits_to_keep"] = logits_to_keep
+        if self._feature_layers is not None:
+            options["output_hidden_states"] = True
         output = self.model(input_ids=token_ids.view(1, -1), **options)
+        if self._feature_layers is not None:
+            self._captured.append(torch.cat([output.hidden_states[layer][0] for layer in self._feature_layers], -1))
         state.length += count
         return output.logits[0, -logits_to_keep:].float()

@@ -357,6 +357,21 @@ def attend(
     return out.reshape(tokens, heads * head_dim)
 
 
+@dataclass(frozen=True)
+class FeatureTap:
+    """Where `forward_tokens` copies the hidden states entering some layers (target features for an EAGLE-3 head):
+    the state entering layer `layers[j]` goes to columns j·hidden … (j + 1)·hidden of `out` (tokens, len(layers) ·
+    hidden), a buffer that may be static, so the copy can be captured in a CUDA graph."""
+
+    layers: tuple[int, ...]
+    out: torch.Tensor
+
+    def columns(self, index: int, hidden: int) -> list[slice]:
+        """The column ranges of `out` that the state entering layer `index` fills (none, one, or several when a
+        layer is listed twice)."""
+        return [slice(j * hidden, (j + 1) * hidden) for j, layer in enumerate(self.layers) if layer == index]
+
+
 def forward_tokens(
     weights: LlamaWeights,
     cache: StaticCache,
@@ -367,6 +382,7 @@ def forward_tokens(
     with_logits: bool,
     fused: ModuleType | None = None,
     logits_out: torch.Tensor | None = None,
+    tap: FeatureTap | None = None,
 ) -> torch.Tensor | None:
     """Run `token_ids` (rows·k,) at `positions` (rows·k,) through the model, row by row: the k tokens of row i go
     to the cache row `sequences[i]`. Writes their keys/values into the cache and attends over each row's first
@@ -406,6 +422,9 @@ def forward_tokens(
         for window in {layer.window for layer in weights.layers}:
             masks[window] = causal_mask(cache, positions, rows, span, group, hidden.dtype, window)
     for index, layer in enumerate(weights.layers):
+        if tap is not None:
+            for columns in tap.columns(index, hidden.shape[-1]):
+                tap.out[:, columns].copy_(hidden)
         normed = norm(hidden, layer.input_norm, eps)
         qkv = F.linear(normed, layer.qkv, layer.qkv_bias).view(tokens, heads + 2 * kv_heads, head_dim)
         query, key = qkv[:, :heads], qkv[:, heads : heads + kv_heads]
