@@ -39,10 +39,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from speculor.adaptive import ConfidenceThreshold, FixedGamma, GammaPolicy, LeviathanGamma
-from speculor.cli import DTYPE_CHOICES, RUNNER_CHOICES, add_kernels_argument, add_tensor_parallel_argument, quiet_rank
+from speculor.cli import (
+    DTYPE_CHOICES,
+    RUNNER_CHOICES,
+    add_kernels_argument,
+    add_tensor_parallel_argument,
+    console,
+    quiet_rank,
+)
 from speculor.errors import SpeculorError
 from speculor.provenance import source_revision
 from speculor.threads import add_threads_argument
+from speculor.wording import counted
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +61,8 @@ if TYPE_CHECKING:
     from speculor.runners import Runner
 
 DEFAULT_GAMMAS = (1, 2, 4, 6, 8)
+# Tokens of the short generations that measure the target's pace for the cost estimate printed before starting.
+PACE_TOKENS = 16
 DEFAULT_CONFIDENCE_THRESHOLD = 0.4  # Hugging Face's default `assistant_confidence_threshold`.
 
 
@@ -203,9 +213,12 @@ def _prefill_every_prompt(decoders: Sequence[SpeculativeDecoder], prompt_ids: li
 
 def run_plans(
     plans: Sequence[Plan], prompt_ids: list[list[int]], settings: BenchSettings, progress: tqdm
-) -> list[ConfigResult]:
+) -> tuple[list[ConfigResult], bool]:
     """Warm every runner and configuration up, then run batch by batch (one prompt each at batch size 1), every
-    configuration of a batch size on a batch before the next batch (see the module docstring for why)."""
+    configuration of a batch size on a batch before the next batch (see the module docstring for why).
+
+    Returns the results and whether Ctrl-C cut the run short. An interrupted run keeps, per batch size, the batches
+    that every configuration finished (`finished_batches`), so what it saves still compares like with like."""
     from speculor.api import run_batch
     from speculor.bench_report import ConfigResult, PromptRun, batch_run
 
@@ -237,24 +250,98 @@ def run_plans(
         stats = [generation.stats.to_dict() for generation in generations]
         return batch_run(index, stats, [g.token_ids for g in generations], wall_seconds, rejections)
 
-    decoders = list({id(plan.decoder): plan.decoder for plan in plans}.values())
-    _prefill_every_prompt(decoders, prompt_ids)
-    warmup_prompts = warmup_order(prompt_ids)
+    results = [ConfigResult(plan.config) for plan in plans]
+    try:
+        decoders = list({id(plan.decoder): plan.decoder for plan in plans}.values())
+        _prefill_every_prompt(decoders, prompt_ids)
+        warmup_prompts = warmup_order(prompt_ids)
+        for plan in plans:
+            size = plan.config.batch_size
+            # One warm-up batch reaches a batch size's step shapes; single prompts warm up longest and shortest first.
+            turns = settings.warmup if size == 1 else min(settings.warmup, 1)
+            for turn in range(turns):
+                rows = [warmup_prompts[turn % len(warmup_prompts)]] if size == 1 else batches(len(prompt_ids), size)[0]
+                generate(plan, turn, rows, [turn] * len(rows))
+        for size in dict.fromkeys(plan.config.batch_size for plan in plans):
+            sized = [
+                (plan, result) for plan, result in zip(plans, results, strict=True) if plan.config.batch_size == size
+            ]
+            for index, rows in enumerate(batches(len(prompt_ids), size)):
+                for plan, result in sized:
+                    result.runs.append(generate(plan, index, rows, [settings.seed + row for row in rows]))
+    except KeyboardInterrupt:
+        return finished_batches(results), True
+    return results, False
+
+
+def finished_batches(results: Sequence[ConfigResult]) -> list[ConfigResult]:
+    """What an interrupted run measured: per batch size, each configuration's runs over the batches that every
+    configuration of that size finished (runs go batch by batch, so those are each one's first runs); a batch size
+    where some configuration finished none is left out."""
+    from speculor.bench_report import ConfigResult
+
+    kept = []
+    for size in dict.fromkeys(result.config.batch_size for result in results):
+        sized = [result for result in results if result.config.batch_size == size]
+        finished = min(len(result.runs) for result in sized)
+        if finished:
+            kept += [ConfigResult(result.config, result.runs[:finished]) for result in sized]
+    return kept
+
+
+def finished_text(results: Sequence[ConfigResult], prompts: int) -> str:
+    """How much of each batch size an interrupted run kept, e.g. "7 of 20 prompts, 1 of 5 batches of 4"."""
+    parts = []
+    for size in dict.fromkeys(result.config.batch_size for result in results):
+        done = min(len(result.runs) for result in results if result.config.batch_size == size)
+        planned = len(batches(prompts, size))
+        unit = counted(planned, "prompt") if size == 1 else counted(planned, f"batch of {size}", f"batches of {size}")
+        parts.append(f"{done} of {unit}")
+    return ", ".join(parts)
+
+
+def generation_pace(decoder: SpeculativeDecoder, prompt_ids: list[int]) -> float:
+    """Seconds per token of the target alone on this machine, prefill included: the second of two short
+    generations (the first pays one-time costs). It prices the benchmark before it starts."""
+    options = {"max_new_tokens": PACE_TOKENS, "speculative": False, "ignore_eos": True}
+    decoder.generate(prompt_ids, **options)
+    stats = decoder.generate(prompt_ids, **options).stats
+    return stats.wall_seconds / max(stats.new_tokens, 1)
+
+
+def duration_text(seconds: float) -> str:
+    """A rough duration as a person would say it: "40 s", "12 min", "1 h 16 min"."""
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def planned_work(plans: Sequence[Plan], prompts: int, warmup: int) -> tuple[int, int]:
+    """How many engine runs (one prompt, or one batch of B rows) and generations (rows) the plans take over
+    `prompts` prompts, warm-up included (`run_plans` warms a batch size above 1 up with at most one batch)."""
+    runs = generations = 0
     for plan in plans:
         size = plan.config.batch_size
-        # One warm-up batch reaches a batch size's step shapes; single prompts warm up longest and shortest first.
-        turns = settings.warmup if size == 1 else min(settings.warmup, 1)
-        for turn in range(turns):
-            rows = [warmup_prompts[turn % len(warmup_prompts)]] if size == 1 else batches(len(prompt_ids), size)[0]
-            generate(plan, turn, rows, [turn] * len(rows))
-    results = {id(plan): ConfigResult(plan.config) for plan in plans}
-    for size in dict.fromkeys(plan.config.batch_size for plan in plans):
-        sized = [plan for plan in plans if plan.config.batch_size == size]
-        for index, rows in enumerate(batches(len(prompt_ids), size)):
-            for plan in sized:
-                run = generate(plan, index, rows, [settings.seed + row for row in rows])
-                results[id(plan)].runs.append(run)
-    return [results[id(plan)] for plan in plans]
+        turns = warmup if size == 1 else min(warmup, 1)
+        runs += len(batches(prompts, size)) + turns
+        generations += sum(map(len, batches(prompts, size))) + turns * size
+    return runs, generations
+
+
+def cost_text(plans: Sequence[Plan], prompts: int, settings: BenchSettings, seconds_per_token: float) -> str:
+    """What the benchmark will cost, said before it starts: its generations and the time they take at the target
+    alone's pace (speculative configurations are usually faster; a batch's steps are slower than one row's)."""
+    runs, generations = planned_work(plans, prompts, settings.warmup)
+    estimate = duration_text(runs * settings.max_new_tokens * seconds_per_token)
+    batched = any(plan.config.batch_size > 1 for plan in plans)
+    return (
+        f"{counted(len(plans), 'configuration')}, {counted(generations, 'generation')} of up to "
+        f"{counted(settings.max_new_tokens, 'token')} (warm-up included). The target alone makes "
+        f"{1 / seconds_per_token:.1f} tok/s here, so this takes {'at least ' if batched else ''}about {estimate} "
+        "(speculative configurations are usually faster). Ctrl-C stops it and saves what every configuration "
+        "finished."
+    )
 
 
 def parse_list(kind: type, minimum: float) -> Callable[[str], list]:
@@ -381,6 +468,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch
     import transformers
     from rich.console import Console
+    from rich.markup import escape
     from tqdm import tqdm
 
     from speculor.api import SpeculativeDecoder
@@ -415,13 +503,16 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.adaptive:
         cost_ratios = {d.draft: forward_cost_ratio(d.decoder, prompt_ids[0]) for d in drafters if d.draft is not None}
     plans = plan_configurations(args, baseline_decoder, drafters, cost_ratios)
-    total = 0
-    for plan in plans:
-        size = plan.config.batch_size
-        timed = sum(map(len, batches(len(prompt_ids), size)))
-        total += timed + (args.warmup if size == 1 else min(args.warmup, 1) * size)
-    with tqdm(total=total, desc="speculor bench", unit="gen", dynamic_ncols=True, disable=not main_rank) as progress:
-        results = run_plans(plans, prompt_ids, settings, progress)
+    seconds_per_token = generation_pace(baseline_decoder, prompt_ids[0])
+    if main_rank:
+        console.print(escape(cost_text(plans, len(prompt_ids), settings, seconds_per_token)), soft_wrap=True)
+    _, generations = planned_work(plans, len(prompt_ids), args.warmup)
+    with tqdm(total=generations, desc="speculor bench", unit="gen", dynamic_ncols=True, disable=not main_rank) as bar:
+        results, interrupted = run_plans(plans, prompt_ids, settings, bar)
+    if interrupted and not results:
+        if main_rank:
+            console.print("interrupted before every configuration had finished a prompt: nothing to save")
+        return 130
     baselines = {(r.config.temperature, r.config.batch_size): r for r in results if r.config.policy == "target"}
     rows = [summarize(result, baselines[result.config.temperature, result.config.batch_size]) for result in results]
     meta = {
@@ -453,6 +544,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "cpu_threads_chosen": None if threads is None else threads.describe(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "interrupted": interrupted,
         "dtype": str(baseline_decoder.dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -461,17 +553,20 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     out_dir = Path(args.out)
     best = write_outputs(out_dir, meta, results, rows)
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=200)
-    print_table(rows, console)
-    console.print(f"wrote results, plots, report.md and best_config.json to {out_dir}")
+    out = Console(highlight=False)
+    print_table(rows, out)
+    if interrupted:
+        finished = finished_text(results, len(prompt_ids))
+        out.print(f"interrupted: saved what every configuration finished, {finished}, to {out_dir}", soft_wrap=True)
+    else:
+        out.print(f"wrote results, plots, report.md and best_config.json to {out_dir}", soft_wrap=True)
     for choice in best["by_temperature"]:
         if choice["vllm_speculative_config"] is None:
-            console.print(f"T={choice['temperature']:g}: nothing beat the target alone")
+            out.print(f"T={choice['temperature']:g}: nothing beat the target alone")
         else:
             drafter = choice.get("draft") or f"ngram {choice['ngram']}"
-            console.print(
-                f"T={choice['temperature']:g}: best is {drafter}, γ={choice['gamma']} ({choice['speedup_median']:.2f}x)"
+            speedup = choice["speedup_median"]
+            out.print(
+                f"T={choice['temperature']:g}: best is {drafter}, γ={choice['gamma']} ({speedup:.2f}x)", soft_wrap=True
             )
-    return 0
+    return 130 if interrupted else 0

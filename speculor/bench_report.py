@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from speculor.analysis import alpha_from_counts, cost_ratio, predicted_speedup
 
@@ -306,6 +309,12 @@ def adaptive_comparisons(rows: Sequence[dict]) -> list[dict]:
     return comparisons
 
 
+def model_reference(name: str) -> str:
+    """How a written config names a model: a local directory as an absolute path, so that the file works from any
+    working directory (bench is given paths relative to where it runs); anything else (a hub id) as given."""
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
 def vllm_speculative_config(row: dict | None) -> dict | None:
     """The `speculative_config` that asks vLLM for the same drafting (None: no speculation)."""
     if row is None:
@@ -317,25 +326,28 @@ def vllm_speculative_config(row: dict | None) -> dict | None:
             "prompt_lookup_max": row["ngram"],
             "prompt_lookup_min": 1,
         }
-    return {"model": row["draft"], "num_speculative_tokens": row["gamma"]}
+    return {"model": model_reference(row["draft"]), "num_speculative_tokens": row["gamma"]}
 
 
 def best_config(rows: Sequence[dict], target: str, temperatures: Sequence[float]) -> dict:
     """What `speculor generate --config` reads: `draft` or `ngram` and `gamma` of the best choice at the first
-    temperature (no drafter when the target alone was fastest), plus the choice at every temperature."""
+    temperature (no drafter when the target alone was fastest), plus the choice at every temperature. Local model
+    directories are written as absolute paths (`model_reference`)."""
     choices = []
     for temperature in temperatures:
         row = recommendation(rows, temperature)
         choice: dict = {"temperature": temperature}
         if row is not None:
             choice.update({key: row[key] for key in ("draft", "ngram", "gamma") if row[key] is not None})
+            if "draft" in choice:
+                choice["draft"] = model_reference(choice["draft"])
             choice["speedup_median"] = row["speedup_median"]
             choice["tokens_per_second_median"] = row["tokens_per_second_median"]
         else:
             choice["speedup_median"] = 1.0
         choice["vllm_speculative_config"] = vllm_speculative_config(row)
         choices.append(choice)
-    return {"target": target, **choices[0], "by_temperature": choices}
+    return {"target": model_reference(target), **choices[0], "by_temperature": choices}
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -386,13 +398,54 @@ TABLE_COLUMNS = (
 )
 
 
+# The terminal's table: the columns a choice is made on, narrow enough for an 80-column terminal (all 18 of
+# TABLE_COLUMNS need about 190). report.md and results.csv keep every column.
+TERMINAL_COLUMNS = (
+    ("drafter", lambda row: Path(row["drafter"]).name),
+    ("γ", _gamma_text),
+    ("T", lambda row: f"{row['temperature']:g}"),
+    ("TAR", lambda row: _number(row["tar"], 3)),
+    ("E", lambda row: _number(row["mean_accepted_length"])),
+    ("tok/s", lambda row: _number(row["tokens_per_second_median"], 1)),
+    ("speedup", lambda row: _speedup(row)),
+    ("greedy ≡", _identity),
+)
+# With several batch sizes, these follow tok/s, and each batch size's rows sit under a heading of their own.
+BATCH_TERMINAL_COLUMNS = (
+    ("row tok/s", lambda row: _number(row["row_tokens_per_second_median"], 1)),
+    ("γ/step", lambda row: _number(row["gamma_per_step"])),
+)
+
+
 def print_table(rows: Sequence[dict], console: Console) -> None:
-    table = Table(title="speculor bench")
-    for name, _ in TABLE_COLUMNS:
-        table.add_column(name, justify="left" if name == "drafter" else "right", no_wrap=name == "drafter")
-    for row in rows:
-        table.add_row(*(cell(row) for _, cell in TABLE_COLUMNS))
+    """The summary table, fitted to the console's width: two-word headers take two lines and a long drafter name
+    folds, while every number is printed whole."""
+    sizes = list(dict.fromkeys(row["batch_size"] for row in rows))
+    # Two spaces between columns, one when a batch sweep's extra columns need the room.
+    table = Table(title="speculor bench", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, int(len(sizes) == 1), 0, 0))
+    columns = TERMINAL_COLUMNS
+    if len(sizes) > 1:
+        columns = (*TERMINAL_COLUMNS[:6], *BATCH_TERMINAL_COLUMNS, *TERMINAL_COLUMNS[6:])
+    for name, _ in columns:
+        if name == "drafter":
+            table.add_column(name, overflow="fold")
+        else:
+            # Two-word headers on two lines; numbers never wrap (an adaptive policy's "conf ≤8" may).
+            table.add_column(name.replace(" ", "\n"), justify="right", no_wrap=name != "γ")
+    for size in sizes:
+        if len(sizes) > 1:
+            if size != sizes[0]:
+                table.add_section()
+            table.add_row(Text(f"batch size {size}", style="bold"))
+        for row in rows:
+            if row["batch_size"] == size:
+                table.add_row(*(cell(row) for _, cell in columns))
     console.print(table)
+    console.print(
+        "E = tokens per target forward; speedup = median over prompts against the target alone. Every other column "
+        "(α, tok/s p10–p90, time to first token, ms per token, draft and verify ms, c, predicted speedup) is in "
+        "report.md and results.csv."
+    )
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
@@ -777,6 +830,14 @@ def report_markdown(meta: dict, rows: Sequence[dict], best: dict) -> str:
         f"- target: `{meta['target']}`; prompts: {meta['prompts']} ({meta['num_prompts']} prompts, "
         f"{meta['max_new_tokens']} new tokens each, ignore EOS: {meta['ignore_eos']}); seed {meta['seed']}",
         f"- command: `{meta['command']}`",
+        *(
+            [
+                "- **interrupted (Ctrl-C)**: only the prompts (or batches) that every configuration finished are "
+                "included; `prompts` in results.csv counts them"
+            ]
+            if meta.get("interrupted")
+            else []
+        ),
         "",
         "## Recommendation",
         "",

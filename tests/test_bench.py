@@ -1,10 +1,14 @@
 import csv
+import io
 import json
+import os
 import re
 
 import pytest
 import torch
+from rich.console import Console
 
+import speculor.api
 from speculor.bench_report import (
     PLOTS,
     BenchConfig,
@@ -14,6 +18,7 @@ from speculor.bench_report import (
     batch_run,
     best_config,
     plot_throughput_vs_latency,
+    print_table,
     summarize,
 )
 from speculor.cli import main
@@ -122,6 +127,66 @@ def test_best_config_and_vllm_equivalent():
     assert "gamma" not in nothing and "draft" not in nothing and nothing["vllm_speculative_config"] is None
 
 
+def test_best_config_names_local_models_by_absolute_path_and_hub_ids_as_given(tmp_path, monkeypatch):
+    """bench is given paths relative to where it runs; the file it writes must work from any directory."""
+    (tmp_path / "models" / "draft").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    baseline, result = made_up_results()
+    result = ConfigResult(BenchConfig(0.0, "fixed", draft="models/draft", gamma=2), result.runs)
+    rows = [summarize(baseline, baseline), summarize(result, baseline)]
+    best = best_config(rows, "org/hub-target", [0.0])
+    draft = str(tmp_path / "models" / "draft")
+    assert best["target"] == "org/hub-target" and best["draft"] == best["by_temperature"][0]["draft"] == draft
+    assert best["vllm_speculative_config"] == {"model": draft, "num_speculative_tokens": 2}
+
+
+def terminal_rows(batch_sizes: tuple[int, ...]) -> list[dict]:
+    """Summary rows as a large sweep makes them: three drafters (one a long hub id), every γ policy, two
+    temperatures, wide numbers (five-digit tokens/s)."""
+    rows = []
+    drafters = ("speculor/models/draft-4x128-long", "meta-llama/Llama-3.1-8B-Instruct", "ngram:3")
+    policies = [*(("fixed", gamma) for gamma in (1, 2, 4, 6, 8)), ("confidence", 8), ("leviathan", 8)]
+    for size in batch_sizes:
+        for temperature in (0.0, 0.8):
+            greedy = temperature == 0
+            configs = [("target alone", "target", None)]
+            configs += [(drafter, policy, gamma) for drafter in drafters for policy, gamma in policies]
+            configs += [(drafter, "load-aware", None) for drafter in drafters]
+            for drafter, policy, gamma in configs:
+                alone = policy == "target"
+                rows.append(
+                    {
+                        "drafter": drafter,
+                        "policy": policy,
+                        "gamma": gamma,
+                        "temperature": temperature,
+                        "batch_size": size,
+                        "tar": None if alone else 0.7345,
+                        "mean_accepted_length": 1.0 if alone else 3.92,
+                        "tokens_per_second_median": 11428.34,
+                        "row_tokens_per_second_median": 178.56,
+                        "gamma_per_step": 3.46 if policy == "load-aware" else None,
+                        "speedup_median": 1.0 if alone else 1.503,
+                        "greedy_identical": 20 if greedy and not alone else None,
+                        "greedy_checked": 20 if greedy and not alone else None,
+                    }
+                )
+    return rows
+
+
+@pytest.mark.parametrize("batch_sizes", [(1,), (1, 64)])
+def test_the_terminal_table_fits_80_columns_with_every_number_whole(batch_sizes):
+    console = Console(file=io.StringIO(), width=80, record=True, highlight=False)
+    print_table(terminal_rows(batch_sizes), console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text
+    shown = ["11428.3", "0.735", "3.92", "1.50x", "20/20", "conf", "Lev", "auto", "draft-4x128-long"]
+    if len(batch_sizes) > 1:
+        shown += ["178.6", "3.46", "batch size 64"]
+    assert all(number in text for number in shown)
+
+
 def test_adaptive_rows_are_compared_with_the_best_fixed_gamma_of_their_drafter():
     baseline, result = made_up_results()
     fixed = summarize(result, baseline)
@@ -197,6 +262,51 @@ def test_bench_command_writes_every_output(text_pair_dirs, prompt_file, tmp_path
     console = capsys.readouterr().out
     assert "speculor bench" in console
     assert re.search(r"^T=0: ", console, re.MULTILINE) and re.search(r"^T=0\.8: ", console, re.MULTILINE)
+
+
+def test_bench_prices_itself_first_and_ctrl_c_saves_what_every_configuration_finished(
+    text_pair_dirs, prompt_file, tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C during the second prompt's second configuration: the first prompt, which both configurations finished,
+    is saved and said to be; the cost (generations, an estimate of the time) was printed before the first one."""
+    target, _ = text_pair_dirs
+    real_run_batch, calls = speculor.api.run_batch, []
+
+    def interrupted_on_the_fourth_run(*arguments, **options):
+        calls.append(None)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_run_batch(*arguments, **options)
+
+    monkeypatch.setattr(speculor.api, "run_batch", interrupted_on_the_fourth_run)
+    out = tmp_path / "out"
+    argv = ["bench", "--target", str(target), "--ngram", "2", "--gamma", "2", "--prompts", str(prompt_file)]
+    argv += ["--max-new-tokens", "4", "--dtype", "float64", "--device", "cpu", "--warmup", "0", "--out", str(out)]
+    assert main(argv) == 130
+    printed = capsys.readouterr()
+    assert re.search(r"2 configurations, 4 generations of up to 4 tokens .*this takes about \d+ s", printed.err)
+    assert f"interrupted: saved what every configuration finished, 1 of 2 prompts, to {out}" in printed.out
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["interrupted"] is True
+    assert [row["prompts"] for row in results["configs"]] == [1, 1]
+    assert "interrupted (Ctrl-C)" in (out / "report.md").read_text()
+
+
+def test_best_config_works_from_another_directory(text_pair_dirs, prompt_file, tmp_path, monkeypatch, capsys):
+    target, draft = text_pair_dirs
+    monkeypatch.chdir(target.parent)
+    argv = ["bench", "--target", target.name, "--draft", draft.name, "--gamma", "1", "--prompts", str(prompt_file)]
+    argv += ["--max-new-tokens", "4", "--dtype", "float64", "--device", "cpu", "--warmup", "0", "--out", "out"]
+    assert main(argv) == 0
+    config = target.parent / "out" / "best_config.json"
+    best = json.loads(config.read_text())
+    assert best["target"] == str(target) and best.get("draft", str(draft)) == str(draft)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["generate", "--config", os.path.relpath(config), "--prompt", "x = 1", "--max-new-tokens", "4"]) == 0
+    assert f"target {target}" in capsys.readouterr().err
 
 
 def test_bench_needs_a_drafter(text_pair_dirs, tmp_path, capsys):
