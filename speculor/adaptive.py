@@ -183,6 +183,13 @@ class _BucketCosts:
     pipelined: _Curve = field(default_factory=_Curve)
     catch_up: float = 0.0
     choices: int = 0
+    # Decisions until speculation is retried while not speculating; the gap doubles after each retry that did not
+    # win, so a draft that never pays costs ever less to keep checking.
+    retry_gap: int = 0
+    until_retry: int = 0
+
+    def __post_init__(self) -> None:
+        self.retry_gap = self.until_retry = LoadAwareGamma.RETRY_SPECULATION_EVERY
 
 
 class PositionAcceptance:
@@ -264,6 +271,7 @@ class LoadAwareGamma:
     EXPLORE_WITHIN = 0.9
     RETRY_SPECULATION_EVERY = 8
     RETRY_SPECULATION_WITHIN = 0.75
+    MAX_RETRY_GAP = 256
     DECIDE_EVERY = 8
     CATCH_UP_WEIGHT = 0.05
 
@@ -291,10 +299,16 @@ class LoadAwareGamma:
         return near
 
     def step_seconds(self, batch: int, gamma: int) -> float | None:
-        """What a step of `batch` rows drafting γ is expected to take (None while nothing is known)."""
+        """What a step of `batch` rows drafting γ is expected to take (None while nothing is known): as measured
+        when such steps ran queued behind the one before (nothing of the host's work shows then), else the sum
+        of its parts."""
         bucket = self.bucket(batch)
-        if gamma == 0 and (pipelined := self._costs(bucket)[0].pipelined(0) if self._buckets else None) is not None:
-            return pipelined
+        if self._buckets:
+            pipelined = next(
+                (c.pipelined.points[gamma] for c in self._costs(bucket) if gamma in c.pipelined.points), None
+            )
+            if pipelined is not None:
+                return pipelined
         passes = self.draft_passes(gamma) if gamma else 0
         parts = []
         for curve, x in (("host", 0), ("verify", gamma + 1), ("draft", passes)):
@@ -335,11 +349,11 @@ class LoadAwareGamma:
             costs.catch_up += self.CATCH_UP_WEIGHT * (draft_seconds - drafting - costs.catch_up)
         costs.host.observe(0, max(0.0, seconds - verify_seconds - draft_seconds))
 
-    def observe_pipelined(self, batch: int, seconds: float) -> None:
-        """A step without drafting whose target forward was queued during the previous step (the engine's look-ahead):
-        the host's work hid behind the device's, so it took only this long — what not speculating costs while the
-        policy keeps choosing it."""
-        self._bucket_costs(batch).pipelined.observe(0, seconds)
+    def observe_pipelined(self, batch: int, gamma: int, seconds: float) -> None:
+        """A step drafting γ (0: none) that was queued on the device during the previous step (the engine's
+        look-ahead): the host's work hid behind the device's, so it took only this long — what the choice costs
+        while the policy keeps making it."""
+        self._bucket_costs(batch).pipelined.observe(gamma, seconds)
 
     def _bucket_costs(self, batch: int) -> _BucketCosts:
         bucket = self.bucket(batch)
@@ -388,11 +402,18 @@ class LoadAwareGamma:
         best = max(rates, key=rates.__getitem__)
         costs = self._bucket_costs(batch)
         costs.choices += 1
-        if best == 0 and costs.choices % self.RETRY_SPECULATION_EVERY == 0:
-            # Not speculating teaches nothing new about speculating: now and then retry the most promising γ.
-            hopeful = max((g for g in rates if g), key=rates.__getitem__)
-            if rates[hopeful] >= self.RETRY_SPECULATION_WITHIN * rates[0]:
-                return hopeful, False
+        if best:
+            costs.retry_gap = costs.until_retry = self.RETRY_SPECULATION_EVERY
+        else:
+            # Not speculating teaches nothing new about speculating: now and then retry the most promising γ, ever
+            # more rarely while the retries keep losing (each costs a draft catch-up as well as its step).
+            costs.until_retry -= 1
+            if costs.until_retry <= 0:
+                costs.retry_gap = min(2 * costs.retry_gap, self.MAX_RETRY_GAP)
+                costs.until_retry = costs.retry_gap
+                hopeful = max((g for g in rates if g), key=rates.__getitem__)
+                if rates[hopeful] >= self.RETRY_SPECULATION_WITHIN * rates[0]:
+                    return hopeful, False
         if costs.choices % self.EXPLORE_EVERY == 0:
             close = self.EXPLORE_WITHIN * rates[best]
             neighbours = [g for g in (best + 1, best - 1) if g in rates and rates[g] >= close]
@@ -410,7 +431,7 @@ class LoadAwareGamma:
                     "verify_by_width": dict(sorted(costs.verify.points.items())),
                     "draft_by_passes": dict(sorted(costs.draft.points.items())),
                     "catch_up": costs.catch_up,
-                    "pipelined": costs.pipelined.points.get(0),
+                    "pipelined_by_gamma": dict(sorted(costs.pipelined.points.items())),
                 }
                 for bucket, costs in sorted(self._buckets.items())
             },

@@ -24,10 +24,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from speculor.adaptive import GammaPolicy, LoadAwareGamma
+from speculor.adaptive import FixedGamma, GammaPolicy, LoadAwareGamma
 from speculor.errors import SpeculorError
 from speculor.proposers import Proposer
 from speculor.runners.base import Runner
+from speculor.runners.fast import host_to_device
 from speculor.sampling import (
     ACCEPT_STREAM,
     TARGET_STREAM,
@@ -223,6 +224,61 @@ class _Row:
         return self.prefilled == len(self.request.prompt_ids) - 1
 
 
+@dataclass
+class _QueuedStep:
+    """One step as queued on the device, rows in order: what it fed the target (`fed`: each row's pending token,
+    then its drafts, right-padded), the acceptance results, and how to time it. `chained` steps were queued before
+    the previous step's results reached the host (their γ was chosen then). Once the step after this one is queued
+    before this one is read, the surplus (fed but not kept) is cut off the caches on the device: `dropped` (the
+    target's) and `draft_dropped` say so, and the host then only settles its lengths."""
+
+    request_ids: tuple[int, ...]
+    slots: list[int]
+    gammas: list[int]
+    fed: torch.Tensor
+    counts: torch.Tensor
+    accepted: torch.Tensor
+    next_tokens: torch.Tensor
+    logits: torch.Tensor
+    starts: torch.Tensor | None
+    forwards: int
+    clock: _PhaseClock
+    chained: bool = False
+    caught_up: bool = False
+    policy_step: bool = False
+    dropped: bool = False
+    draft_dropped: bool = False
+
+    @property
+    def width(self) -> int:
+        """Drafted positions per row (0 for a step without speculation)."""
+        return self.fed.shape[1] - 1
+
+    @property
+    def drafts(self) -> torch.Tensor:
+        return self.fed[:, 1:]
+
+    def select(self, positions: list[int]) -> _QueuedStep:
+        """The same step restricted to the rows at `positions` (rows that finished since it was queued left)."""
+        index = host_to_device(positions, self.fed.device)
+        return _QueuedStep(
+            tuple(self.request_ids[i] for i in positions),
+            [self.slots[i] for i in positions],
+            [self.gammas[i] for i in positions],
+            self.fed[index],
+            self.counts[index],
+            self.accepted[index],
+            self.next_tokens[index],
+            self.logits[index],
+            self.starts[index] if self.starts is not None else None,
+            self.forwards,
+            self.clock,
+            self.chained,
+            self.caught_up,
+            self.policy_step,
+        )
+
+
 class BatchEngine:
     """Runs many generations over one target runner (and optionally a proposer) whose slots they share. Only one
     thread may call it. `load_aware` picks γ for rows whose request leaves it to the engine (a fresh policy when
@@ -250,14 +306,15 @@ class BatchEngine:
             self.load_aware.draft_passes = passes
         self.prefill_chunk = prefill_chunk
         self.device = target.device
-        self.clock = _PhaseClock(self.device)
+        # Two clocks, since a step's phases are read only after the next step has been queued behind it.
+        self._clocks = (_PhaseClock(self.device), _PhaseClock(self.device))
+        self._clock_turn = 0
         self.last_gamma = 0
-        self._policy_step = False
         self._caught_up = False
         self._planned_gamma: int | None = None
-        # A look-ahead step queued on the device (request ids, logits (rows, 1, V)) and the pinned buffer results come
-        # back through (`_read_and_look_ahead`).
-        self._ahead: tuple[tuple[int, ...], torch.Tensor] | None = None
+        # The next step, queued on the device before this one's results were read (`_queue_ahead`), and the pinned
+        # buffer results come back through.
+        self._ahead: _QueuedStep | None = None
         self._host_values: torch.Tensor | None = None
         # Look ahead where it pays: on a GPU, whose queue runs while the host works (on a CPU it only changes the
         # order of the same work; tests turn it on there to check it).
@@ -349,14 +406,19 @@ class BatchEngine:
         self._sampling_cache = None
         self._ahead = None
         for row in rows:
-            committed = len(row.context) - 1 if row.ready else row.prefilled
-            self.target.rollback(row.slot, committed)
-            if self.proposer is not None:
-                self.proposer.rollback(row.slot, committed)
+            self._roll_back(row)
+
+    def _roll_back(self, row: _Row) -> None:
+        committed = len(row.context) - 1 if row.ready else row.prefilled
+        self.target.rollback(row.slot, committed)
+        if self.proposer is not None:
+            self.proposer.rollback(row.slot, committed)
 
     def _fail(self, row: _Row, error: BaseException) -> RowEvent:
-        """Finish a row whose own step raised: reason "error", with what failed; everything it emitted stands."""
-        self._restore([row])
+        """Finish a row whose own step raised: reason "error", with what failed; everything it emitted stands. Only
+        its own caches are cut back: a step queued ahead for the other rows stays valid (it simply leaves this row
+        out when taken)."""
+        self._roll_back(row)
         row.finish_reason = "error"
         result = self._finish(row)
         result.error = f"{type(error).__name__}: {error}"
@@ -414,8 +476,6 @@ class BatchEngine:
         passes) never delays the first token."""
         caps = [self._draft_cap(row, len(row.generated)) for row in rows]
         auto = [index for index, row in enumerate(rows) if row.request.gamma is None and caps[index] > 0]
-        # Steps of rows that all leave γ to the policy teach it what steps cost, when it has something to choose.
-        self._policy_step = self.proposer is not None and all(row.request.gamma is None for row in rows)
         chosen, self._planned_gamma = self._planned_gamma or 0, None
         if auto and not chosen:
             chosen = self.load_aware.choose([_acceptance_kind(rows[i]) for i in auto], [caps[i] for i in auto])
@@ -424,50 +484,30 @@ class BatchEngine:
             policy = row.request.gamma
             wanted = chosen if policy is None else policy.next_gamma()
             gammas.append(max(0, min(wanted, cap)))
-        self.last_gamma = max(gammas)
-        self.last_batch_size = len(rows)
         return gammas
 
+    def _teaches_policy(self, rows: list[_Row]) -> bool:
+        """Steps of rows that all leave γ to the policy teach it what steps cost, when it has something to choose."""
+        return self.proposer is not None and all(row.request.gamma is None for row in rows)
+
+    def _next_clock(self) -> _PhaseClock:
+        self._clock_turn ^= 1
+        return self._clocks[self._clock_turn]
+
     def _decode(self, rows: list[_Row]) -> list[RowEvent]:
+        """One step for these rows: the step queued ahead for them by the previous call if there is one, else a
+        step queued now; then, where it may, the next step is queued before this one's results are read, so the
+        device runs it while the host streams, stops and finishes rows."""
         began = time.perf_counter()
-        clock, device, vocab = self.clock, self.device, self.vocab_size
-        count = len(rows)
-        ahead = self._take_ahead(rows)
-        sampling = self._sampling(rows)
-        starts = None
-        if sampling.any_sampled:
-            starts = torch.tensor([len(row.context) for row in rows], dtype=torch.long, device=device)
-        clock.mark(clock.DRAFT)
-        slots = [row.slot for row in rows]
-        if ahead is None:
-            gammas = self._gammas(rows)
-            drafts, counts, draft_probs, forwards = self._propose(rows, gammas, sampling)
-            clock.mark(clock.VERIFY)
-            tokens = torch.cat([self._pending_tokens(rows), drafts], dim=1)
-            logits = self.target.step(slots, tokens)[..., :vocab]
-        else:
-            gammas, forwards, draft_probs, self._policy_step = [0] * count, 0, None, False
-            self.last_gamma, self.last_batch_size = 0, count
-            drafts = torch.zeros(count, 0, dtype=torch.long, device=device)
-            counts = torch.zeros(count, dtype=torch.long, device=device)
-            clock.mark(clock.VERIFY)
-            logits = ahead
-        width = drafts.shape[1]
-        if starts is not None:
-            accepted, next_tokens = self._sampled_accept(logits, drafts, counts, draft_probs, sampling, starts)
-        else:
-            accepted, next_tokens = greedy_accept(drafts, counts, logits) if width else self._argmax_only(logits)
-        clock.mark(clock.DONE)
-        # The single host read of the step; on a GPU it also completes the timing events above.
-        values_on_device = torch.cat([drafts.flatten(), counts, accepted, next_tokens])
-        if self._may_look_ahead(rows, gammas):
-            values = self._read_and_look_ahead(values_on_device, rows, next_tokens)
-        else:
-            values = values_on_device.tolist()
-        logprobs = self._logprobs(rows, logits, drafts, accepted, next_tokens)
+        step = self._take_ahead(rows) or self._queue_step(rows)
+        count, width = len(rows), step.width
+        self.last_gamma, self.last_batch_size = max(step.gammas), count
+        values = self._read_queueing_ahead(step, rows)
+        logprobs = self._logprobs(rows, step) if step.logits is not None else None
+        clock = step.clock
         draft_seconds = clock.seconds(clock.DRAFT, clock.VERIFY)
         verify_seconds = clock.seconds(clock.VERIFY, clock.DONE)
-        self._pending = (tuple(slots), next_tokens[:, None])
+        self._pending = (tuple(step.slots), step.next_tokens[:, None])
         events = []
         learned: dict[str, list[tuple[int, int]]] = {}
         now = time.perf_counter()
@@ -476,29 +516,207 @@ class BatchEngine:
             drafted = values[count * width + index]
             kept_drafts = values[count * width + count + index]
             emitted = [*proposed[:kept_drafts], values[count * width + 2 * count + index]]
+            gamma = step.gammas[index]
             row.stats.draft_seconds += draft_seconds
             row.stats.verify_seconds += verify_seconds
-            row.stats.draft_forwards += forwards if gammas[index] else 0
-            if gammas[index]:
+            row.stats.draft_forwards += step.forwards if gamma else 0
+            if gamma:
                 # Every speculating row teaches the policy how this pair's drafts fare, whoever chose its γ.
                 learned.setdefault(_acceptance_kind(row), []).append((drafted, kept_drafts))
                 if row.request.gamma is not None:
                     row.request.gamma.observe(drafted, kept_drafts)
             row_logprobs = logprobs[index] if logprobs is not None else None
             try:
-                events.append(self._emit(row, emitted, drafted, kept_drafts, row_logprobs, width + 1, now))
+                events.append(self._emit(row, step, emitted, drafted, kept_drafts, row_logprobs, now))
             except Exception as error:
                 events.append(self._fail(row, error))
         for kind, steps in learned.items():
             self.load_aware.observe_acceptance(kind, steps)
-        if self._policy_step:
-            seconds = time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        if step.chained:
+            if self._teaches_policy(rows):
+                self.load_aware.observe_pipelined(count, self.last_gamma, seconds)
+        elif step.policy_step:
             self.load_aware.observe(
-                count, self.last_gamma, forwards, draft_seconds, verify_seconds, seconds, self._caught_up
+                count, self.last_gamma, step.forwards, draft_seconds, verify_seconds, seconds, step.caught_up
             )
-        elif ahead is not None and self.proposer is not None:
-            self.load_aware.observe_pipelined(count, time.perf_counter() - began)
         return events
+
+    def _queue_step(self, rows: list[_Row]) -> _QueuedStep:
+        """Queue a step the host prepares from the rows' committed contexts: choose γ, draft (catching the draft up
+        where it is behind), verify, accept."""
+        sampling = self._sampling(rows)
+        starts = None
+        if sampling.any_sampled:
+            starts = torch.tensor([len(row.context) for row in rows], dtype=torch.long, device=self.device)
+        clock = self._next_clock()
+        clock.mark(clock.DRAFT)
+        gammas = self._gammas(rows)
+        drafts, counts, draft_probs, forwards = self._propose(rows, gammas, sampling)
+        clock.mark(clock.VERIFY)
+        fed = torch.cat([self._pending_tokens(rows), drafts], dim=1)
+        slots = [row.slot for row in rows]
+        logits = self.target.step(slots, fed)[..., : self.vocab_size]
+        accepted, next_tokens = self._accept(logits, drafts, counts, draft_probs, sampling, starts)
+        clock.mark(clock.DONE)
+        return _QueuedStep(
+            tuple(row.request_id for row in rows),
+            slots,
+            gammas,
+            fed,
+            counts,
+            accepted,
+            next_tokens,
+            logits,
+            starts,
+            forwards,
+            clock,
+            caught_up=self._caught_up,
+            policy_step=self._teaches_policy(rows),
+        )
+
+    def _accept(
+        self,
+        logits: torch.Tensor,
+        drafts: torch.Tensor,
+        counts: torch.Tensor,
+        draft_probs: torch.Tensor | None,
+        sampling: RowSampling,
+        starts: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(accepted drafts per row, the token after them), on the device."""
+        if starts is not None:
+            return self._sampled_accept(logits, drafts, counts, draft_probs, sampling, starts)
+        return greedy_accept(drafts, counts, logits) if drafts.shape[1] else self._argmax_only(logits)
+
+    def _read_queueing_ahead(self, step: _QueuedStep, rows: list[_Row]) -> list[int]:
+        """The step's results on the host — drafts, draft counts, accepted counts, next tokens — in one read. Where
+        the next step may be queued first (`_plan_ahead`), the results are copied to the host without waiting,
+        the next step is queued behind them, and then only the copy is waited for: the device never idles while
+        the host works."""
+        values = torch.cat([step.drafts.flatten(), step.counts, step.accepted, step.next_tokens])
+        plan = self._plan_ahead(rows, step)
+        if plan is None:
+            return values.tolist()
+        if self.device.type != "cuda":
+            host_values = values.tolist()
+            self._ahead = self._queue_ahead(rows, step, plan)
+            return host_values
+        if self._host_values is None or self._host_values.numel() < values.numel():
+            self._host_values = torch.empty(max(values.numel(), 4 * self.capacity), dtype=torch.long, pin_memory=True)
+        host = self._host_values[: values.numel()]
+        host.copy_(values, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self._ahead = self._queue_ahead(rows, step, plan)
+        copied.synchronize()
+        return host.tolist()
+
+    def _plan_ahead(self, rows: list[_Row], step: _QueuedStep) -> list[int] | None:
+        """Each row's γ for the next step if it can be queued before this step's results are read, else None.
+
+        It can on a GPU (or where tests force it), when no row wants log-probabilities (read per step), when some
+        row may still need a token after this step, and when the next step is either a step without drafts (the
+        target alone, fed each row's next token) or a step where every row drafts with a proposer that drafts
+        from device-resident results (`ChainingProposer`) and every row drafted in this step too (its draft cache
+        is then in step). Either way the caches must be cut on the device where this step fed drafts. Rows whose
+        γ is a per-row policy other than a fixed one stop it (they learn from each step before the next). A row's
+        cap assumes this step gave it all it may have (γ + 1 tokens), so the queued step never runs past
+        max_new_tokens. Where the policy's choice cannot be queued now, it is kept for the next step."""
+        if not self.look_ahead or any(row.request.logprobs is not None for row in rows):
+            return None
+        if all(row.request.max_new_tokens - len(row.generated) <= 1 for row in rows):
+            return None  # every row ends with this step's token
+        caps = [
+            self._draft_cap(row, len(row.generated) + gamma + 1) for row, gamma in zip(rows, step.gammas, strict=True)
+        ]
+        auto = [index for index, row in enumerate(rows) if row.request.gamma is None and caps[index] > 0]
+        for row, cap in zip(rows, caps, strict=True):
+            if cap > 0 and row.request.gamma is not None and not isinstance(row.request.gamma, FixedGamma):
+                return None
+        chosen = (
+            self.load_aware.choose([_acceptance_kind(rows[i]) for i in auto], [caps[i] for i in auto]) if auto else 0
+        )
+        plan = [
+            max(0, min(chosen if row.request.gamma is None else row.request.gamma.next_gamma(), cap))
+            for row, cap in zip(rows, caps, strict=True)
+        ]
+        drops = not step.width or getattr(self.target, "drops_on_device", False)
+        if drops and not any(plan):
+            return plan
+        chains = getattr(self.proposer, "chains", False) and all(step.gammas)
+        if drops and chains and all(plan):
+            return plan
+        if chosen:
+            self._planned_gamma = chosen
+        return None
+
+    def _queue_ahead(self, rows: list[_Row], step: _QueuedStep, plan: list[int]) -> _QueuedStep:
+        """Queue the step after `step` from its results as they sit on the device: its surplus cut off the caches
+        there, each row fed the token it chose (and, drafting, the drafts the proposer chains from there)."""
+        device = self.device
+        surplus = step.width - step.accepted if step.width else None
+        if surplus is not None:
+            self.target.drop_on_device(step.slots, surplus)
+            step.dropped = True
+        sampling = self._sampling(rows)
+        starts = step.starts + step.accepted + 1 if step.starts is not None else None
+        clock = self._next_clock()
+        clock.mark(clock.DRAFT)
+        count, gamma = len(rows), max(plan)
+        draft_probs, forwards = None, 0
+        if gamma:
+            proposer = self.proposer
+            if surplus is not None:
+                proposer.drop_on_device(step.slots, surplus)
+                step.draft_dropped = True
+            counts = host_to_device(plan, device)
+            proposal = proposer.propose_chained(
+                step.slots, step.fed, step.accepted, step.next_tokens, gamma, counts, sampling, starts
+            )
+            drafts, counts, draft_probs, forwards = proposal.tokens, proposal.counts, proposal.probs, proposal.forwards
+        else:
+            drafts = torch.zeros(count, 0, dtype=torch.long, device=device)
+            counts = torch.zeros(count, dtype=torch.long, device=device)
+        clock.mark(clock.VERIFY)
+        fed = torch.cat([step.next_tokens[:, None], drafts], dim=1)
+        logits = self.target.step(step.slots, fed)[..., : self.vocab_size]
+        accepted, next_tokens = self._accept(logits, drafts, counts, draft_probs, sampling, starts)
+        clock.mark(clock.DONE)
+        return _QueuedStep(
+            step.request_ids,
+            step.slots,
+            plan,
+            fed,
+            counts,
+            accepted,
+            next_tokens,
+            logits,
+            starts,
+            forwards,
+            clock,
+            chained=True,
+        )
+
+    def _take_ahead(self, rows: list[_Row]) -> _QueuedStep | None:
+        """The step a look-ahead already queued for these rows, or None. Rows that finished since are simply left
+        out; a row that joined is not covered, so the look-ahead is undone (each covered row's caches cut back to
+        what it committed) and the step runs as usual."""
+        step, self._ahead = self._ahead, None
+        if step is None:
+            return None
+        position = {request_id: index for index, request_id in enumerate(step.request_ids)}
+        if all(row.request_id in position for row in rows):
+            if len(rows) == len(step.request_ids):
+                return step
+            return step.select([position[row.request_id] for row in rows])
+        for row in rows:
+            if row.request_id in position:
+                self.target.rollback(row.slot, len(row.context) - 1)
+                if step.width and self.proposer is not None:
+                    self.proposer.rollback(row.slot, len(row.context) - 1)
+        self._pending = None
+        return None
 
     def _draft_cap(self, row: _Row, generated: int) -> int:
         """The most tokens the row may draft once it has `generated` tokens: none without a proposer, for a request
@@ -508,74 +726,6 @@ class BatchEngine:
             return 0
         remaining = row.request.max_new_tokens - generated
         return min(remaining - 1, row.request.max_gamma or remaining)
-
-    def _may_look_ahead(self, rows: list[_Row], gammas: list[int]) -> bool:
-        """Whether to queue the next step's target forward before reading this one's results: on a GPU, when this
-        step and the next draft nothing for any row (so the next step's input is this step's output, already on the
-        device, and every row's length grows by exactly one). The host's work on this step's results then overlaps
-        the device's next step instead of leaving it idle. Rows still prefilling, or asking for logprobs, keep the
-        plain order."""
-        if not self.look_ahead or any(gammas) or len(rows) != len(self._rows):
-            return False
-        if all(row.request.max_new_tokens - len(row.generated) <= 1 for row in rows):
-            return False  # every row ends with this step's token
-        kinds, caps = [], []
-        for row in rows:
-            if row.request.logprobs is not None:
-                return False
-            cap = self._draft_cap(row, len(row.generated) + 1)
-            if cap < 1:
-                continue
-            if row.request.gamma is not None:
-                return False
-            kinds.append(_acceptance_kind(row))
-            caps.append(cap)
-        if not kinds:
-            return True
-        # The policy's choice for the next step, made now: if it drafts, there is no look-ahead and the next step
-        # takes this choice instead of asking again.
-        chosen = self.load_aware.choose(kinds, caps)
-        if chosen:
-            self._planned_gamma = chosen
-        return chosen == 0
-
-    def _read_and_look_ahead(self, values: torch.Tensor, rows: list[_Row], next_tokens: torch.Tensor) -> list[int]:
-        """Copy this step's results to the host without waiting for what comes after them, queue the next step's
-        target forward (each row fed the token this step chose), then wait for the copy alone."""
-        rows_ahead = tuple(row.request_id for row in rows)
-        slots = [row.slot for row in rows]
-        if self.device.type != "cuda":
-            host_values = values.tolist()
-            self._ahead = (rows_ahead, self.target.step(slots, next_tokens[:, None])[..., : self.vocab_size])
-            return host_values
-        if self._host_values is None or self._host_values.numel() < values.numel():
-            self._host_values = torch.empty(max(values.numel(), 4 * self.capacity), dtype=torch.long, pin_memory=True)
-        host = self._host_values[: values.numel()]
-        host.copy_(values, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        self._ahead = (rows_ahead, self.target.step(slots, next_tokens[:, None])[..., : self.vocab_size])
-        copied.synchronize()
-        return host.tolist()
-
-    def _take_ahead(self, rows: list[_Row]) -> torch.Tensor | None:
-        """The logits a look-ahead already computed for these rows, or None. Rows that finished since are simply
-        not asked for; a row that joined is not covered, so the look-ahead is undone (each covered row's cache cut
-        back to what it committed) and the step runs as usual."""
-        if self._ahead is None:
-            return None
-        covered, logits = self._ahead
-        self._ahead = None
-        position = {request_id: index for index, request_id in enumerate(covered)}
-        if all(row.request_id in position for row in rows):
-            if len(rows) == len(covered):
-                return logits
-            return logits[torch.tensor([position[row.request_id] for row in rows], device=logits.device)]
-        for row in rows:
-            if row.request_id in position:
-                self.target.rollback(row.slot, len(row.context) - 1)
-        self._pending = None
-        return None
 
     @staticmethod
     def _argmax_only(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -673,19 +823,13 @@ class BatchEngine:
             return self._pending[1]
         return torch.tensor([[row.context[-1]] for row in rows], dtype=torch.long, device=self.device)
 
-    def _logprobs(
-        self,
-        rows: list[_Row],
-        logits: torch.Tensor,
-        drafts: torch.Tensor,
-        accepted: torch.Tensor,
-        next_tokens: torch.Tensor,
-    ) -> list[list[TokenLogprob]] | None:
+    def _logprobs(self, rows: list[_Row], step: _QueuedStep) -> list[list[TokenLogprob]] | None:
         """The target's log-probabilities of every token each row may emit this step, for rows that asked (a second
         host read, paid only then)."""
         wanted = [row.request.logprobs for row in rows]
         if all(top is None for top in wanted):
             return None
+        drafts, accepted, next_tokens, logits = step.drafts, step.accepted, step.next_tokens, step.logits
         width = drafts.shape[1]
         offsets = torch.arange(width + 1, device=self.device)
         padded = torch.cat([drafts, next_tokens[:, None]], dim=1)
@@ -710,17 +854,18 @@ class BatchEngine:
     def _emit(
         self,
         row: _Row,
+        step: _QueuedStep,
         emitted: list[int],
         drafted: int,
         accepted: int,
         logprobs: list[TokenLogprob] | None,
-        fed: int,
         now: float,
     ) -> RowEvent:
         """Append a row's emitted tokens, stopping at EOS (kept, as Hugging Face does), at a stop string (the token
         that completes it is kept, its text is not) or at max_new_tokens; record the step's counters; finish the row
-        or roll its caches back to what it committed (the target was fed `fed` tokens this step). Runs once per row
-        per step, so the common case — no stop strings — takes the tokens in one slice, not one by one."""
+        or roll its caches back to what it committed (or, where the step after this one was queued first, settle
+        the cut already made on the device). Runs once per row per step, so the common case — no stop strings —
+        takes the tokens in one slice, not one by one."""
         request, tracker = row.request, row.tracker
         remaining = request.max_new_tokens - len(row.generated)
         taken: list[int] = emitted[:remaining]
@@ -759,9 +904,14 @@ class BatchEngine:
         row.stats.new_tokens = len(row.generated)
         row.stats.wall_seconds = now - row.started
         committed = len(row.context) - 1
-        if fed > len(taken):
+        surplus = step.width + 1 - len(taken)
+        if step.dropped:
+            self.target.settle(row.slot, surplus)
+        elif surplus:
             self.target.rollback(row.slot, committed)
-        if drafted and self.proposer is not None:
+        if step.draft_dropped:
+            self.proposer.settle(row.slot, surplus)
+        elif drafted and self.proposer is not None:
             self.proposer.rollback(row.slot, committed)
         return RowEvent(row.request_id, Delta(taken, text, row_logprobs))
 

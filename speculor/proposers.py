@@ -59,6 +59,32 @@ class Proposer(Protocol):
         ...
 
 
+class ChainingProposer(Proposer, Protocol):
+    """An optional capability of a proposer: drafting for a step whose predecessor's results are still on the
+    device (`DraftModelProposer.propose_chained`), so the engine can queue step n + 1 before it reads step n and the
+    device never waits for the host. `chains` says whether it can at the moment (its runner must cut caches on the
+    device: `drop_on_device`, later `settle`d on the host)."""
+
+    @property
+    def chains(self) -> bool: ...
+
+    def propose_chained(
+        self,
+        slots: Sequence[int],
+        previous: torch.Tensor,
+        accepted: torch.Tensor,
+        next_tokens: torch.Tensor,
+        gamma: int,
+        counts: torch.Tensor,
+        sampling: RowSampling,
+        positions: torch.Tensor | None,
+    ) -> Proposal: ...
+
+    def drop_on_device(self, slots: Sequence[int], surplus: torch.Tensor) -> None: ...
+
+    def settle(self, slot: int, count: int) -> None: ...
+
+
 class DraftModelProposer:
     """A small causal LM drafting autoregressively for all rows at once with its own KV caches.
 
@@ -116,6 +142,61 @@ class DraftModelProposer:
             for slot, context, need in zip(slots, contexts, missing, strict=True):
                 if need < width:
                     runner.rollback(slot, len(context))
+        proposal = self._draft_onwards(slots, last, gamma, counts, sampling, positions, thresholds)
+        proposal.caught_up = bool(catching_up)
+        return proposal
+
+    @property
+    def chains(self) -> bool:
+        """Whether `propose_chained` may be used: the draft runner can cut its caches on the device."""
+        return bool(getattr(self.runner, "drops_on_device", False))
+
+    def propose_chained(
+        self,
+        slots: Sequence[int],
+        previous: torch.Tensor,
+        accepted: torch.Tensor,
+        next_tokens: torch.Tensor,
+        gamma: int,
+        counts: torch.Tensor,
+        sampling: RowSampling,
+        positions: torch.Tensor | None,
+    ) -> Proposal:
+        """Draft for the step after one whose results are still on the device, without the host reading them: the
+        rows are those of that step, every one of which drafted, and each row's draft cache has already been cut
+        (`drop_on_device`) to all but its two newest committed tokens. `previous` (rows, width + 1) is what that
+        step fed the target (the pending token, then the drafts), `accepted` how many drafts each row kept and
+        `next_tokens` the target's token after them: the two newest tokens are `previous[accepted]` and the next
+        token, fed together at the row's own positions (for a row that drafted past them, the first of the two is
+        recomputed: same token, same position). `gamma` drafts are made per row, `counts` (rows, on the device,
+        each ≤ γ) says how many of them each row keeps; `positions` (rows,) are the rows' context lengths on the
+        device, for sampled rows' noise (None when no row samples)."""
+        before = previous.gather(1, accepted[:, None])
+        last = self.runner.step(slots, torch.cat([before, next_tokens[:, None]], dim=1))[:, -1]
+        return self._draft_onwards(slots, last, gamma, counts, sampling, positions, None)
+
+    def drop_on_device(self, slots: Sequence[int], surplus: torch.Tensor) -> None:
+        """Cut `surplus[i]` tokens off `slots[i]`'s draft cache on the device (see `FastRunner.drop_on_device`)."""
+        self.runner.drop_on_device(slots, surplus)
+
+    def settle(self, slot: int, count: int) -> None:
+        """The host learns how many tokens `drop_on_device` cut off `slot`."""
+        self.runner.settle(slot, count)
+
+    def _draft_onwards(
+        self,
+        slots: Sequence[int],
+        last: torch.Tensor,
+        gamma: int,
+        counts: torch.Tensor,
+        sampling: RowSampling,
+        positions: torch.Tensor | None,
+        thresholds: torch.Tensor | None,
+    ) -> Proposal:
+        """γ tokens per row, autoregressively from the draft's logits `last` (rows, V) at each row's newest
+        token; each token is fed back except the last (the target verifies it; if it is accepted, the next
+        proposal feeds it). With `thresholds`, drafting ends early once every row drew a token it doubted."""
+        runner = self.runner
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
         for index in range(gamma):
@@ -139,7 +220,6 @@ class DraftModelProposer:
             counts=counts,
             probs=torch.stack(probs, dim=1) if probs else None,
             forwards=len(tokens),
-            caught_up=bool(catching_up),
         )
 
     def rollback(self, slot: int, committed_length: int) -> None:

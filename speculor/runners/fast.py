@@ -154,10 +154,16 @@ class FastRunner:
             self.cache = StaticCache.allocate(self.weights, slots + 1, capacity)
         self._lengths = [0] * slots
         # The lengths again on the device, scratch row last (always 0): a step reads its rows' start positions there
-        # and advances them itself, so that only a rollback, reset or extend (which mark `_stale`) makes the next
-        # step send lengths to the device.
+        # and advances them itself, so that only a rollback, reset or extend (which mark their slot stale) makes the
+        # next step send that slot's length to the device. Only stale slots are sent: another slot may have a drop
+        # queued on the device (`drop_on_device`) that its host length does not know of yet.
         self._device_lengths = torch.zeros(slots + 1, dtype=torch.long, device=device)
-        self._stale = False
+        self._stale: set[int] = set()
+        # A captured step reads positions from the device lengths, so a drop can be queued there and the host told
+        # later (`settle`); an eager step reads the host's lengths, which a drop then updates at once. Tests set it
+        # on an eager CPU runner to run the captured steps' bookkeeping there.
+        self.positions_from_device = capture != "eager"
+        self._slot_indices: dict[tuple[int, ...], torch.Tensor] = {}
         self._steps: dict[tuple[int, int, int | None], CapturedStep] = {}
         self._logits_buffer: torch.Tensor | None = None
         self._feature_layers: tuple[int, ...] | None = None
@@ -225,13 +231,39 @@ class FastRunner:
     def reset(self, slot: int) -> None:
         self._check_slot(slot)
         self._lengths[slot] = 0
-        self._stale = True
+        self._stale.add(slot)
 
     def rollback(self, slot: int, length: int) -> None:
         self._check_slot(slot)
         if length < self._lengths[slot]:
             self._lengths[slot] = max(0, length)
-            self._stale = True
+            self._stale.add(slot)
+
+    @property
+    def drops_on_device(self) -> bool:
+        """Whether `drop_on_device` runs without a host read: always on the CPU, and on CUDA with captured steps
+        (an eager CUDA step needs exact host lengths, which a device-side drop would only give after a sync)."""
+        return self.positions_from_device or self.device.type == "cpu"
+
+    def drop_on_device(self, slots: Sequence[int], surplus: torch.Tensor) -> None:
+        """Cut `surplus[i]` tokens (a device tensor, rows,) off the end of `slots[i]`'s cache without the host
+        knowing how many: queued on the device, so the next step can be queued before this one's results are read.
+        The host's lengths stay upper bounds (safe for spans and room checks) until `settle` is called with each
+        row's count once it is known."""
+        if not self.positions_from_device:
+            for slot, count in zip(slots, surplus.tolist(), strict=True):
+                self._lengths[slot] -= count
+            return
+        key = tuple(slots)
+        indices = self._slot_indices.get(key)
+        if indices is None:
+            indices = self._slot_indices[key] = host_to_device(key, self.device)
+        self._device_lengths.index_add_(0, indices, -surplus)
+
+    def settle(self, slot: int, count: int) -> None:
+        """The host learns that `drop_on_device` cut `count` tokens off `slot` (the device already did)."""
+        if self.positions_from_device:
+            self._lengths[slot] -= count
 
     @torch.inference_mode()
     def extend(self, slot: int, token_ids: torch.Tensor) -> None:
@@ -248,7 +280,7 @@ class FastRunner:
         tap = self._tap(count)
         forward_tokens(self.weights, self.cache, tokens, positions, [slot], span, False, self.fused, tap=tap)
         self._lengths[slot] = start + count
-        self._stale = True
+        self._stale.add(slot)
         if tap is not None and self._feature_sink is not None:
             self._feature_sink([slot], [start], tap.out.view(1, count, -1))
 
@@ -283,7 +315,7 @@ class FastRunner:
         )
         for slot, row in together:
             self._lengths[slot] += row.numel()
-        self._stale = True
+            self._stale.add(slot)
         if tap is not None and self._feature_sink is not None:
             self._feature_sink(sequences, starts, tap.out.view(len(sequences), width, -1))
 
@@ -316,8 +348,7 @@ class FastRunner:
             features = tap.out if tap is not None else None
         else:
             if self._stale:
-                self._send(self._device_lengths, [*lengths, 0])
-                self._stale = False
+                self._send_lengths()
             captured = self._captured_step(bucket, width, span)
             exact = bucket == rows and width == count
             (captured.tokens if exact else captured.tokens[:rows, :count]).copy_(token_ids, non_blocking=True)
@@ -401,13 +432,19 @@ class FastRunner:
         tap: FeatureTap | None = None,
     ) -> torch.Tensor:
         """The step without graphs: positions from the host's lengths (the device lengths are not used), rows as
-        host ints, padded to the bucket like a captured step."""
+        host ints, padded to the bucket like a captured step; or, with `positions_from_device`, from the device
+        lengths as a captured step reads them."""
         rows, count = token_ids.shape
         tokens = token_ids.to(self.device)
         if bucket > rows or width > count:
             tokens = F.pad(tokens, (0, width - count, 0, bucket - rows))
         starts = [self._lengths[slot] for slot in slots] + [0] * (bucket - rows)
-        if bucket == 1:
+        if self.positions_from_device and rows:
+            if self._stale:
+                self._send_lengths()
+            inputs = host_to_device(self._step_inputs(bucket, slots, count), self.device)
+            positions = advance_positions(self._device_lengths, inputs, self.cache.offsets[:width])
+        elif bucket == 1:
             positions = torch.arange(starts[0], starts[0] + width, device=self.device)
         else:
             positions = (to_device(starts, self.device)[:, None] + self.cache.offsets[:width]).reshape(-1)
@@ -421,9 +458,20 @@ class FastRunner:
         padding = bucket - len(slots)
         return [*slots, *[self._scratch_row] * padding, *[count] * len(slots), *[0] * padding]
 
+    def _send_lengths(self) -> None:
+        """Copy the stale slots' host lengths to the device (one small copy and one scatter), leaving every other
+        slot's device length alone."""
+        stale = sorted(self._stale)
+        self._stale.clear()
+        if len(stale) == self._slots:
+            self._send(self._device_lengths, [*self._lengths, 0])
+            return
+        on_device = host_to_device([*stale, *(self._lengths[slot] for slot in stale)], self.device)
+        self._device_lengths.index_copy_(0, on_device[: len(stale)], on_device[len(stale) :])
+
     def _send(self, target: torch.Tensor, values: list[int]) -> None:
         """Copy `values` into the device tensor `target` without blocking the host (from pinned memory)."""
-        target.copy_(torch.tensor(values, dtype=torch.long, pin_memory=True), non_blocking=True)
+        target.copy_(torch.tensor(values, dtype=torch.long, pin_memory=target.is_cuda), non_blocking=True)
 
     def _static_step(
         self,
@@ -498,6 +546,14 @@ class FastRunner:
         with torch.cuda.graph(graph, pool=self._graph_pool):
             logits = self._static_step(tokens, inputs, span, logits_out, tap)
         return CapturedStep(tokens, inputs, logits, graph, features=tap.out if tap is not None else None)
+
+
+def host_to_device(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A long tensor of `values` on `device`, copied without waiting for the device's queued work (through pinned
+    memory on CUDA; a plain copy from pageable memory would wait for the queue to drain)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
 
 
 def advance_positions(lengths: torch.Tensor, inputs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
