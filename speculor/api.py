@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 
 from speculor.adaptive import AUTO_MAX_GAMMA, FixedGamma, GammaPolicy, LoadAwareGamma
 from speculor.distributed import RankAgreedGamma, agreed_seed, tensor_parallel_group
+from speculor.eagle import Eagle3Proposer, is_eagle3_checkpoint, load_eagle3
 from speculor.engine import DEFAULT_PREFILL_CHUNK, BatchEngine, DecodeRequest, Decoding, Delta, GenerationResult
 from speculor.errors import SpeculorError
 from speculor.loading import eos_token_ids, load_model, resolve_device, resolve_dtype, shared_vocab_size
@@ -32,8 +33,10 @@ PREFILL_WARM_UP_LENGTHS = (1, 16, 17, 15, 32, 1, 47)
 
 
 class SpeculativeDecoder:
-    """A target model plus an optional way to draft: a draft model or n-gram prompt lookup (`ngram`, the longest
-    n-gram to match). With neither, it decodes with the target alone, through the same runner.
+    """A target model plus an optional way to draft: a draft model, an EAGLE-3 head (a `draft` directory in the
+    hub layout vLLM and SGLang load, detected from its config; it reads the target's own hidden states,
+    `speculor.eagle`) or n-gram prompt lookup (`ngram`, the longest n-gram to match). With none, it decodes with the
+    target alone, through the same runner.
 
     `device` defaults to CUDA when available; `dtype` to bfloat16 on a GPU and float32 on the CPU. `runner` picks
     the model runner: "auto" (the fast static-cache runner where the architecture supports it), "fast" or "hf".
@@ -95,7 +98,8 @@ class SpeculativeDecoder:
         else:
             options = {"fixed_width": fixed_width, "kernels": kernels, "slots": max_batch_size}
             self.target, sharded_runner = load_sharded_target(target, self.tensor_parallel, self.dtype, **options)
-        self.draft = load_model(draft, self.device, self.dtype) if draft is not None else None
+        eagle_head = is_eagle3_checkpoint(draft)
+        self.draft = load_model(draft, self.device, self.dtype) if draft is not None and not eagle_head else None
         self.ngram = ngram
         self.tokenizer = self.target.tokenizer
         if self.draft is not None:
@@ -119,6 +123,12 @@ class SpeculativeDecoder:
         self.draft_runner = None
         if self.draft is not None:
             self.draft_runner = make_runner(self.draft.model, runner, kernels=kernels, slots=max_batch_size)
+        # One EAGLE-3 proposer for the decoder's life: it holds the head's caches and has the target runner hand it
+        # features, so every engine of this decoder shares it as they share the runners.
+        self.eagle: Eagle3Proposer | None = None
+        if eagle_head:
+            head, layers = load_eagle3(draft, self.target.model)
+            self.eagle = Eagle3Proposer(head, layers, self.target_runner, self.vocab_size)
         self._policy: LoadAwareGamma | None = None
         # False where one rank builds the requests and sends them whole to the others, its seeds drawn on its own
         # (`speculor serve`'s rank 0, speculor.server.replicas): a collective there would run beside the engine's.
@@ -127,9 +137,11 @@ class SpeculativeDecoder:
 
     @property
     def speculative(self) -> bool:
-        return self.draft is not None or self.ngram is not None
+        return self.draft is not None or self.eagle is not None or self.ngram is not None
 
     def _proposer(self) -> Proposer | None:
+        if self.eagle is not None:
+            return self.eagle
         if self.draft_runner is not None:
             assert self.draft is not None
             spec = ParallelDraftSpec.from_config(self.draft.model.config)
