@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "speculor.cli",
     "speculor.train_command",
     "speculor.train_parallel_command",
+    "speculor.train_eagle_command",
     "speculor.demo",
     "speculor.bench",
     "speculor.server.command",
