@@ -242,8 +242,9 @@ class FastRunner:
     @property
     def drops_on_device(self) -> bool:
         """Whether `drop_on_device` runs without a host read: always on the CPU, and on CUDA with captured steps
-        (an eager CUDA step needs exact host lengths, which a device-side drop would only give after a sync)."""
-        return self.positions_from_device or self.device.type == "cpu"
+        (an eager CUDA step needs exact host lengths, which a device-side drop would only give after a sync); never
+        while a feature sink is attached, since the features it is handed are keyed by the host's lengths."""
+        return (self.positions_from_device or self.device.type == "cpu") and self._feature_sink is None
 
     def drop_on_device(self, slots: Sequence[int], surplus: torch.Tensor) -> None:
         """Cut `surplus[i]` tokens (a device tensor, rows,) off the end of `slots[i]`'s cache without the host
