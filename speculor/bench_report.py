@@ -37,6 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from speculor.analysis import alpha_from_counts, cost_ratio, predicted_speedup
+from speculor.wording import counted
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -827,8 +828,8 @@ def report_markdown(meta: dict, rows: Sequence[dict], best: dict) -> str:
         "",
         f"- date: {meta['date']}; device: {meta['device_name']}; runner: {meta['runner']}; dtype: {meta['dtype']}",
         *([f"- CPU threads: {meta['cpu_threads_chosen']}"] if meta.get("cpu_threads_chosen") else []),
-        f"- target: `{meta['target']}`; prompts: {meta['prompts']} ({meta['num_prompts']} prompts, "
-        f"{meta['max_new_tokens']} new tokens each, ignore EOS: {meta['ignore_eos']}); seed {meta['seed']}",
+        f"- target: `{meta['target']}`; prompts: {meta['prompts']} ({counted(meta['num_prompts'], 'prompt')}, "
+        f"{counted(meta['max_new_tokens'], 'new token')} each, ignore EOS: {meta['ignore_eos']}); seed {meta['seed']}",
         f"- command: `{meta['command']}`",
         *(
             [
@@ -860,8 +861,12 @@ def report_markdown(meta: dict, rows: Sequence[dict], best: dict) -> str:
             verdict = "beats" if item["beats_best_fixed"] else "does not beat"
             lines.append(
                 f"- {item['label']}: {item['speedup_median']:.2f}x {verdict} {item['best_fixed_label']} "
-                f"({item['best_fixed_speedup_median']:.2f}x); faster on {item['prompts_won']} of {item['prompts']} "
-                + ("prompts" if item["batch_size"] == 1 else "batches")
+                f"({item['best_fixed_speedup_median']:.2f}x); faster on {item['prompts_won']} of "
+                + (
+                    counted(item["prompts"], "prompt")
+                    if item["batch_size"] == 1
+                    else counted(item["prompts"], "batch", "batches")
+                )
             )
     if len({row["batch_size"] for row in rows}) > 1:
         lines += ["", "## By batch size", "", *batch_table(rows)]
@@ -873,7 +878,7 @@ def report_markdown(meta: dict, rows: Sequence[dict], best: dict) -> str:
             "",
             "## Greedy outputs against the target alone",
             "",
-            f"{passed}/{total} generations identical over {len(checked)} greedy configurations.",
+            f"{passed}/{total} generations identical over {counted(len(checked), 'greedy configuration')}.",
         ]
         lines += [
             f"- {row['label']}: {_identity(row)}" for row in checked if row["greedy_identical"] != row["greedy_checked"]

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from speculor.errors import SpeculorError
 from speculor.threads import add_threads_argument
+from speculor.wording import counted
 
 if TYPE_CHECKING:
     from speculor.engine import GenerationResult
@@ -57,7 +58,7 @@ def _completion_panel(prompt: str, result: GenerationResult, number: int) -> Pan
     body = Text(prompt, style="dim")
     body.append("\n".join(lines[:SHOWN_LINES]))
     if len(lines) > SHOWN_LINES:
-        body.append(f"\n… {len(lines) - SHOWN_LINES} more lines", style="italic dim")
+        body.append(f"\n… {counted(len(lines) - SHOWN_LINES, 'more line')}", style="italic dim")
     return Panel(body, title=f"prompt {number}", title_align="left", expand=False)
 
 

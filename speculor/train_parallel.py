@@ -303,7 +303,7 @@ def train_parallel_draft(
     budget = counted(steps, "step") if steps is not None else f"{seconds:g} s"
     say(
         f"training: {train_stream.numel():,} training and {held_out_stream.numel():,} held-out tokens; "
-        f"{budget} of {batch_size} windows × {sequence_length} tokens, then a held-out pass"
+        f"{budget} of {counted(batch_size, 'window')} × {sequence_length} tokens, then a held-out pass"
     )
     torch.manual_seed(seed)
     sampler = torch.Generator().manual_seed(seed)
