@@ -643,6 +643,8 @@ def train_family(
         )
     if vocab_size < 300:
         raise SpeculorError(f"vocab_size must be at least 300 (256 bytes plus merges), got {vocab_size}")
+    if steps is None and not seconds and any(not shape.seconds for shape in shapes):
+        raise SpeculorError("give a positive number of steps or seconds to train for")
     resolved = resolve_device(device)
     say = progress_printer(progress)
     if resolved.type == "cuda":
@@ -691,6 +693,7 @@ def train_family(
         settings=asdict(settings) | {"vocab_size": vocab_size, "distill_from": distill_from, "max_corpus_bytes": cap},
     )
     teacher_name = Path(teacher_directory).name if teacher_directory is not None else distill_from
+    say(training_plan(shapes, settings))
     for shape in shapes:
         model, numbers = train_model(
             shape, train_stream, held_out_stream, actual_vocab, end_of_text_id, settings, teacher
@@ -714,6 +717,16 @@ def train_family(
             teacher = model
     (Path(output_dir) / "family.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
+
+
+def training_plan(shapes: Sequence[ModelShape], settings: TrainSettings) -> str:
+    """What the training will cost, said before it starts: each model's budget (as `train_model` applies it) and
+    the seconds they add up to."""
+    if settings.steps is not None:
+        return f"training: {counted(len(shapes), 'model')}, {counted(settings.steps, 'step')} each"
+    budgets = [shape.seconds if shape.seconds is not None else settings.seconds for shape in shapes]
+    each = ", ".join(f"{shape.name} {budget:g} s" for shape, budget in zip(shapes, budgets, strict=True))
+    return f"training: {each}; {sum(budgets):g} s in all, plus a held-out pass after each model"
 
 
 def _load_teacher(directory: str, device: torch.device) -> tuple[PreTrainedTokenizerFast, LlamaForCausalLM]:

@@ -28,6 +28,7 @@ from speculor.train import (
     learning_rate_at,
     train_family,
     train_model,
+    training_plan,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -151,6 +152,16 @@ def test_bad_family_requests_are_refused(tmp_path, corpus_dir):
         train_family(tmp_path, ["a:1x16"], corpus=corpus_dir, distill_from="a", **TINY)
     with pytest.raises(SpeculorError, match="fewer than one window"):
         train_family(tmp_path, ["a:1x16"], corpus=corpus_dir, **(TINY | {"sequence_length": 1_000_000}))
+    with pytest.raises(SpeculorError, match="positive number of steps or seconds"):
+        train_family(tmp_path, ["a:1x16"], corpus=tmp_path / "not read", **(TINY | {"steps": None, "seconds": 0}))
+
+
+def test_training_says_what_it_will_spend_before_it_starts():
+    shapes = [ModelShape.parse("target:4x128@90"), ModelShape.parse("draft:2x64")]
+    assert training_plan(shapes, TrainSettings(seconds=60.0)) == (
+        "training: target 90 s, draft 60 s; 150 s in all, plus a held-out pass after each model"
+    )
+    assert training_plan(shapes, TrainSettings(steps=1)) == "training: 2 models, 1 step each"
 
 
 def test_progress_bar_shows_a_live_loss_and_no_seconds_per_second(capsys):
