@@ -20,6 +20,7 @@ import asyncio
 import hmac
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -40,7 +41,7 @@ from speculor import __version__
 from speculor.api import SpeculativeDecoder
 from speculor.engine import DecodeRequest, Delta, GenerationResult, GenerationStats, TokenLogprob
 from speculor.errors import SpeculorError
-from speculor.server.errors import APIError, install_error_handlers
+from speculor.server.errors import APIError, bounded, echo, install_error_handlers
 from speculor.server.metrics import ServerMetrics
 from speculor.server.schemas import (
     Body,
@@ -60,6 +61,22 @@ MODEL_PATH_PREFIX = "/v1/models/"
 
 # The paths an API key leaves open unless told to protect them too: load balancers and Prometheus scrape them.
 MONITORING_PATHS = frozenset({"/health", "/metrics"})
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """The characters byte-level BPE vocabularies (GPT-2's scheme) spell bytes with, mapped back to their bytes: the
+    printable Latin-1 bytes stand for themselves, and every other byte, in byte order, for the next code point from
+    256 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    alphabet = {chr(byte): byte for byte in printable}
+    others = (byte for byte in range(256) if chr(byte) not in alphabet)
+    alphabet.update({chr(256 + position): byte for position, byte in enumerate(others)})
+    return alphabet
+
+
+BYTE_LEVEL_ALPHABET = byte_level_alphabet()
+# A SentencePiece byte-fallback token: one byte, written as its hexadecimal value.
+BYTE_FALLBACK_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def display_name(name: str) -> str:
@@ -83,15 +100,32 @@ class ServedModel:
         if model != self.name:
             raise APIError(
                 404,
-                f"model {model!r} is not served here; this server has {self.name!r}",
+                f"model {echo(model)} is not served here; this server has {echo(self.name)}",
                 param="model",
                 code="model_not_found",
             )
 
     def token_text(self, token_id: int) -> str:
-        """A token as text, for log-probabilities; `token_id:N` where the model has no tokenizer (vLLM's form)."""
+        """A token as text, for log-probabilities; `token_id:N` where the model has no tokenizer (vLLM's form). A
+        token holding part of a character's UTF-8 bytes decodes to "\ufffd", as every such token does."""
         tokenizer = self.decoder.tokenizer
         return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """A token's own UTF-8 bytes, for chat log-probabilities' `bytes`: the bytes of its text, except for a token
+        holding only part of a character (its text is "\ufffd"), whose bytes are read off its vocabulary entry —
+        a byte-fallback `<0xNN>` or a byte-level BPE piece — so a client joining the bytes gets the character."""
+        text = self.token_text(token_id)
+        tokenizer = self.decoder.tokenizer
+        if tokenizer is None or "\ufffd" not in text:
+            return list(text.encode())
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str):
+            if BYTE_FALLBACK_PIECE.fullmatch(piece):
+                return [int(piece[3:5], 16)]
+            if piece and all(character in BYTE_LEVEL_ALPHABET for character in piece):
+                return [BYTE_LEVEL_ALPHABET[character] for character in piece]
+        return list(text.encode())
 
     def completion(self, body: CompletionRequest) -> list[tuple[DecodeRequest, int]]:
         """One request per prompt; an error names the prompt's position when there are several."""
@@ -125,7 +159,10 @@ class ServedModel:
             )
         except (TemplateError, ValueError) as error:
             raise APIError(
-                400, f"the chat template rejected these messages: {error}", param="messages", code="invalid_messages"
+                400,
+                f"the chat template rejected these messages: {bounded(str(error), 300)}",
+                param="messages",
+                code="invalid_messages",
             ) from error
         max_tokens = body.max_completion_tokens or body.max_tokens
         return [self._request(body, list(prompt_ids), "messages", max_tokens, None)]
@@ -210,7 +247,8 @@ class ResponseFormat:
     """The OpenAI envelope shared by both endpoints; subclasses shape the choices and their log-probabilities.
     With `include_usage`, stream chunks carry `usage: null` until the final usage chunk; with `continuous_usage`
     every chunk carries the usage so far (`prompt_tokens` is the request's). `token_text` turns a token id into the
-    text shown next to its log-probability; `with_logprobs` says whether the request asked for them."""
+    text shown next to its log-probability, `token_bytes` into its UTF-8 bytes (chat's `bytes`; by default its
+    text's); `with_logprobs` says whether the request asked for them."""
 
     id_prefix = ""
     object_name = ""
@@ -221,6 +259,7 @@ class ResponseFormat:
         model: str,
         token_text: Callable[[int], str],
         *,
+        token_bytes: Callable[[int], list[int]] | None = None,
         prompt_tokens: int = 0,
         include_usage: bool = False,
         continuous_usage: bool = False,
@@ -230,6 +269,7 @@ class ResponseFormat:
         self.model = model
         self.created = int(time.time())
         self.token_text = token_text
+        self.token_bytes = token_bytes or (lambda token_id: list(token_text(token_id).encode()))
         self.prompt_tokens = prompt_tokens
         self.include_usage = include_usage
         self.continuous_usage = continuous_usage
@@ -315,7 +355,10 @@ class ResponseFormat:
 class CompletionFormat(ResponseFormat):
     """Legacy completions: log-probabilities as `tokens`, `token_logprobs`, `top_logprobs` (the alternatives and the
     chosen token, as OpenAI always includes it) and `text_offset` (each token's offset in the completion, counted
-    over the tokens' own texts, so across a stream's chunks too)."""
+    over the tokens' own texts, so across a stream's chunks too). `top_logprobs` maps each token's text to its
+    log-probability, so alternatives with the same text — above all the tokens holding part of a character's
+    bytes, which all decode to "\ufffd" — share one entry, which holds the highest of their log-probabilities (the
+    likeliest token with that text); such a position lists fewer entries than asked for."""
 
     id_prefix = "cmpl"
     object_name = chunk_object_name = "text_completion"
@@ -337,10 +380,7 @@ class CompletionFormat(ResponseFormat):
             offsets.append(offset)
             offset += len(token)
         self._text_offsets[index] = offset
-        top = [
-            {**{self.token_text(alternative): value for alternative, value in entry.top}, token: entry.logprob}
-            for token, entry in zip(tokens, logprobs, strict=True)
-        ]
+        top = [self._alternatives(token, entry) for token, entry in zip(tokens, logprobs, strict=True)]
         return {
             "tokens": tokens,
             "token_logprobs": [entry.logprob for entry in logprobs],
@@ -348,9 +388,21 @@ class CompletionFormat(ResponseFormat):
             "text_offset": offsets,
         }
 
+    def _alternatives(self, token: str, entry: TokenLogprob) -> dict[str, float]:
+        """One position's `top_logprobs`: text → the highest log-probability of the alternatives with that text, best
+        first, and the chosen token's."""
+        alternatives: dict[str, float] = {}
+        for alternative, value in (*entry.top, (entry.token_id, entry.logprob)):
+            text = token if alternative == entry.token_id else self.token_text(alternative)
+            if text not in alternatives or value > alternatives[text]:
+                alternatives[text] = value
+        return alternatives
+
 
 class ChatFormat(ResponseFormat):
-    """Chat completions: log-probabilities as `content`, one entry per token with its bytes and `top_logprobs`."""
+    """Chat completions: log-probabilities as `content`, one entry per token with its UTF-8 `bytes` and its
+    `top_logprobs`, a list holding every alternative asked for, each with its own bytes (a token holding part of a
+    character has the text "\ufffd" and that part's bytes, so joining the tokens' bytes gives the text)."""
 
     id_prefix = "chatcmpl"
     object_name = "chat.completion"
@@ -370,8 +422,7 @@ class ChatFormat(ResponseFormat):
         return [self._chunk([opening])]
 
     def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
-        text = self.token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": self.token_text(token_id), "logprob": logprob, "bytes": self.token_bytes(token_id)}
 
     def logprobs_block(self, index: int, logprobs: list[TokenLogprob]) -> dict[str, Any]:
         content = [
@@ -522,6 +573,47 @@ class BearerAuth:
         await error.response()(scope, receive, send)
 
 
+# A Host header: a name or IPv4 address, or a bracketed IPv6 address, then an optional port.
+HOST_HEADER = re.compile(r"(?P<name>\[[0-9A-Fa-f:.]+\]|[^\[\]:/@\s]+)(?::[0-9]*)?")
+
+
+def host_name(host: str) -> str:
+    """A host as the allowed-hosts list compares it: lower case, without an IPv6 address's brackets or a fully
+    qualified name's final dot."""
+    return host.strip().lower().removeprefix("[").removesuffix("]").removesuffix(".")
+
+
+class HostCheck:
+    """ASGI middleware answering 400 to a request whose Host header names none of `allowed_hosts` (any port): a web
+    page that rebinds its own DNS name to this machine's address makes the browser send its own name as the Host, so
+    a server on the loopback address never answers it. An entry `*.example.com` allows every subdomain of
+    example.com. Starlette's TrustedHostMiddleware answers in plain text, and every error here must be an OpenAI
+    error object."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Sequence[str]) -> None:
+        self.app = app
+        self.allowed_hosts = list(allowed_hosts)
+        names = [host_name(host) for host in allowed_hosts]
+        self.names = frozenset(name for name in names if not name.startswith("*."))
+        self.suffixes = tuple(name[1:] for name in names if name.startswith("*."))
+
+    def allows(self, header: str | None) -> bool:
+        match = HOST_HEADER.fullmatch(header) if header is not None else None
+        if match is None:
+            return False
+        name = host_name(match["name"])
+        return name in self.names or name.endswith(self.suffixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        header = Headers(scope=scope).get("host") if scope["type"] == "http" else None
+        if scope["type"] != "http" or self.allows(header):
+            await self.app(scope, receive, send)
+            return
+        given = "no Host header was sent" if header is None else f"the Host header {echo(header)} is not allowed"
+        message = f"{given}: this server answers to {', '.join(self.allowed_hosts)} (any port; see --allowed-hosts)"
+        await APIError(400, message, param="Host", code="invalid_host").response()(scope, receive, send)
+
+
 class RequestCounter:
     """ASGI middleware counting answered requests by endpoint and status code (every status, 413 and 500 too)."""
 
@@ -564,6 +656,7 @@ def create_app(
     api_key: str | None = None,
     api_key_everywhere: bool = False,
     docs: bool = False,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
     """An app serving `decoder` under `model_name` (default: the target's name or path). Requests run as a
     continuous batch of up to the decoder's `max_batch_size` rows, drafting `gamma` tokens per step (None: the
@@ -573,7 +666,10 @@ def create_app(
     browsers get no CORS headers. A body not fully received `request_timeout` seconds after the request began gets
     408. With `api_key`, every endpoint but /health and /metrics (those too with `api_key_everywhere`) needs
     `Authorization: Bearer <api_key>`. `docs` turns on /docs, /redoc and /openapi.json (off: they describe the
-    endpoints' Python signatures, not the OpenAI API, and are one more page to protect)."""
+    endpoints' Python signatures, not the OpenAI API, and are one more page to protect). `allowed_hosts` lists the
+    host names a request's Host header may give (any port; `*.example.com` for subdomains, "*" for any); others get
+    400. None (the default here; `speculor serve` defaults to the loopback names on a loopback address) checks
+    nothing."""
     served = ServedModel(decoder, model_name or decoder.target.name, gamma)
     metrics = ServerMetrics()
     worker = GenerationWorker(decoder.new_engine(), metrics, max_queue)
@@ -597,8 +693,8 @@ def create_app(
     app.state.metrics = metrics
     app.state.worker = worker
     install_error_handlers(app)
-    # The last middleware added runs first: count every answer, let CORS answer preflights, check the key, and only
-    # then read (and time and measure) the body.
+    # The last middleware added runs first: count every answer, check the Host, let CORS answer preflights, check
+    # the key, and only then read (and time and measure) the body.
     app.add_middleware(BodySizeLimit, limit=max_body_bytes)
     app.add_middleware(BodyReadTimeout, timeout=request_timeout)
     if api_key:
@@ -607,6 +703,8 @@ def create_app(
         )
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"], allow_headers=["*"])
+    if allowed_hosts is not None and "*" not in allowed_hosts:
+        app.add_middleware(HostCheck, allowed_hosts=allowed_hosts)
     app.add_middleware(RequestCounter, metrics=metrics)
 
     async def answer(
@@ -629,6 +727,7 @@ def create_app(
         return shape(
             served.name,
             served.token_text,
+            token_bytes=served.token_bytes,
             prompt_tokens=sum(tokens for _, tokens in requests),
             include_usage=body.include_usage,
             continuous_usage=body.continuous_usage,

@@ -5,6 +5,11 @@ prompt past the context, an unsupported option, no chat template) — one status
 their one `BadRequestError` — 401 for a missing or wrong API key, 404 for an unknown model or path, 408 for a body
 that arrives too slowly, 413 for an oversized body, 503 while overloaded or shutting down, 500 for a failure inside
 generation (of that request only).
+
+Every message is bounded: a value the client sent (a model name, a parameter name, a Host header) is quoted through
+`echo`, which keeps its first `ECHO_LIMIT` characters and says how long it was, and no message or `param` is ever
+longer than `MAX_MESSAGE` or `ECHO_LIMIT` characters, whatever else it quotes (a chat template's exception, a
+tokenizer's complaint).
 """
 
 from __future__ import annotations
@@ -21,6 +26,26 @@ logger = logging.getLogger(__name__)
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}
 
+# Characters of a client's value an error message quotes, and the most characters any message holds.
+ECHO_LIMIT = 100
+MAX_MESSAGE = 1000
+
+
+def echo(value: str, limit: int = ECHO_LIMIT) -> str:
+    """`value` quoted for an error message: whole when at most `limit` characters long, else its first `limit`
+    characters, an ellipsis and its length, so an error never grows with what the client sent."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, the cut marked with an ellipsis and the original length."""
+    if len(text) <= limit:
+        return text
+    note = f"… ({len(text)} characters)"
+    return text[: max(0, limit - len(note))] + note
+
 
 class APIError(Exception):
     """An error to answer with `status` and an OpenAI error object."""
@@ -34,10 +59,11 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = bounded(message, MAX_MESSAGE)
         super().__init__(message)
         self.status = status
         self.message = message
-        self.param = param
+        self.param = None if param is None else bounded(param, ECHO_LIMIT)
         self.code = code
         self.headers = headers or {}
 
@@ -78,10 +104,10 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
     param = _field_path(first.get("loc", ()))
     reasons = list(dict.fromkeys(e["msg"] for e in errors if _field_path(e.get("loc", ())) == param))
     if first.get("type") == "missing":
-        return APIError(400, f"missing required field {param!r}", param=param, code="missing_required_parameter")
+        return APIError(400, f"missing required field {echo(param)}", param=param, code="missing_required_parameter")
     if not param:
         return APIError(400, f"the request body must be a JSON object: {'; '.join(reasons)}", code="invalid_body")
-    return APIError(400, f"invalid {param!r}: {'; or '.join(reasons)}", param=param, code="invalid_value")
+    return APIError(400, f"invalid {echo(param)}: {'; or '.join(reasons)}", param=param, code="invalid_value")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError, from_json
 
-from speculor.server.errors import APIError, validation_error
+from speculor.server.errors import APIError, echo, validation_error
 
 # Options that describe the caller or the bookkeeping, not the text to generate: accepted and not acted on.
 HARMLESS_OPTIONS = frozenset(
@@ -146,7 +146,7 @@ class SamplingRequest(BaseModel):
             if name in HARMLESS_OPTIONS:
                 continue
             if name not in NEUTRAL_VALUES:
-                message = f"unrecognized parameter {name!r}: this server does not implement it"
+                message = f"unrecognized parameter {echo(name)}: this server does not implement it"
                 return APIError(400, message, param=name, code="unknown_parameter")
             neutral = NEUTRAL_VALUES[name]
             if not _is_neutral(value, neutral):

@@ -210,16 +210,40 @@ class GenerationWorker:
                 raise APIError(503, "the server is shutting down", code="server_shutting_down")
             free_slots = self.engine.capacity - self._occupied
             if len(self._waiting) + jobs > free_slots + self.max_queue:
-                queued = max(0, len(self._waiting) - free_slots)
                 raise APIError(
                     503,
-                    f"the server is busy: every slot is taken and {queued} requests are already waiting for one",
+                    self._busy_message(jobs, free_slots),
                     code="server_overloaded",
                     headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
                 )
             self._waiting.extend(generations.jobs)
             self.metrics.waiting.set(len(self._waiting))
             self._wake.notify()
+
+    def _busy_message(self, jobs: int, free_slots: int) -> str:
+        """Why a request of `jobs` prompts is refused now, in the numbers that refused it: the waiting jobs take the
+        free slots first, the rest of them fill the queue, and the request's prompts must fit what is left of both."""
+        waiting = len(self._waiting)
+        open_slots = max(0, free_slots - waiting)
+        queued = max(0, waiting - free_slots)
+        open_places = self.max_queue - queued
+        capacity = self.engine.capacity
+        if jobs == 1:
+            queue = (
+                f"the waiting queue is full ({queued} of {self.max_queue} places taken)"
+                if self.max_queue
+                else "this server keeps no waiting queue"
+            )
+            return (
+                f"the server is busy: all {capacity} batch slots are taken by running or earlier requests and {queue}; "
+                "retry after a moment"
+            )
+        return (
+            f"the server is busy: this request's {jobs} prompts need {jobs} places and only "
+            f"{open_slots + open_places} are open now ({open_slots} of {capacity} batch slots free, {open_places} of "
+            f"{self.max_queue} places in the waiting queue free); retry after a moment, or send fewer prompts per "
+            "request"
+        )
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new jobs, fail the ones still waiting, let the running ones end, and stop the thread."""
