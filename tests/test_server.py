@@ -579,7 +579,7 @@ def test_serve_command_takes_target_draft_and_gamma_from_a_config_and_binds_loca
     assert started["address"][0] == "127.0.0.1"
     assert warmed == [2]  # step shapes are warmed before the server takes requests
     progress = [line.split(" ")[0] for line in capsys.readouterr().err.splitlines()]
-    assert progress == ["loading", "warming", "serving"]
+    assert progress == ["config", "loading", "warming", "Host", "serving"]
 
 
 def test_the_command_line_works_without_the_web_packages(monkeypatch, capsys):

@@ -190,7 +190,7 @@ def test_cors_origin_opens_the_api_to_that_origin(model_dirs, monkeypatch):
     monkeypatch.setattr(SpeculativeDecoder, "warm_up", lambda decoder, gamma: None)
     arguments = ["serve", "--target", str(model_dirs["plain"]), "--device", "cpu", "--port", "0"]
     assert main([*arguments, "--cors-origin", "http://page.example"]) == 0
-    browser = TestClient(started["app"])
+    browser = TestClient(started["app"], base_url="http://localhost")
     request_headers = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
     allowed = browser.options("/v1/completions", headers={"Origin": "http://page.example", **request_headers})
     assert allowed.status_code == 200
