@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 
 from speculor import SpeculativeDecoder
 from speculor.cli import main
+from speculor.errors import SpeculorError
 from speculor.models import shipped
 from speculor.server import create_app
 from speculor.server.connections import GuardedH11Protocol, guarded_protocol
@@ -113,6 +114,13 @@ def test_whitespace_around_the_key_is_stripped_and_said(source, model_dirs, monk
         for header in ("Bearer sp aced", "bearer   sp aced  "):
             assert client.post("/v1/completions", json=body, headers={"Authorization": header}).status_code == 200
         assert client.post("/v1/completions", json=body, headers={"Authorization": "Bearer sp"}).status_code == 401
+
+
+def test_create_app_refuses_an_empty_or_padded_key_too(model_dirs):
+    decoder = SpeculativeDecoder(model_dirs["plain"], device="cpu")
+    for key in ("", "  ", " key", "key\n"):
+        with pytest.raises(SpeculorError, match="api_key must be a non-empty string"):
+            create_app(decoder, api_key=key)
 
 
 # --- serve --config with --gamma -------------------------------------------------------------------------------------

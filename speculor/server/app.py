@@ -665,11 +665,14 @@ def create_app(
     seconds to end. `cors_origins` lets browser pages from those origins (or "*" for any) call the API; by default
     browsers get no CORS headers. A body not fully received `request_timeout` seconds after the request began gets
     408. With `api_key`, every endpoint but /health and /metrics (those too with `api_key_everywhere`) needs
-    `Authorization: Bearer <api_key>`. `docs` turns on /docs, /redoc and /openapi.json (off: they describe the
-    endpoints' Python signatures, not the OpenAI API, and are one more page to protect). `allowed_hosts` lists the
-    host names a request's Host header may give (any port; `*.example.com` for subdomains, "*" for any); others get
-    400. None (the default here; `speculor serve` defaults to the loopback names on a loopback address) checks
-    nothing."""
+    `Authorization: Bearer <api_key>` (an empty or whitespace-padded key is refused). `docs` turns on /docs, /redoc
+    and /openapi.json (off: they describe the endpoints' Python signatures, not the OpenAI API, and are one more page
+    to protect). `allowed_hosts` lists the host names a request's Host header may give (any port; `*.example.com` for
+    subdomains, "*" for any); others get 400. None (the default here; `speculor serve` defaults to the loopback names
+    on a loopback address) checks nothing."""
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        # An empty key must not mean "no key", nor a padded one a key no client can send (clients' keys are stripped).
+        raise SpeculorError("api_key must be a non-empty string without whitespace around it (None: no key)")
     served = ServedModel(decoder, model_name or decoder.target.name, gamma)
     metrics = ServerMetrics()
     worker = GenerationWorker(decoder.new_engine(), metrics, max_queue)

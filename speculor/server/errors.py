@@ -1,10 +1,11 @@
 """OpenAI-style error responses: every failure answers `{"error": {"message", "type", "param", "code"}}`.
 
 Status codes: 400 for every invalid request (unparseable JSON, a missing field, a wrong type, a value out of range, a
-prompt past the context, an unsupported option, no chat template) — one status, as OpenAI answers, so the SDKs raise
-their one `BadRequestError` — 401 for a missing or wrong API key, 404 for an unknown model or path, 408 for a body
-that arrives too slowly, 413 for an oversized body, 503 while overloaded or shutting down, 500 for a failure inside
-generation (of that request only).
+prompt past the context, an unsupported option, no chat template, a Host header not allowed) — one status, as OpenAI
+answers, so the SDKs raise their one `BadRequestError` — 401 for a missing or wrong API key, 404 for an unknown model
+or path, 408 for headers or a body that arrive too slowly, 413 for an oversized body, 503 while overloaded (the
+waiting queue, or the connections, full) or shutting down, 500 for a failure inside generation (of that request
+only).
 
 Every message is bounded: a value the client sent (a model name, a parameter name, a Host header) is quoted through
 `echo`, which keeps its first `ECHO_LIMIT` characters and says how long it was, and no message or `param` is ever
