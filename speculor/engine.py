@@ -553,26 +553,42 @@ class BatchEngine:
         clock.mark(clock.DRAFT)
         gammas = self._gammas(rows)
         drafts, counts, draft_probs, forwards = self._propose(rows, gammas, sampling)
+        step = self._verify(
+            tuple(row.request_id for row in rows),
+            [row.slot for row in rows],
+            gammas,
+            torch.cat([self._pending_tokens(rows), drafts], dim=1),
+            counts,
+            draft_probs,
+            forwards,
+            sampling,
+            starts,
+            clock,
+        )
+        step.caught_up, step.policy_step = self._caught_up, self._teaches_policy(rows)
+        return step
+
+    def _verify(
+        self,
+        request_ids: tuple[int, ...],
+        slots: list[int],
+        gammas: list[int],
+        fed: torch.Tensor,
+        counts: torch.Tensor,
+        draft_probs: torch.Tensor | None,
+        forwards: int,
+        sampling: RowSampling,
+        starts: torch.Tensor | None,
+        clock: _PhaseClock,
+    ) -> _QueuedStep:
+        """The target's forward over what each row is `fed` (its pending token, then its drafts) and the acceptance,
+        queued on the device: the second half of every step, prepared by the host or chained on the device."""
         clock.mark(clock.VERIFY)
-        fed = torch.cat([self._pending_tokens(rows), drafts], dim=1)
-        slots = [row.slot for row in rows]
         logits = self.target.step(slots, fed)[..., : self.vocab_size]
-        accepted, next_tokens = self._accept(logits, drafts, counts, draft_probs, sampling, starts)
+        accepted, next_tokens = self._accept(logits, fed[:, 1:], counts, draft_probs, sampling, starts)
         clock.mark(clock.DONE)
         return _QueuedStep(
-            tuple(row.request_id for row in rows),
-            slots,
-            gammas,
-            fed,
-            counts,
-            accepted,
-            next_tokens,
-            logits,
-            starts,
-            forwards,
-            clock,
-            caught_up=self._caught_up,
-            policy_step=self._teaches_policy(rows),
+            request_ids, slots, gammas, fed, counts, accepted, next_tokens, logits, starts, forwards, clock
         )
 
     def _accept(
@@ -678,25 +694,12 @@ class BatchEngine:
         else:
             drafts = torch.zeros(count, 0, dtype=torch.long, device=device)
             counts = torch.zeros(count, dtype=torch.long, device=device)
-        clock.mark(clock.VERIFY)
         fed = torch.cat([step.next_tokens[:, None], drafts], dim=1)
-        logits = self.target.step(step.slots, fed)[..., : self.vocab_size]
-        accepted, next_tokens = self._accept(logits, drafts, counts, draft_probs, sampling, starts)
-        clock.mark(clock.DONE)
-        return _QueuedStep(
-            step.request_ids,
-            step.slots,
-            plan,
-            fed,
-            counts,
-            accepted,
-            next_tokens,
-            logits,
-            starts,
-            forwards,
-            clock,
-            chained=True,
+        chained = self._verify(
+            step.request_ids, step.slots, plan, fed, counts, draft_probs, forwards, sampling, starts, clock
         )
+        chained.chained = True
+        return chained
 
     def _take_ahead(self, rows: list[_Row]) -> _QueuedStep | None:
         """The step a look-ahead already queued for these rows, or None. Rows that finished since are simply left

@@ -71,6 +71,18 @@ def reversed_lm_head(model):
     return adversary
 
 
+@pytest.fixture(scope="module")
+def float32_pair():
+    """A float32 target and a draft that is a noisy copy of it, so drafts are partly accepted."""
+    target = build(LlamaForCausalLM, tiny_llama_config(layers=2), seed=0, dtype=torch.float32)
+    draft = copy.deepcopy(target)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in draft.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return target, draft
+
+
 @pytest.fixture(scope="session")
 def llama_pair():
     """(target, draft): Llama-architecture, random weights, float64 so no argmax near-tie can flip."""

@@ -7,13 +7,10 @@ drafter-invariant coupling: their tokens are exactly the target alone's samples 
 
 from __future__ import annotations
 
-import copy
 import random
 
 import pytest
 import torch
-from conftest import build, tiny_llama_config
-from transformers import LlamaForCausalLM
 
 from speculor import SpeculativeDecoder, SpeculorError
 from speculor.adaptive import LoadAwareGamma
@@ -50,18 +47,6 @@ class FailingRunner:
         if self.on_extend and self.slot in slots:
             raise RuntimeError("injected prefill failure")
         return self._runner.extend_rows(slots, token_ids)
-
-
-@pytest.fixture(scope="module")
-def float32_pair():
-    """A float32 target and a draft that is a noisy copy of it, so drafts are partly accepted."""
-    target = build(LlamaForCausalLM, tiny_llama_config(layers=2), seed=0, dtype=torch.float32)
-    draft = copy.deepcopy(target)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for parameter in draft.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return target, draft
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,11 @@ max_new_tokens), rows that join mid-run, and seeded sampled rows."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import random
 
 import pytest
 import torch
-from conftest import build, tiny_llama_config
-from transformers import LlamaForCausalLM
 
 import speculor
 from speculor import SpeculativeDecoder
@@ -29,14 +26,10 @@ def prompts(count: int, seed: int, vocab: int = 96) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def decoder():
-    """A float32 target on the fast runner (eager on the CPU) and a noisy copy as draft: drafts partly accepted."""
-    target = build(LlamaForCausalLM, tiny_llama_config(layers=2), seed=0, dtype=torch.float32)
-    draft = copy.deepcopy(target)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for parameter in draft.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+def decoder(float32_pair):
+    """The float32 target on the fast runner (eager on the CPU) and its noisy copy as draft: drafts partly
+    accepted."""
+    target, draft = float32_pair
     decoder = SpeculativeDecoder(target, draft, dtype=torch.float32, max_batch_size=4)
     assert isinstance(decoder.target_runner, FastRunner)
     return decoder
