@@ -60,7 +60,8 @@ def test_weights_fit_the_package_budget(family):
     sizes = [file.stat().st_size for file in family.target.parent.rglob("*") if file.is_file()]
     weights = sum(file.stat().st_size for file in family.target.parent.rglob("*.safetensors"))
     assert max(sizes) <= 16 * MIB
-    assert weights <= 48 * MIB
+    # Six small models and an EAGLE-3 head; the whole repository must stay well under 64 MiB.
+    assert weights <= 58 * MIB
 
 
 def test_a_prompt_ending_in_a_newline_tokenizes_like_the_start_of_its_continuation(family):

@@ -1,8 +1,9 @@
 """The trained model family shipped inside the package: one target and several drafts sharing one tokenizer.
 
 They were trained from scratch with `speculor train` on Python source (see each directory's README.md for the exact
-command, corpus, tokens seen and held-out loss), small enough to ship (under 48 MiB of weights in all) and to run
-on a laptop CPU, so that tests, benchmarks, the demo and users have a real target/draft pair without a download.
+command, corpus, tokens seen and held-out loss), small enough to ship (under 58 MiB of weights in all, the EAGLE-3
+head included) and to run on a laptop CPU, so that tests, benchmarks, the demo and users have a real target/draft
+pair without a download.
 
 The drafts differ in the one thing that decides speculative decoding on small models, depth against width at a
 similar size: `draft-4x128` (deep and narrow) and `draft-1x192` (shallow and wide) have about 1.8M and 2.0M
