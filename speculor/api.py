@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -189,6 +189,14 @@ class SpeculativeDecoder:
         speculative: bool | None = None,
         logprobs: int | None = None,
         reproducible: bool | None = None,
+        min_p: float = 0.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logit_bias: Mapping[int, float] | None = None,
+        min_tokens: int = 0,
+        stop_token_ids: Sequence[int] = (),
+        bad_words: Sequence[str | Sequence[int]] = (),
     ) -> DecodeRequest:
         """A checked request, ready for an engine (`new_engine().add(...)`). `gamma=None` (the default) lets the
         engine choose γ each step for the whole batch from the step costs and acceptance it learns as it runs
@@ -197,8 +205,28 @@ class SpeculativeDecoder:
         runner). `logprobs=N` reports the target's log-probability of each token and its N best alternatives.
         `reproducible` (default: whether a seed is given) verifies a sampled request by drafter-invariant coupling,
         so its tokens are exactly the target alone's samples for its seed, whatever γ, draft or batch; False keeps
-        the rejection rule, which accepts more drafts but whose tokens depend on what was drafted."""
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        the rejection rule, which accepts more drafts but whose tokens depend on what was drafted.
+
+        `min_p`, the penalties, `logit_bias`, `min_tokens`, `stop_token_ids` and `bad_words` are as in
+        `SamplingParams`; they are exact under speculation (the draft and the target see each drafted position's
+        state). A bad word given as text is banned as the model spells it alone and after a space (the tokens
+        differ)."""
+        params = SamplingParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty,
+            logit_bias=logit_bias or {},
+            min_tokens=min_tokens,
+            stop_token_ids=tuple(stop_token_ids),
+            bad_words=self._bad_word_ids(bad_words),
+        )
+        outside = sorted(token for token in params.token_ids() if token >= self.vocab_size)
+        if outside:
+            raise SpeculorError(f"token ids must be below the vocabulary size {self.vocab_size}; got {outside[:5]}")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise SpeculorError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
         policy = gamma
@@ -238,6 +266,24 @@ class SpeculativeDecoder:
             logprobs=logprobs,
             reproducible=reproducible,
         )
+
+    def _bad_word_ids(self, bad_words: Sequence[str | Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+        """Bad words as token-id sequences: ids as given; text encoded alone and after a space, without special
+        tokens (a word inside a sentence is usually spelled with its leading space)."""
+        if isinstance(bad_words, str):
+            raise SpeculorError(f"bad_words must be a list of words or token-id lists, got the string {bad_words!r}")
+        words: list[tuple[int, ...]] = []
+        for word in bad_words:
+            if not isinstance(word, str):
+                words.append(tuple(word))
+                continue
+            if self.tokenizer is None:
+                raise SpeculorError("bad words given as text need a tokenizer, and this model has none")
+            for spelling in (word, " " + word):
+                ids = tuple(self.tokenizer.encode(spelling, add_special_tokens=False))
+                if ids and ids not in words:
+                    words.append(ids)
+        return tuple(words)
 
     def _check_length(self, prompt_length: int, max_new_tokens: int) -> None:
         runners = [("target", self.target.name, self.target_runner)]

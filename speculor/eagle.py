@@ -547,7 +547,7 @@ class Eagle3Proposer:
         for index in range(gamma):
             logits = self._target_logits(self.head.logits(output))
             at = lengths + index if sampling.any_sampled else lengths
-            token, token_probs = sample_rows(logits, sampling, at, DRAFT_STREAM)
+            token, token_probs = sample_rows(logits, sampling, at, DRAFT_STREAM, drafted)
             drafted.append(token)
             if token_probs is not None:
                 probs.append(token_probs)

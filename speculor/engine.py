@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from speculor.adaptive import FixedGamma, GammaPolicy, LoadAwareGamma
 from speculor.errors import SpeculorError
+from speculor.processors import RowProcessors
 from speculor.proposers import Proposer
 from speculor.runners.base import Runner
 from speculor.runners.fast import host_to_device
@@ -546,6 +547,8 @@ class BatchEngine:
         """Queue a step the host prepares from the rows' committed contexts: choose γ, draft (catching the draft up
         where it is behind), verify, accept."""
         sampling = self._sampling(rows)
+        if any(row.request.params.processed for row in rows):
+            sampling = sampling.with_processors(self._processors(rows))
         starts = None
         if sampling.any_sampled:
             starts = torch.tensor([len(row.context) for row in rows], dtype=torch.long, device=self.device)
@@ -600,7 +603,11 @@ class BatchEngine:
         sampling: RowSampling,
         starts: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(accepted drafts per row, the token after them), on the device."""
+        """(accepted drafts per row, the token after them), on the device. The logits processors, where a row has
+        any, see at each verified position the state after the drafts before it, as the draft saw when it drew
+        them."""
+        if sampling.processors is not None:
+            logits = sampling.processors.apply(logits, drafts)
         if starts is not None:
             return self._sampled_accept(logits, drafts, counts, draft_probs, sampling, starts)
         return greedy_accept(drafts, counts, logits) if drafts.shape[1] else self._argmax_only(logits)
@@ -631,7 +638,8 @@ class BatchEngine:
     def _plan_ahead(self, rows: list[_Row], step: _QueuedStep) -> list[int] | None:
         """Each row's γ for the next step if it can be queued before this step's results are read, else None.
 
-        It can on a GPU (or where tests force it), when no row wants log-probabilities (read per step), when some
+        It can on a GPU (or where tests force it), when no row wants log-probabilities (read per step) nor has
+        logits processors (their state comes from the host's contexts, read per step), when some
         row may still need a token after this step, and when the next step is either a step without drafts (the
         target alone, fed each row's next token) or a step where every row drafts with a proposer that drafts
         from device-resident results (`ChainingProposer`) and every row drafted in this step too (its draft cache
@@ -641,6 +649,8 @@ class BatchEngine:
         max_new_tokens. Where the policy's choice cannot be queued now, it is kept for the next step."""
         if not self.look_ahead or any(row.request.logprobs is not None for row in rows):
             return None
+        if any(row.request.params.processed for row in rows):
+            return None  # their processors' state is built on the host from the committed tokens
         if all(row.request.max_new_tokens - len(row.generated) <= 1 for row in rows):
             return None  # every row ends with this step's token
         caps = [
@@ -779,6 +789,19 @@ class BatchEngine:
             self._sampling_cache = (key, RowSampling.build(params, seeds, self.device, reproducible))
         return self._sampling_cache[1]
 
+    def _processors(self, rows: list[_Row]) -> RowProcessors:
+        """The rows' logits processors with their state after what each committed. Built afresh each step from the
+        host's contexts (the state changes with every token); rows whose options need none of it pay nothing, and a
+        batch where no row has options never gets here."""
+        return RowProcessors.build(
+            [row.request.params for row in rows],
+            [row.request.prompt_ids for row in rows],
+            [row.generated for row in rows],
+            [_end_ids(row.request) for row in rows],
+            self.vocab_size,
+            self.device,
+        )
+
     def _propose(
         self, rows: list[_Row], gammas: list[int], sampling: RowSampling
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
@@ -873,22 +896,25 @@ class BatchEngine:
         remaining = request.max_new_tokens - len(row.generated)
         taken: list[int] = emitted[:remaining]
         text = ""
+        eos_ids = frozenset() if request.ignore_eos else request.eos_ids
+        stop_ids = request.params.stop_token_ids
         if tracker.stop:
             taken = []
             for token in emitted[:remaining]:
                 taken.append(token)
                 row.generated.append(token)
                 text += tracker.update(row.generated)
-                if tracker.stopped:
+                if tracker.stopped or token in stop_ids:
                     row.finish_reason = "stop"
                     break
-                if not request.ignore_eos and token in request.eos_ids:
+                if token in eos_ids:
                     row.finish_reason = "eos"
                     break
         else:
-            if not request.ignore_eos and not request.eos_ids.isdisjoint(taken):
-                taken = taken[: next(i for i, token in enumerate(taken) if token in request.eos_ids) + 1]
-                row.finish_reason = "eos"
+            ending = next((i for i, token in enumerate(taken) if token in eos_ids or token in stop_ids), None)
+            if ending is not None:
+                taken = taken[: ending + 1]
+                row.finish_reason = "stop" if taken[-1] in stop_ids else "eos"
             row.generated.extend(taken)
             text = tracker.update(row.generated)
         cut_short = len(taken) < accepted + 1
@@ -926,6 +952,12 @@ class BatchEngine:
         row.stats.new_tokens = len(row.generated)
         row.stats.wall_seconds = time.perf_counter() - row.started
         return GenerationResult(row.tracker.text, list(row.generated), row.stats, row.finish_reason, row.logprobs)
+
+
+def _end_ids(request: DecodeRequest) -> frozenset[int]:
+    """The ids that end a request: its EOS ids (unless it ignores them) and its stop token ids."""
+    eos_ids = frozenset() if request.ignore_eos else request.eos_ids
+    return eos_ids | frozenset(request.params.stop_token_ids)
 
 
 def _acceptance_kind(row: _Row) -> str:

@@ -201,7 +201,7 @@ class DraftModelProposer:
         probs: list[torch.Tensor] = []
         for index in range(gamma):
             at = positions + index if sampling.any_sampled else positions
-            token, token_probs = sample_rows(last[:, : self.vocab_size], sampling, at, DRAFT_STREAM)
+            token, token_probs = sample_rows(last[:, : self.vocab_size], sampling, at, DRAFT_STREAM, tokens)
             tokens.append(token)
             if token_probs is not None:
                 probs.append(token_probs)
@@ -391,15 +391,18 @@ class ParallelDraftProposer:
         drafting_logits = logits[row_index[:, None], read_index][..., : self.vocab_size]
         # Token i of a row is drawn at sequence position len(context) + i, as the sequential draft draws it.
         offsets = torch.arange(gamma, device=device)
-        every_row = row_index.repeat_interleave(gamma)
-        flat_tokens, flat_probs = sample_rows(
-            drafting_logits.reshape(rows * gamma, -1),
-            sampling.select(every_row) if sampling.any_sampled else sampling,
-            (positions[:, None] + offsets).reshape(-1),
-            DRAFT_STREAM,
-        )
-        tokens = flat_tokens.view(rows, gamma)
-        probs = flat_probs.view(rows, gamma, -1) if flat_probs is not None else None
+        if sampling.processors is not None:
+            tokens, probs = self._draw_processed(drafting_logits, sampling, positions)
+        else:
+            every_row = row_index.repeat_interleave(gamma)
+            flat_tokens, flat_probs = sample_rows(
+                drafting_logits.reshape(rows * gamma, -1),
+                sampling.select(every_row) if sampling.any_sampled else sampling,
+                (positions[:, None] + offsets).reshape(-1),
+                DRAFT_STREAM,
+            )
+            tokens = flat_tokens.view(rows, gamma)
+            probs = flat_probs.view(rows, gamma, -1) if flat_probs is not None else None
         if any(threshold is not None for threshold in confidence_thresholds):
             thresholds = torch.tensor([t if t is not None else 0.0 for t in confidence_thresholds], device=device)
             source = probs if probs is not None else drafting_logits.float().softmax(-1)
@@ -408,6 +411,24 @@ class ParallelDraftProposer:
             first_doubt = torch.where(doubtful, offsets, gamma).amin(1)
             counts = torch.minimum(counts, first_doubt + 1)
         return Proposal(tokens=tokens, counts=counts, probs=probs, forwards=1, caught_up=bool(catching_up))
+
+    @staticmethod
+    def _draw_processed(
+        drafting_logits: torch.Tensor, sampling: RowSampling, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draw the γ tokens one after another where logits processors are on: the processors' state at token i
+        depends on the tokens drawn before it, so q_i is the processed distribution given them (still the exact law
+        each token was drawn from, which is all the acceptance rule needs)."""
+        tokens: list[torch.Tensor] = []
+        probs: list[torch.Tensor] = []
+        for index in range(drafting_logits.shape[1]):
+            token, token_probs = sample_rows(
+                drafting_logits[:, index], sampling, positions + index, DRAFT_STREAM, tokens
+            )
+            tokens.append(token)
+            if token_probs is not None:
+                probs.append(token_probs)
+        return torch.stack(tokens, dim=1), torch.stack(probs, dim=1) if probs else None
 
     def _step(self, slots: Sequence[int], feed: torch.Tensor, starts: Sequence[int]) -> torch.Tensor:
         """One draft step over every row; a row whose padded feed would run past the draft's context (only near

@@ -12,12 +12,14 @@ whole batch's noise is one vectorised computation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
 from speculor.errors import SpeculorError
+from speculor.processors import RowProcessors
 
 # Which decision a uniform number is for: one stream each, so no two decisions about a position share randomness.
 DRAFT_STREAM, ACCEPT_STREAM, TARGET_STREAM = 1, 2, 3
@@ -48,19 +50,45 @@ MAX_TEMPERATURE = torch.finfo(torch.float32).max
 MAX_TOP_K = (1 << 31) - 1
 
 
+# OpenAI's ranges for the presence and frequency penalties, and for a logit bias.
+MAX_PRESENCE_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How logits become a distribution. `temperature == 0` means greedy (argmax), where top-k/top-p do not matter.
+    """How logits become a distribution. `temperature == 0` means greedy (argmax), where top-k/top-p/min-p do not
+    matter.
+
+    The processors (`speculor.processors`) come first, on the logits, and greedy takes the argmax of what they
+    leave: `presence_penalty` and `frequency_penalty` (OpenAI's, over generated tokens, in [-2, 2]),
+    `repetition_penalty` (> 0, 1 is off; over prompt and output), `logit_bias` ((token id, bias) pairs or a mapping,
+    each bias in [-100, 100]), `min_tokens` (the end ids and `stop_token_ids` are banned until that many tokens are
+    generated), `bad_words` (token-id sequences never generated: the last token of each is banned wherever the
+    tokens before it end the context). `stop_token_ids` also end the generation (reason "stop"), `ignore_eos` or
+    not. `min_p` (in [0, 1]) drops tokens less likely than min_p times the most likely one, after top-p, as Hugging
+    Face orders its warpers.
 
     Every value accepted here is safe downstream: construction normalises a temperature below
-    `GREEDY_TEMPERATURE_BELOW` to 0 (greedy) and a top-k above `MAX_TOP_K` to None (off), and refuses what no tensor
-    could hold (infinite or NaN values, booleans)."""
+    `GREEDY_TEMPERATURE_BELOW` to 0 (greedy) and a top-k above `MAX_TOP_K` to None (off), stores the list-valued
+    options as tuples (so the parameters stay hashable), and refuses what no tensor could hold (infinite or NaN
+    values, booleans). Token ids are checked against the vocabulary by `SpeculativeDecoder.request`, which knows
+    it."""
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    bad_words: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_processor_options()
         temperature, top_k, top_p = self.temperature, self.top_k, self.top_p
         if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
             raise SpeculorError(
@@ -76,9 +104,62 @@ class SamplingParams:
         if top_k is not None and top_k > MAX_TOP_K:
             object.__setattr__(self, "top_k", None)
 
+    def _check_processor_options(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -MAX_PRESENCE_PENALTY <= value <= MAX_PRESENCE_PENALTY:
+                raise SpeculorError(f"{name} must be a number in [-2, 2], got {value!r}")
+        repetition = self.repetition_penalty
+        if not _is_number(repetition) or not 0 < repetition < math.inf:
+            raise SpeculorError(f"repetition_penalty must be a finite number > 0 (1 is off), got {repetition!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise SpeculorError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
+        if not _is_count(self.min_tokens):
+            raise SpeculorError(f"min_tokens must be an integer ≥ 0, got {self.min_tokens!r}")
+        pairs = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        try:
+            bias = tuple(sorted((token, value) for token, value in pairs))
+        except (TypeError, ValueError):
+            raise SpeculorError(f"logit_bias must map token ids to biases, got {self.logit_bias!r}") from None
+        for token, value in bias:
+            if not _is_count(token) or not _is_number(value) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise SpeculorError(
+                    f"logit_bias maps token ids (≥ 0) to numbers in [-100, 100], got {token!r}: {value!r}"
+                )
+        stop_ids = tuple(self.stop_token_ids)
+        if not all(_is_count(token) for token in stop_ids):
+            raise SpeculorError(f"stop_token_ids must be token ids (integers ≥ 0), got {self.stop_token_ids!r}")
+        words = tuple(tuple(word) for word in self.bad_words)
+        if not all(word and all(_is_count(token) for token in word) for word in words):
+            raise SpeculorError(f"bad_words must be non-empty sequences of token ids, got {self.bad_words!r}")
+        object.__setattr__(self, "logit_bias", bias)
+        object.__setattr__(self, "stop_token_ids", stop_ids)
+        object.__setattr__(self, "bad_words", words)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def processed(self) -> bool:
+        """Whether any logits processor is on (`speculor.processors`): penalties, bias, min_tokens, bad words."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1
+            or self.logit_bias
+            or self.min_tokens
+            or self.bad_words
+        )
+
+    def token_ids(self) -> set[int]:
+        """Every token id the options name (for the caller to check against its vocabulary)."""
+        named = {token for token, _ in self.logit_bias} | set(self.stop_token_ids)
+        return named | {token for word in self.bad_words for token in word}
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_number(value: object) -> bool:
@@ -105,6 +186,11 @@ class RowSampling:
     any_reproducible: bool = False
     # Whether every row is reproducible or greedy, so coupling alone verifies the batch (known on the host: no sync).
     only_coupled: bool = False
+    # Each row's min-p ((rows,), 0 is off), None when no sampled row uses it.
+    min_p: torch.Tensor | None = None
+    # The rows' logits processors with their state after the committed tokens, None when no row has any: set per
+    # step by the engine (`with_processors`), since their state changes with every token.
+    processors: RowProcessors | None = None
 
     @classmethod
     def build(
@@ -128,7 +214,15 @@ class RowSampling:
             reproducible=torch.tensor(coupled, dtype=torch.bool, device=device) if any(coupled) else None,
             any_reproducible=any(coupled),
             only_coupled=any(coupled) and all(flag or p.greedy for flag, p in zip(coupled, params, strict=True)),
+            min_p=(
+                torch.tensor([float(p.min_p) for p in params], dtype=torch.float32, device=device)
+                if any(p.min_p for p in sampled)
+                else None
+            ),
         )
+
+    def with_processors(self, processors: RowProcessors | None) -> RowSampling:
+        return replace(self, processors=processors)
 
     def select(self, rows: torch.Tensor) -> RowSampling:
         """The parameters of a subset of rows (indices into this batch)."""
@@ -143,6 +237,8 @@ class RowSampling:
             self.reproducible[rows] if self.reproducible is not None else None,
             self.any_reproducible,
             self.only_coupled,
+            self.min_p[rows] if self.min_p is not None else None,
+            self.processors.select(rows) if self.processors is not None else None,
         )
 
 
@@ -187,6 +283,11 @@ def row_probabilities(logits: torch.Tensor, sampling: RowSampling) -> torch.Tens
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
     probs = scaled.softmax(-1)
+    if sampling.min_p is not None:
+        # Min-p after top-k and top-p, on the distribution they left (Hugging Face's order): the ratio to the most
+        # likely token, which every filter keeps, is what min-p compares.
+        threshold = _per_row(sampling.min_p, probs).to(probs.dtype) * probs.amax(-1, keepdim=True)
+        probs = scaled.masked_fill(probs < threshold, float("-inf")).softmax(-1)
     one_hot = probs.sum(-1, keepdim=True).isnan()
     if sampling.any_greedy:
         one_hot |= greedy
@@ -247,10 +348,19 @@ def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 def sample_rows(
-    logits: torch.Tensor, sampling: RowSampling, positions: torch.Tensor, stream: int
+    logits: torch.Tensor,
+    sampling: RowSampling,
+    positions: torch.Tensor,
+    stream: int,
+    drafted: Sequence[torch.Tensor] = (),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick the next token of each row from logits (rows, V) at its sequence `positions` (rows,); return the tokens
-    and the probabilities used (None when every row is greedy, where q is one-hot at the argmax)."""
+    and the probabilities used (None when every row is greedy, where q is one-hot at the argmax). `drafted` are the
+    tokens (rows,) each drafted so far in this step, in order: the logits processors see the state after them."""
+    if sampling.processors is not None:
+        rows = logits.shape[0]
+        before = torch.stack(list(drafted), dim=1) if drafted else logits.new_zeros(rows, 0, dtype=torch.long)
+        logits = sampling.processors.apply(logits[:, None], before, offset=len(drafted))[:, 0]
     if not sampling.any_sampled:
         return logits.argmax(-1), None
     probs = row_probabilities(logits, sampling)

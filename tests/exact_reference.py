@@ -1,7 +1,9 @@
 """Exact references for speculative sampling, written apart from the engine's helpers so that a test comparing the
 two is not the engine checked against itself.
 
-Filtering comes from transformers' own warpers (temperature, then top-k, then top-p), in float64. The law of one
+Filtering comes from transformers' own warpers (temperature, then top-k, then top-p, then min-p), in float64. The
+logits processors (bias, penalties, bans) are applied by `processed_logits`, one token at a time in plain Python,
+from the whole context as the target alone has it. The law of one
 speculative step is enumerated in plain Python: every draft sequence with its probability under q, and along it the
 acceptance probability min(1, p/q), the residual normalize(max(0, p − q)) at a rejection and p after the last draft.
 """
@@ -12,7 +14,12 @@ import itertools
 from collections.abc import Callable
 
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from speculor.sampling import SamplingParams
 
@@ -34,9 +41,38 @@ def warped_probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.
         warpers.append(TopKLogitsWarper(params.top_k))
     if params.top_p is not None and params.top_p < 1:
         warpers.append(TopPLogitsWarper(params.top_p))
+    if params.min_p:
+        warpers.append(MinPLogitsWarper(params.min_p))
     for warper in warpers:
         scores = warper(unused_ids, scores)
     return scores.softmax(-1).view(logits.shape)
+
+
+def processed_logits(
+    logits: torch.Tensor, prompt: list[int], generated: list[int], params: SamplingParams, end_ids: frozenset[int]
+) -> torch.Tensor:
+    """The logits (V,) after the processors, for the next token after `prompt` + `generated`, in the logits' own
+    dtype: bias, then the repetition penalty over every token seen, then the frequency and presence penalties over
+    the generated ones, then −inf for banned words and, before `min_tokens`, for `end_ids`."""
+    scores = logits.clone()
+    for token, bias in params.logit_bias:
+        scores[token] += bias
+    context = [*prompt, *generated]
+    for token in set(context):
+        if params.repetition_penalty != 1:
+            penalty = torch.tensor(params.repetition_penalty, dtype=scores.dtype)
+            scores[token] = scores[token] / penalty if scores[token] > 0 else scores[token] * penalty
+    for token in set(generated):
+        frequency = torch.tensor(params.frequency_penalty, dtype=scores.dtype)
+        scores[token] -= frequency * generated.count(token)
+        scores[token] -= torch.tensor(params.presence_penalty, dtype=scores.dtype)
+    for word in params.bad_words:
+        if len(word) == 1 or tuple(context[-(len(word) - 1) :]) == word[:-1]:
+            scores[word[-1]] = float("-inf")
+    if len(generated) < params.min_tokens:
+        for token in end_ids:
+            scores[token] = float("-inf")
+    return scores
 
 
 def residual(target: Distribution, draft: Distribution) -> Distribution:
