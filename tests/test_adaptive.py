@@ -189,3 +189,32 @@ def test_draft_catch_ups_are_charged_to_speculating_steps_on_average():
     assert policy.step_seconds(4, 3) > before + 0.002
     assert policy.step_seconds(4, 0) == pytest.approx(0.0105)
     assert policy.snapshot()["buckets"][4]["draft_by_passes"][3] == pytest.approx(0.003)
+
+
+def test_a_gamma_measured_while_queued_costs_what_it_took_then():
+    """Once steps of a γ ran queued behind the step before, that is their cost (none of the host's work shows); a γ
+    never run queued is still predicted from its phases. So AR's pipelined step is the arm speculation must beat."""
+    policy = learned_policy(lambda width: 0.01, 0.002, 0.8, batch=16)
+    policy.DECIDE_EVERY = 1
+    assert policy.step_seconds(16, 3) == pytest.approx(0.0005 + 0.006 + 0.01)
+    policy.observe_pipelined(16, 3, 0.012)
+    policy.observe_pipelined(16, 0, 0.004)
+    assert policy.step_seconds(16, 3) == pytest.approx(0.012)
+    assert policy.step_seconds(16, 0) == pytest.approx(0.004)
+    assert policy.step_seconds(16, 2) == pytest.approx(0.0005 + 0.004 + 0.01)
+    assert policy.snapshot()["buckets"][16]["pipelined_by_gamma"] == {0: 0.004, 3: 0.012}
+
+
+def test_retries_of_a_draft_that_never_pays_grow_ever_rarer():
+    """While not speculating, the most promising γ is retried after 8 decisions, then 16, 32, … (capped), so a draft
+    that is never accepted costs ever less; a choice to speculate starts the count over."""
+    policy = learned_policy(lambda width: 0.01 + 0.001 * width, 0.002, 0.0, batch=1)
+    policy.DECIDE_EVERY = 1
+    policy.RETRY_SPECULATION_WITHIN = 0.0
+    choices = [policy.choose(["greedy"], [6]) for _ in range(8 + 16 + 32 + 64)]
+    retries = [index + 1 for index, gamma in enumerate(choices) if gamma]
+    assert retries == [8, 24, 56, 120]
+    for _ in range(200):
+        policy.observe_acceptance("greedy", [(6, 6)])
+    assert policy.choose(["greedy"], [6]) > 0
+    assert policy._bucket_costs(1).retry_gap == LoadAwareGamma.RETRY_SPECULATION_EVERY
