@@ -154,6 +154,28 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="same seed, same output (default: a fresh one)")
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate exactly max-new-tokens")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below p × the likeliest's (default 0)")
+    parser.add_argument(
+        "--presence-penalty", type=float, default=0.0, help="subtract from every generated token's logit, in [-2, 2]"
+    )
+    parser.add_argument(
+        "--frequency-penalty", type=float, default=0.0, help="subtract per occurrence of a generated token, in [-2, 2]"
+    )
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="divide seen tokens' positive logits by it (1 is off)"
+    )
+    parser.add_argument(
+        "--logit-bias",
+        action="append",
+        default=None,
+        metavar="ID=BIAS",
+        help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)",
+    )
+    parser.add_argument("--min-tokens", type=int, default=0, help="no end of sequence before this many tokens")
+    parser.add_argument(
+        "--stop-token-id", type=int, action="append", default=None, help="end at this token id (repeatable)"
+    )
+    parser.add_argument("--bad-word", action="append", default=None, help="a word never generated (repeatable)")
 
 
 def parse_token_ids(text: str) -> list[int]:
@@ -206,7 +228,27 @@ def generation_options(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "stop": args.stop,
         "ignore_eos": args.ignore_eos,
+        "min_p": args.min_p,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "repetition_penalty": args.repetition_penalty,
+        "logit_bias": parse_logit_bias(args.logit_bias or []),
+        "min_tokens": args.min_tokens,
+        "stop_token_ids": args.stop_token_id or [],
+        "bad_words": args.bad_word or [],
     }
+
+
+def parse_logit_bias(entries: list[str]) -> dict[int, float]:
+    """`--logit-bias ID=BIAS` entries as a mapping."""
+    bias = {}
+    for entry in entries:
+        token, _, value = entry.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError as error:
+            raise SpeculorError(f"--logit-bias takes ID=BIAS (an integer and a number), got {entry!r}") from error
+    return bias
 
 
 def config_choice(config: dict, temperature: float) -> dict:

@@ -275,3 +275,18 @@ def test_a_model_name_not_on_disk_fails_at_once_with_one_line(capsys, monkeypatc
     assert status == 2 and seconds < 5
     assert len(lines) == 1 and lines[0].startswith("error:")
     assert "no-such-org/no-such-model" in lines[0] and "neither a local directory" in lines[0]
+
+
+def test_generate_takes_the_processor_options_and_stays_identical_to_the_target_alone(capsys, text_pair_dirs):
+    target, draft = map(str, text_pair_dirs)
+    common = ["generate", "--target", target, "--prompt", "def add(a, b):\n", "--max-new-tokens", "12", "--json"]
+    assert main([*common, "--draft", draft, "--ignore-eos", "--gamma", "3"]) == 0
+    plain = json.loads(capsys.readouterr().out)["token_ids"]
+    options = ["--repetition-penalty", "1.5", "--frequency-penalty", "0.5", "--logit-bias", f"{plain[0]}=-100"]
+    options += ["--min-tokens", "3", "--bad-word", "return", "--stop-token-id", "0", "--min-p", "0.1"]
+    assert main([*common, "--draft", draft, "--ignore-eos", "--gamma", "3", "--compare", *options]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["identical"] is True
+    assert report["token_ids"][0] != plain[0]
+    assert main([*common, "--logit-bias", "x=1"]) == 2
+    assert "ID=BIAS" in capsys.readouterr().err

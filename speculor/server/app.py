@@ -128,20 +128,31 @@ class ServedModel:
         return list(text.encode())
 
     def completion(self, body: CompletionRequest) -> list[tuple[DecodeRequest, int]]:
-        """One request per prompt; an error names the prompt's position when there are several."""
+        """`n` requests per prompt, prompt by prompt; an error names the prompt's position when there are several."""
         prompts = body.prompts
         requests = []
         for index, prompt in enumerate(prompts):
             param = f"prompt[{index}]" if len(prompts) > 1 else "prompt"
-            requests.append(self._prompt_request(body, prompt, param))
+            requests += self._prompt_requests(body, prompt, param)
         return requests
 
-    def _prompt_request(self, body: CompletionRequest, prompt: Prompt, param: str) -> tuple[DecodeRequest, int]:
+    def echoed(self, body: CompletionRequest) -> list[str]:
+        """The text each choice starts with under `echo`: its prompt's (text as sent; token ids decoded)."""
+        tokenizer = self.decoder.tokenizer
+        texts = []
+        for prompt in body.prompts:
+            if isinstance(prompt, str):
+                texts.append(prompt)
+            else:
+                texts.append(tokenizer.decode(prompt) if tokenizer is not None else "")
+        return [text for text in texts for _ in range(body.n)]
+
+    def _prompt_requests(self, body: CompletionRequest, prompt: Prompt, param: str) -> list[tuple[DecodeRequest, int]]:
         try:
             prompt_ids = self.decoder.encode(prompt)
         except SpeculorError as error:
             raise APIError(400, f"{param}: {error}", param=param, code="invalid_prompt") from error
-        return self._request(body, prompt_ids, param, body.max_tokens, DEFAULT_COMPLETION_TOKENS)
+        return self._requests(body, prompt_ids, param, body.max_tokens, DEFAULT_COMPLETION_TOKENS)
 
     def chat(self, body: ChatCompletionRequest) -> list[tuple[DecodeRequest, int]]:
         tokenizer = self.decoder.tokenizer
@@ -165,7 +176,21 @@ class ServedModel:
                 code="invalid_messages",
             ) from error
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return [self._request(body, list(prompt_ids), "messages", max_tokens, None)]
+        return self._requests(body, list(prompt_ids), "messages", max_tokens, None)
+
+    def _requests(
+        self,
+        body: SamplingRequest,
+        prompt_ids: list[int],
+        prompt_param: str,
+        max_tokens: int | None,
+        default_tokens: int | None,
+    ) -> list[tuple[DecodeRequest, int]]:
+        """The `n` requests of one prompt. With a seed, choice j samples with seed + j: the first choice is what
+        n = 1 gives, the others differ, and each is reproducible. Each choice prefills the prompt itself (no shared
+        prefill yet)."""
+        seeds = [None] * body.n if body.seed is None else [body.seed + choice for choice in range(body.n)]
+        return [self._request(body, prompt_ids, prompt_param, max_tokens, default_tokens, seed) for seed in seeds]
 
     def _request(
         self,
@@ -174,6 +199,7 @@ class ServedModel:
         prompt_param: str,
         max_tokens: int | None,
         default_tokens: int | None,
+        seed: int | None,
     ) -> tuple[DecodeRequest, int]:
         room = self.context_length - len(prompt_ids)
         if room < 1:
@@ -203,6 +229,23 @@ class ServedModel:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        if body.min_tokens > max_tokens:
+            raise APIError(
+                400,
+                f"min_tokens ({body.min_tokens}) is more than the {max_tokens} tokens this request may generate",
+                param="min_tokens",
+                code="invalid_value",
+            )
+        named = [("logit_bias", int(key)) for key in body.logit_bias]
+        named += [("stop_token_ids", token) for token in body.stop_token_ids]
+        for param, token in named:
+            if token >= vocab_size:
+                raise APIError(
+                    400,
+                    f"token id {token} is outside this model's vocabulary of {vocab_size} tokens",
+                    param=param,
+                    code="invalid_value",
+                )
         try:
             request = self.decoder.request(
                 prompt_ids,
@@ -211,10 +254,18 @@ class ServedModel:
                 temperature=body.temperature,
                 top_k=body.top_k_within(vocab_size),
                 top_p=body.top_p,
-                seed=body.seed,
+                seed=seed,
                 stop=body.stop,
                 ignore_eos=body.ignore_eos,
                 logprobs=body.logprob_alternatives,
+                min_p=body.min_p,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty,
+                logit_bias=body.token_bias(),
+                min_tokens=body.min_tokens,
+                stop_token_ids=body.stop_token_ids,
+                bad_words=body.bad_words,
             )
         except SpeculorError as error:
             raise APIError(400, str(error), code="invalid_value") from error
@@ -248,7 +299,8 @@ class ResponseFormat:
     With `include_usage`, stream chunks carry `usage: null` until the final usage chunk; with `continuous_usage`
     every chunk carries the usage so far (`prompt_tokens` is the request's). `token_text` turns a token id into the
     text shown next to its log-probability, `token_bytes` into its UTF-8 bytes (chat's `bytes`; by default its
-    text's); `with_logprobs` says whether the request asked for them."""
+    text's); `with_logprobs` says whether the request asked for them. `choices` is how many choices the answer has
+    (prompts × n); `echoed`, where given, the text each choice starts with (completions' `echo`)."""
 
     id_prefix = ""
     object_name = ""
@@ -264,6 +316,8 @@ class ResponseFormat:
         include_usage: bool = False,
         continuous_usage: bool = False,
         with_logprobs: bool = False,
+        choices: int = 1,
+        echoed: Sequence[str] = (),
     ) -> None:
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.model = model
@@ -274,6 +328,8 @@ class ResponseFormat:
         self.include_usage = include_usage
         self.continuous_usage = continuous_usage
         self.with_logprobs = with_logprobs
+        self.choices = choices
+        self.echoed = list(echoed) or [""] * choices
         self._completion_tokens = 0
 
     def _envelope(self, object_name: str, choices: list[dict], **extra: Any) -> dict[str, Any]:
@@ -307,7 +363,7 @@ class ResponseFormat:
         choices = [
             self.choice(
                 index,
-                result.text or "",
+                self.echoed[index] + (result.text or ""),
                 FINISH_REASONS[result.finish_reason],
                 self._logprobs(index, generations.logprobs[index]),
                 whole=True,
@@ -372,6 +428,10 @@ class CompletionFormat(ResponseFormat):
     ) -> dict[str, Any]:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        """Under `echo`, each choice's prompt text first."""
+        return [self._chunk([self.choice(index, text, None, None)]) for index, text in enumerate(self.echoed) if text]
+
     def logprobs_block(self, index: int, logprobs: list[TokenLogprob]) -> dict[str, Any]:
         tokens = [self.token_text(entry.token_id) for entry in logprobs]
         offsets = []
@@ -418,8 +478,19 @@ class ChatFormat(ResponseFormat):
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def opening_chunks(self) -> list[dict[str, Any]]:
-        opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return [self._chunk([opening])]
+        return [
+            self._chunk(
+                [
+                    {
+                        "index": index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            )
+            for index in range(self.choices)
+        ]
 
     def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
         return {"token": self.token_text(token_id), "logprob": logprob, "bytes": self.token_bytes(token_id)}
@@ -725,7 +796,10 @@ def create_app(
         return JSONResponse(form.response(generations, results))
 
     def response_format(
-        shape: type[ResponseFormat], body: SamplingRequest, requests: list[tuple[DecodeRequest, int]]
+        shape: type[ResponseFormat],
+        body: SamplingRequest,
+        requests: list[tuple[DecodeRequest, int]],
+        echoed: Sequence[str] = (),
     ) -> ResponseFormat:
         return shape(
             served.name,
@@ -735,6 +809,8 @@ def create_app(
             include_usage=body.include_usage,
             continuous_usage=body.continuous_usage,
             with_logprobs=body.logprob_alternatives is not None,
+            choices=len(requests),
+            echoed=echoed,
         )
 
     async def read_body(request: Request, schema: type[Body]) -> Body:
@@ -746,13 +822,15 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await read_body(request, CompletionRequest)
-        worker.check_fits(len(body.prompts))
+        worker.check_fits(len(body.prompts) * body.n)
         requests = await run_in_threadpool(served.completion, body)
-        return await answer(request, body, requests, response_format(CompletionFormat, body, requests))
+        echoed = served.echoed(body) if body.echo else ()
+        return await answer(request, body, requests, response_format(CompletionFormat, body, requests, echoed))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await read_body(request, ChatCompletionRequest)
+        worker.check_fits(body.n, "n")
         requests = await run_in_threadpool(served.chat, body)
         return await answer(request, body, requests, response_format(ChatFormat, body, requests))
 

@@ -11,9 +11,15 @@ about 2 the distribution is near uniform already), `top_k` up to 2^31 − 1 (−
 or unsigned 64-bit integer, `logprobs`/`top_logprobs` up to 20 (vLLM's default cap; OpenAI allows 5 for completions
 and 20 for chat), at most 16 stop strings of at most 256 characters each (OpenAI allows 4; vLLM has no cap).
 
+The sampling options beyond those (`presence_penalty`, `frequency_penalty`, `repetition_penalty`, `min_p`,
+`logit_bias`, `min_tokens`, `stop_token_ids`, `bad_words`, `n`, and `echo` for completions) are bounded as OpenAI
+and vLLM bound them: penalties in [-2, 2] (repetition in (0, 100]), biases in [-100, 100] for at most 1,024 tokens,
+at most 64 stop token ids and 64 bad words of at most 256 characters, `n` up to 64 choices per prompt.
+
 Every field the server cannot honour is refused by `refused_option`, never silently ignored: a client that asks
-for a repetition penalty must not get an answer that quietly lacks one. Only options that cannot change the
-generated text (`user`, `metadata`, …) and options set to their "off" value (`presence_penalty: 0`, `n: 1`) pass.
+for JSON output must not get an answer that quietly lacks it. Only options that cannot change the generated text
+(`user`, `metadata`, …) and options set to their "off" value (`tools: []`, `response_format: {"type": "text"}`)
+pass.
 """
 
 from __future__ import annotations
@@ -36,12 +42,6 @@ NEUTRAL_VALUES: dict[str, Any] = {
     "best_of": 1,
     "echo": False,
     "suffix": "",
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "repetition_penalty": 1,
-    "min_p": 0,
-    "min_tokens": 0,
-    "logit_bias": {},
     "tools": [],
     "tool_choice": "none",
     "functions": [],
@@ -60,6 +60,13 @@ MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 2**31 - 1
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+MAX_PENALTY = 2.0
+MAX_REPETITION_PENALTY = 100.0
+MAX_BIAS = 100.0
+MAX_BIASED_TOKENS = 1024
+MAX_STOP_TOKEN_IDS = 64
+MAX_BAD_WORDS = 64
+MAX_CHOICES = 64
 
 
 Body = TypeVar("Body", bound="SamplingRequest")
@@ -95,8 +102,20 @@ class SamplingRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     ignore_eos: bool = False
+    presence_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0, le=MAX_REPETITION_PENALTY)] = 1.0
+    min_p: Annotated[float, Field(ge=0, le=1)] = 0.0
+    logit_bias: Annotated[
+        dict[str, Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]], Field(max_length=MAX_BIASED_TOKENS)
+    ] = {}
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] = []
+    bad_words: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]], Field(max_length=MAX_BAD_WORDS)
+    ] = []
 
     @model_validator(mode="before")
     @classmethod
@@ -118,6 +137,18 @@ class SamplingRequest(BaseModel):
             )
         return stop
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys_are_token_ids(cls, bias: dict[str, float]) -> dict[str, float]:
+        """OpenAI's keys are token ids written as strings (JSON keys are strings); their range is checked against
+        the vocabulary later."""
+        if not all(key.isascii() and key.isdigit() for key in bias):
+            raise PydanticCustomError("logit_bias_keys", "keys must be token ids (non-negative integers as strings)")
+        return bias
+
+    def token_bias(self) -> dict[int, float]:
+        return {int(key): value for key, value in self.logit_bias.items()}
+
     def top_k_within(self, vocab_size: int) -> int | None:
         """The top-k filter to apply, None when it is off: 0 and -1 turn it off, and so does a k that keeps the whole
         vocabulary anyway."""
@@ -138,10 +169,6 @@ class SamplingRequest(BaseModel):
 
     def refused_option(self) -> APIError | None:
         """The error for the first option this server would have to ignore to answer, or None."""
-        if self.n != 1:
-            return APIError(
-                400, "n > 1 is not supported: send one request per completion", param="n", code="unsupported_parameter"
-            )
         for name, value in (self.model_extra or {}).items():
             if name in HARMLESS_OPTIONS:
                 continue
@@ -159,12 +186,20 @@ Prompt = str | list[int]
 
 
 class CompletionRequest(SamplingRequest):
-    """`prompt` is text, token ids, or a list of either (several prompts: one choice each, in order). `logprobs: N`
-    reports each token's log-probability and its N most likely alternatives."""
+    """`prompt` is text, token ids, or a list of either (several prompts: `n` choices each, in order). `logprobs: N`
+    reports each token's log-probability and its N most likely alternatives. `echo` puts the prompt's text before
+    each choice's completion."""
 
     prompt: Any
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False
+
+    def refused_option(self) -> APIError | None:
+        if self.echo and self.logprobs is not None:
+            message = "echo with logprobs is not supported: the prompt's log-probabilities are not computed"
+            return APIError(400, message, param="echo", code="unsupported_parameter")
+        return super().refused_option()
 
     @property
     def logprob_alternatives(self) -> int | None:

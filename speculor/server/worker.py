@@ -188,15 +188,16 @@ class GenerationWorker:
     def _idle(self) -> bool:
         return not self._running and not self._waiting and not self._closing
 
-    def check_fits(self, jobs: int) -> None:
-        """400 for a request of more jobs than the slots and the queue together could ever hold: unlike a 503, no
-        retry would help it."""
+    def check_fits(self, jobs: int, param: str = "prompt") -> None:
+        """400 for a request of more jobs (prompts × n) than the slots and the queue together could ever hold:
+        unlike a 503, no retry would help it. `param` names what to reduce."""
         if jobs > self.capacity:
             raise APIError(
                 400,
-                f"{jobs} prompts are more than this server can ever hold at once ({self.engine.capacity} slots and "
-                f"{self.max_queue} waiting): send at most {self.capacity} per request",
-                param="prompt",
+                f"{jobs} generations (prompts × n) are more than this server can ever hold at once "
+                f"({self.engine.capacity} slots and {self.max_queue} waiting): "
+                f"send at most {self.capacity} per request",
+                param=param,
                 code="too_many_prompts",
             )
 
