@@ -334,3 +334,20 @@ def test_sampled_output_follows_the_targets_distribution():
         counts[tuple(result.token_ids)] = counts.get(tuple(result.token_ids), 0) + 1
     assert sum(result.stats.drafted for result in results) > 0
     assert chi_square_excess(exact, {outcome: count / SAMPLES for outcome, count in counts.items()}) < 0
+
+
+def test_logits_processors_under_a_head_keep_greedy_and_seeded_rows_the_targets(target, trained_head):
+    """Penalties, bias and banned words, applied to the head's q with each drafted prefix's state: greedy rows and
+    seeded rows stay the target alone's with the same options."""
+    options = [
+        SamplingParams(repetition_penalty=1.6, bad_words=((7, 3),)),
+        SamplingParams(frequency_penalty=1.0, logit_bias=((5, 2.0),)),
+        SamplingParams(temperature=0.9, presence_penalty=1.0, min_p=0.05),
+    ]
+    requests = [
+        DecodeRequest(prompt, 24, params, FixedGamma(3), frozenset(), seed=7, reproducible=True)
+        for prompt, params in zip(PROMPTS, options, strict=True)
+    ]
+    results = with_head(FastRunner, target, trained_head, requests)
+    assert [result.token_ids for result in results] == target_alone(target, requests)
+    assert sum(result.stats.accepted for result in results) > 0

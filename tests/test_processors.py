@@ -22,6 +22,7 @@ import torch
 from conftest import build, tiny_llama_config
 from exact_reference import processed_logits, warped_probabilities
 from fakes import TableRunner
+from test_parallel_draft import as_parallel_draft
 from transformers import LlamaForCausalLM
 
 from speculor import SpeculativeDecoder, SpeculorError
@@ -137,6 +138,28 @@ def test_prompt_lookup_drafts_are_verified_with_the_processors(noisy_pair):
     params = lookup.request(prompt, **options).params
     assert result.token_ids == reference_greedy(target, prompt, params, NEW_TOKENS)
     assert result.stats.accepted > 0 and result.stats.drafted > result.stats.accepted
+
+
+def test_a_parallel_draft_draws_its_tokens_in_turn_under_the_processors(noisy_pair):
+    """A parallel draft reads all γ distributions in one forward, but its q for token i depends on the tokens drawn
+    before it once processors are on; greedy and seeded rows stay the target alone's."""
+    target, draft = noisy_pair
+    decoder = SpeculativeDecoder(target, as_parallel_draft(draft), dtype=torch.float32, max_batch_size=4)
+    decoder.eos_ids = frozenset({EOS})
+    cases = prompts(3, seed=7)
+    requests = [
+        decoder.request(cases[0], max_new_tokens=NEW_TOKENS, gamma=3, repetition_penalty=1.8, bad_words=[[60, 61]]),
+        decoder.request(cases[1], max_new_tokens=NEW_TOKENS, gamma=4, frequency_penalty=1.5, logit_bias={5: 2.0}),
+        decoder.request(cases[2], max_new_tokens=NEW_TOKENS, gamma=2, temperature=1.0, seed=4, presence_penalty=1.0),
+    ]
+    results = run_batch(decoder.new_engine(), requests)
+    for request, result in zip(requests[:2], results[:2], strict=True):
+        assert result.token_ids == reference_greedy(target, request.prompt_ids, request.params, NEW_TOKENS)
+    seeded = decoder.generate(
+        cases[2], max_new_tokens=NEW_TOKENS, speculative=False, temperature=1.0, seed=4, presence_penalty=1.0
+    )
+    assert results[2].token_ids == seeded.token_ids
+    assert sum(result.stats.accepted for result in results) > 0
 
 
 def test_seeded_rows_equal_the_target_alones_sample(decoder):
