@@ -1,8 +1,8 @@
 """`speculor serve` end to end: a real uvicorn server on a free local port, driven by the official `openai` client
 and by raw HTTP for the malformed requests a client library would refuse to send.
 
-Two model sets: the shipped family (target and best draft, as `speculor serve` serves it by default; it has no chat
-template, so chat must answer 400), and tiny random Llamas sharing a tiny trained BPE tokenizer that does have a
+Two model sets: the shipped family (target and best draft, as `speculor serve` serves it by default, with the chat
+template it ships), and tiny random Llamas sharing a tiny trained BPE tokenizer that does have a
 chat template — gibberish but cheap, so they carry the many-request tests. Greedy answers are compared with
 offline generation on a separately loaded decoder.
 """
@@ -31,7 +31,7 @@ from server_support import (
 )
 
 import speculor.server.command
-from speculor import SpeculativeDecoder
+from speculor import SpeculativeDecoder, SpeculorError
 from speculor.cli import main
 from speculor.models import shipped
 from speculor.server import create_app
@@ -96,14 +96,15 @@ def test_the_shipped_pair_serves_offline_greedy_completions(shipped_server):
     assert "".join(chunk.choices[0].text for chunk in stream) == expected
 
 
-def test_the_shipped_pair_has_no_chat_template_so_chat_is_a_clear_400(shipped_server):
-    client, _ = shipped_server
-    with pytest.raises(BadRequestError) as raised:
-        client.chat.completions.create(
-            model=SHIPPED_MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4
-        )
-    assert raised.value.body["code"] == "no_chat_template"
-    assert "no chat template" in raised.value.body["message"]
+def test_the_shipped_pair_answers_chat_with_its_own_template(shipped_server):
+    """The shipped family's template (speculor/models/target/chat_template.jinja) writes the conversation as Python
+    docstrings, so the default server answers chat clients, with the offline greedy answer."""
+    client, offline_decoder = shipped_server
+    messages = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "Add two numbers."}]
+    answer = client.chat.completions.create(model=SHIPPED_MODEL_NAME, messages=messages, max_tokens=10, temperature=0)
+    prompt_ids = chat_prompt_ids(offline_decoder, messages)
+    assert offline_decoder.tokenizer.decode(prompt_ids) == '"""Answer in Python."""\n"""Add two numbers."""\n'
+    assert answer.choices[0].message.content == offline_decoder.generate(prompt_ids, max_new_tokens=10).text
 
 
 def test_completions_match_offline_greedy_generation(client, reference):
@@ -432,6 +433,29 @@ def test_chat_without_a_template_is_a_clear_400(plain_server):
     response = client.completions.create(model=name, prompt="def add(a, b):", max_tokens=10, temperature=0)
     alone = decoder.generate("def add(a, b):", max_new_tokens=10, temperature=0, speculative=False).text
     assert response.choices[0].text == alone
+
+
+def test_a_chat_template_given_to_the_server_serves_chat_for_a_model_without_one(model_dirs):
+    """`create_app(chat_template=...)` (`speculor serve --chat-template FILE`) for a tokenizer without a template."""
+    decoder = SpeculativeDecoder(model_dirs["plain"], device="cpu")
+    template = (
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    with serving(create_app(decoder, model_name=MODEL, chat_template=template)) as running:
+        client = OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    prompt = decoder.tokenizer.apply_chat_template(
+        messages, chat_template=template, add_generation_prompt=True, return_dict=False
+    )
+    assert decoder.tokenizer.decode(prompt) == "[user] def add(a, b):\n>"
+    assert answer.choices[0].message.content == decoder.generate(list(prompt), max_new_tokens=6).text
+
+
+def test_a_chat_template_that_cannot_render_is_refused_before_serving(model_dirs):
+    decoder = SpeculativeDecoder(model_dirs["plain"], device="cpu")
+    with pytest.raises(SpeculorError, match="does not render a conversation"):
+        create_app(decoder, chat_template="{% for m in messages %}{{ m.content }")
 
 
 def test_32_concurrent_clients_all_get_their_own_complete_answer(server_url, reference):

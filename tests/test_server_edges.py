@@ -84,6 +84,13 @@ def test_a_setting_that_cannot_work_stops_serve_with_one_line_before_loading(arg
     assert lines[0].startswith(f"error: {message}")
 
 
+def test_an_unreadable_chat_template_stops_serve_before_loading(tmp_path, capsys):
+    missing = tmp_path / "template.jinja"
+    assert main(["serve", "--target", str(tmp_path / "missing"), "--port", "0", "--chat-template", str(missing)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --chat-template {str(missing)!r} cannot be read")
+
+
 @pytest.mark.parametrize("value", ["", "   "])
 def test_an_empty_key_in_the_environment_is_refused_not_taken_for_no_key(value, tmp_path, monkeypatch, capsys):
     """A deployment script's `SPECULOR_API_KEY=$KEY` with $KEY unset must not serve the API to everyone."""

@@ -87,14 +87,33 @@ def display_name(name: str) -> str:
 
 class ServedModel:
     """The decoder behind the endpoints: checks a request against the model and turns it into `DecodeRequest`s.
-    `gamma` None lets the engine choose γ each step from the load; an int fixes it for every request."""
+    `gamma` None lets the engine choose γ each step from the load; an int fixes it for every request. `chat_template`
+    (Jinja text) replaces the tokenizer's own for chat; None keeps the tokenizer's, if it has one."""
 
-    def __init__(self, decoder: SpeculativeDecoder, name: str, gamma: int | None) -> None:
+    def __init__(
+        self, decoder: SpeculativeDecoder, name: str, gamma: int | None, chat_template: str | None = None
+    ) -> None:
         self.decoder = decoder
         self.name = name
         self.gamma = gamma
+        self.chat_template = chat_template
+        if chat_template is not None:
+            self._check_chat_template(chat_template)
         runners = [decoder.target_runner, decoder.draft_runner]
         self.context_length = min(runner.max_length for runner in runners if runner is not None)
+
+    def _check_chat_template(self, template: str) -> None:
+        """Refuse, before serving, a template that cannot render a one-message conversation (a syntax error, an
+        unknown filter) or a model without a tokenizer to apply it with."""
+        tokenizer = self.decoder.tokenizer
+        if tokenizer is None:
+            raise SpeculorError("a chat template needs a tokenizer, and this model has none")
+        try:
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}], chat_template=template, add_generation_prompt=True, tokenize=False
+            )
+        except (TemplateError, ValueError, TypeError) as error:
+            raise SpeculorError(f"the chat template does not render a conversation: {error}") from error
 
     def check_model(self, model: str) -> None:
         if model != self.name:
@@ -156,17 +175,19 @@ class ServedModel:
 
     def chat(self, body: ChatCompletionRequest) -> list[tuple[DecodeRequest, int]]:
         tokenizer = self.decoder.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        template = self.chat_template or getattr(tokenizer, "chat_template", None)
+        if tokenizer is None or not template:
             raise APIError(
                 400,
-                f"model {self.name!r} has no chat template, so it cannot answer chat completions; use /v1/completions",
+                f"model {self.name!r} has no chat template, so it cannot answer chat completions; use "
+                "/v1/completions, or start the server with --chat-template FILE",
                 param="messages",
                 code="no_chat_template",
             )
         messages = [{"role": message.role, "content": message.text()} for message in body.messages]
         try:
             prompt_ids = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                messages, chat_template=template, add_generation_prompt=True, tokenize=True, return_dict=False
             )
         except (TemplateError, ValueError) as error:
             raise APIError(
@@ -728,6 +749,7 @@ def create_app(
     api_key_everywhere: bool = False,
     docs: bool = False,
     allowed_hosts: Sequence[str] | None = None,
+    chat_template: str | None = None,
 ) -> FastAPI:
     """An app serving `decoder` under `model_name` (default: the target's name or path). Requests run as a
     continuous batch of up to the decoder's `max_batch_size` rows, drafting `gamma` tokens per step (None: the
@@ -740,11 +762,12 @@ def create_app(
     and /openapi.json (off: they describe the endpoints' Python signatures, not the OpenAI API, and are one more page
     to protect). `allowed_hosts` lists the host names a request's Host header may give (any port; `*.example.com` for
     subdomains, "*" for any); others get 400. None (the default here; `speculor serve` defaults to the loopback names
-    on a loopback address) checks nothing."""
+    on a loopback address) checks nothing. `chat_template` (Jinja text, as vLLM's --chat-template takes it)
+    replaces the tokenizer's own for chat completions; one that cannot render a conversation is refused here."""
     if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
         # An empty key must not mean "no key", nor a padded one a key no client can send (clients' keys are stripped).
         raise SpeculorError("api_key must be a non-empty string without whitespace around it (None: no key)")
-    served = ServedModel(decoder, model_name or decoder.target.name, gamma)
+    served = ServedModel(decoder, model_name or decoder.target.name, gamma, chat_template)
     metrics = ServerMetrics()
     worker = GenerationWorker(decoder.new_engine(), metrics, max_queue)
     started = int(time.time())

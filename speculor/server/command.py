@@ -131,6 +131,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="require the API key on /health and /metrics too (by default they stay open for probes and scrapers)",
     )
+    parser.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="a Jinja chat template for /v1/chat/completions, in place of the tokenizer's own (as vLLM's flag; the "
+        "shipped family has one)",
+    )
     parser.add_argument("--docs", action="store_true", help="serve the /docs, /redoc and /openapi.json pages")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(handler=run_serve)
@@ -296,10 +302,22 @@ def run_serve(args: argparse.Namespace) -> int:
         quiet_rank()
     check_settings(args)
     apply_config(args)
+    # Read before the models load, so an unreadable file fails at once.
+    args.chat_template_text = read_chat_template(args.chat_template)
     if follower:
         return load_and_serve(args, None)
     with listening_socket(args.host, args.port) as sock, replicas.spawned_followers(args.tensor_parallel):
         return load_and_serve(args, sock)
+
+
+def read_chat_template(path: str | None) -> str | None:
+    """The text of --chat-template's file (None: the tokenizer's own template)."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpeculorError(f"--chat-template {path!r} cannot be read: {error}") from error
 
 
 def load_and_serve(args: argparse.Namespace, sock: socket.socket | None) -> int:
@@ -352,6 +370,7 @@ def load_and_serve(args: argparse.Namespace, sock: socket.socket | None) -> int:
         api_key_everywhere=args.api_key_all,
         docs=args.docs,
         allowed_hosts=allowed_hosts(args, sock.getsockname()[0]),
+        chat_template=args.chat_template_text,
     )
     enough_file_descriptors(args.max_connections)
     gamma = "chosen each step" if args.gamma is None else args.gamma
