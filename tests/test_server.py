@@ -218,6 +218,7 @@ def test_models_and_health(client, http):
 
 LONG_TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
+TOOL = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
 BAD_REQUESTS = [
     # (endpoint, raw body or JSON object, status, code, param)
     ("completions", b'{"model": "tiny-pair", "prompt": ', 400, "invalid_json", None),
@@ -364,6 +365,34 @@ BAD_REQUESTS = [
         400,
         "unsupported_parameter",
         "response_format",
+    ),
+    (
+        "chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [TOOL]},
+        400,
+        "unsupported_parameter",
+        "tool_choice",
+    ),
+    (
+        "chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [TOOL], "tool_choice": "auto"},
+        400,
+        "unsupported_parameter",
+        "tool_choice",
+    ),
+    (
+        "chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [TOOL], "tool_choice": "required"},
+        400,
+        "unsupported_parameter",
+        "tool_choice",
+    ),
+    (
+        "completions",
+        {"model": MODEL, "prompt": "hi", "guided_regex": "[a-z]+"},
+        400,
+        "unsupported_parameter",
+        "guided_regex",
     ),
     (
         "completions",

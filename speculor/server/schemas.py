@@ -49,6 +49,38 @@ NEUTRAL_VALUES: dict[str, Any] = {
     "response_format": {"type": "text"},
 }
 
+# vLLM's structured-output extensions: refused with the reason, not as unknown names.
+STRUCTURED_EXTENSIONS = frozenset(
+    {"guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend", "structured_outputs"}
+)
+
+
+def _reasoned_refusal(name: str, value: Any, options: dict[str, Any]) -> APIError | None:
+    """A refusal that says why, for the options a client most often sends expecting them to work: tools (whose
+    `tool_choice` "auto" — OpenAI's default once tools are given — needs a parser for the model's own way of writing
+    tool calls, which this server does not have) and structured outputs. None for other options."""
+    if name in ("tools", "functions") and value:
+        name, value = "tool_choice", options.get("tool_choice", "auto")
+        if value == "none":
+            return None
+    if name in ("tool_choice", "function_call") and value == "auto":
+        message = (
+            f"{name} 'auto' needs a parser for this model's own way of writing tool calls, and this server has none; "
+            "send no tools (or tool_choice 'none') and describe the call in the prompt"
+        )
+        return APIError(400, message, param=name, code="unsupported_parameter")
+    if name in ("tool_choice", "function_call") and value != "none":
+        message = f"{name} {echo(str(value))}: tool calls are not supported by this server yet"
+        return APIError(400, message, param=name, code="unsupported_parameter")
+    if name == "response_format" and isinstance(value, dict) and value.get("type") in ("json_object", "json_schema"):
+        message = f"response_format {value['type']!r}: structured outputs are not supported by this server yet"
+        return APIError(400, message, param=name, code="unsupported_parameter")
+    if name in STRUCTURED_EXTENSIONS:
+        message = f"{name}: structured outputs are not supported by this server yet"
+        return APIError(400, message, param=name, code="unsupported_parameter")
+    return None
+
+
 # The most alternatives per token a request may ask for (OpenAI's limit for chat's `top_logprobs`).
 MAX_LOGPROBS = 20
 
@@ -169,9 +201,13 @@ class SamplingRequest(BaseModel):
 
     def refused_option(self) -> APIError | None:
         """The error for the first option this server would have to ignore to answer, or None."""
-        for name, value in (self.model_extra or {}).items():
+        extra = self.model_extra or {}
+        for name, value in extra.items():
             if name in HARMLESS_OPTIONS:
                 continue
+            reasoned = _reasoned_refusal(name, value, extra)
+            if reasoned is not None:
+                return reasoned
             if name not in NEUTRAL_VALUES:
                 message = f"unrecognized parameter {echo(name)}: this server does not implement it"
                 return APIError(400, message, param=name, code="unknown_parameter")
