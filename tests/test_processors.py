@@ -290,3 +290,35 @@ def test_a_seeded_row_drafted_by_lookup_keeps_the_target_alones_sample():
     drafted = run_batch(lookup, [request])[0]
     assert drafted.token_ids == run_batch(alone, [request])[0].token_ids
     assert drafted.stats.drafted > 0
+
+
+def test_looking_ahead_is_skipped_for_batches_with_processors_and_changes_no_token(decoder, monkeypatch):
+    """Rows with processors build their state from the host's contexts each step, so a batch holding one is never
+    queued ahead (target-alone rows, which otherwise would be); with look-ahead forced on, every row's tokens are
+    those of the plain order."""
+    cases = prompts(3, seed=8)
+    options = [dict(repetition_penalty=1.7), {}, dict(temperature=0.9, seed=2, min_p=0.1)]
+    requests = [
+        decoder.request(prompt, max_new_tokens=NEW_TOKENS, speculative=False, **option)
+        for prompt, option in zip(cases, options, strict=True)
+    ]
+    plain = run_batch(decoder.new_engine(), requests)
+    original = BatchEngine._queue_ahead
+    queued_ahead = []
+
+    def spy(self, *arguments):
+        queued_ahead.append(arguments)
+        return original(self, *arguments)
+
+    monkeypatch.setattr(BatchEngine, "_queue_ahead", spy)
+
+    def run_ahead(batch):
+        engine = decoder.new_engine()
+        engine.look_ahead = True
+        return run_batch(engine, batch)
+
+    ahead = run_ahead(requests)
+    assert [result.token_ids for result in ahead] == [result.token_ids for result in plain]
+    assert not queued_ahead
+    run_ahead([requests[1]])
+    assert queued_ahead, "the same engine looks ahead for a row without processors"
