@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         RowEvent,
         TokenLogprob,
     )
+    from speculor.grammar import StructuredOutput
 
 # Where each lazily loaded public name lives.
 LAZY_NAMES = {
@@ -42,6 +43,7 @@ LAZY_NAMES = {
     "Delta": "speculor.engine",
     "GenerationResult": "speculor.engine",
     "GenerationStats": "speculor.engine",
+    "StructuredOutput": "speculor.grammar",
 }
 
 
@@ -72,6 +74,7 @@ __all__ = [
     "RowEvent",
     "SpeculativeDecoder",
     "SpeculorError",
+    "StructuredOutput",
     "TokenLogprob",
     "generate",
     "models",

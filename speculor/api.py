@@ -13,6 +13,7 @@ from speculor.distributed import RankAgreedGamma, agreed_seed, tensor_parallel_g
 from speculor.eagle import Eagle3Proposer, is_eagle3_checkpoint, load_eagle3
 from speculor.engine import DEFAULT_PREFILL_CHUNK, BatchEngine, DecodeRequest, Decoding, Delta, GenerationResult
 from speculor.errors import SpeculorError
+from speculor.grammar import CompiledStructure, StructuredOutput, structure_compiler
 from speculor.loading import eos_token_ids, load_model, resolve_device, resolve_dtype, shared_vocab_size
 from speculor.proposers import (
     DraftModelProposer,
@@ -197,6 +198,7 @@ class SpeculativeDecoder:
         min_tokens: int = 0,
         stop_token_ids: Sequence[int] = (),
         bad_words: Sequence[str | Sequence[int]] = (),
+        structured: StructuredOutput | CompiledStructure | None = None,
     ) -> DecodeRequest:
         """A checked request, ready for an engine (`new_engine().add(...)`). `gamma=None` (the default) lets the
         engine choose γ each step for the whole batch from the step costs and acceptance it learns as it runs
@@ -210,7 +212,12 @@ class SpeculativeDecoder:
         `min_p`, the penalties, `logit_bias`, `min_tokens`, `stop_token_ids` and `bad_words` are as in
         `SamplingParams`; they are exact under speculation (the draft and the target see each drafted position's
         state). A bad word given as text is banned as the model spells it alone and after a space (the tokens
-        differ)."""
+        differ).
+
+        `structured` constrains the output to a JSON object, a JSON schema, a regex, a choice or an EBNF grammar
+        (`speculor.grammar.StructuredOutput`), compiled once per structure for this tokenizer; the draft proposes
+        only tokens the grammar allows and the target verifies under the same masks, so the output is the target
+        alone's under the grammar. The row ends when the grammar is complete and the model picks EOS."""
         params = SamplingParams(
             temperature=temperature,
             top_k=top_k,
@@ -223,6 +230,7 @@ class SpeculativeDecoder:
             min_tokens=min_tokens,
             stop_token_ids=tuple(stop_token_ids),
             bad_words=self._bad_word_ids(bad_words),
+            structured=self._compile(structured),
         )
         outside = sorted(token for token in params.token_ids() if token >= self.vocab_size)
         if outside:
@@ -266,6 +274,16 @@ class SpeculativeDecoder:
             logprobs=logprobs,
             reproducible=reproducible,
         )
+
+    def _compile(self, structured: StructuredOutput | CompiledStructure | None) -> CompiledStructure | None:
+        """The structure compiled for this decoder's tokenizer (cached per tokenizer: `structure_compiler`)."""
+        if structured is None or isinstance(structured, CompiledStructure):
+            return structured
+        if not isinstance(structured, StructuredOutput):
+            raise SpeculorError(f"structured must be a StructuredOutput, got {type(structured).__name__}")
+        if self.tokenizer is None:
+            raise SpeculorError("structured outputs need a tokenizer, and this model has none")
+        return structure_compiler(self.tokenizer, self.vocab_size, self.eos_ids).compile(structured)
 
     def _bad_word_ids(self, bad_words: Sequence[str | Sequence[int]]) -> tuple[tuple[int, ...], ...]:
         """Bad words as token-id sequences: ids as given; text encoded alone and after a space, without special

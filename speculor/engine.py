@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from speculor.adaptive import FixedGamma, GammaPolicy, LoadAwareGamma
 from speculor.errors import SpeculorError
+from speculor.grammar import GrammarRow
 from speculor.processors import RowProcessors
 from speculor.proposers import Proposer
 from speculor.runners.base import Runner
@@ -219,6 +220,9 @@ class _Row:
     prefilled: int = 0
     finish_reason: str = "length"
     logprobs: list[TokenLogprob] | None = None
+    # The row's grammar matcher (structured outputs), kept across steps: it rolls back to each step's committed
+    # tokens rather than replaying the whole output.
+    grammar: GrammarRow | None = None
 
     @property
     def ready(self) -> bool:
@@ -360,6 +364,7 @@ class BatchEngine:
             list(request.prompt_ids),
             time.perf_counter(),
             logprobs=[] if request.logprobs is not None else None,
+            grammar=request.params.structured.new_row() if request.params.structured is not None else None,
         )
         self.target.reset(slot)
         if self.proposer is not None:
@@ -800,6 +805,7 @@ class BatchEngine:
             [_end_ids(row.request) for row in rows],
             self.vocab_size,
             self.device,
+            [row.grammar for row in rows],
         )
 
     def _propose(
@@ -896,7 +902,7 @@ class BatchEngine:
         remaining = request.max_new_tokens - len(row.generated)
         taken: list[int] = emitted[:remaining]
         text = ""
-        eos_ids = frozenset() if request.ignore_eos else request.eos_ids
+        eos_ids = _eos_ids(request)
         stop_ids = request.params.stop_token_ids
         if tracker.stop:
             taken = []
@@ -954,10 +960,15 @@ class BatchEngine:
         return GenerationResult(row.tracker.text, list(row.generated), row.stats, row.finish_reason, row.logprobs)
 
 
+def _eos_ids(request: DecodeRequest) -> frozenset[int]:
+    """The EOS ids that end a request: none where it ignores them, unless it follows a grammar — there an EOS is
+    allowed only once the grammar is complete, so it ends the row."""
+    return frozenset() if request.ignore_eos and request.params.structured is None else request.eos_ids
+
+
 def _end_ids(request: DecodeRequest) -> frozenset[int]:
-    """The ids that end a request: its EOS ids (unless it ignores them) and its stop token ids."""
-    eos_ids = frozenset() if request.ignore_eos else request.eos_ids
-    return eos_ids | frozenset(request.params.stop_token_ids)
+    """The ids that end a request: its EOS ids (`_eos_ids`) and its stop token ids."""
+    return _eos_ids(request) | frozenset(request.params.stop_token_ids)
 
 
 def _acceptance_kind(row: _Row) -> str:

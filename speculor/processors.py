@@ -9,11 +9,14 @@ length plus the position), so the target's p at verified position j and the draf
 the very same state — the one the target alone would have had after the same prefix. That is what keeps the
 acceptance rule exact.
 
+A grammar (`speculor.grammar`) is one more processor whose state is a matcher per row rather than a tensor: it
+keeps itself in step with the committed tokens and walks the drafted prefixes on the host.
+
 Order, per position: logit bias, then the repetition penalty (a seen token's positive logit divided by it, a
 negative one multiplied, over prompt and output, as Hugging Face and vLLM do), then the frequency and presence
 penalties (over generated tokens only, as OpenAI defines them), then the bans (banned words, and end ids while
-fewer than `min_tokens` are generated) set to −inf. Temperature, top-k, top-p and min-p come after, in
-`speculor.sampling`. Work is in float32 (float64 for float64 logits), as the probabilities are.
+fewer than `min_tokens` are generated) set to −inf, then the grammar's mask. Temperature, top-k, top-p and min-p
+come after, in `speculor.sampling`. Work is in float32 (float64 for float64 logits), as the probabilities are.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
+
+from speculor.grammar import GrammarRow, RowGrammars
 
 if TYPE_CHECKING:
     from speculor.sampling import SamplingParams
@@ -55,7 +60,8 @@ class RowProcessors:
     `end_ids` (rows, V) the ids it holds back, `always_banned` (rows, V) single-token banned words or None,
     `banned_continuations` one entry per banned-word length ≥ 2. State: `output_counts` (rows, V) how often each
     token was generated, `prompt_seen` (rows, V) whether it occurs in the prompt, `generated` (rows,) how many tokens
-    were generated, `recent` (rows, H) the last H committed tokens (H = the longest banned word's length − 1)."""
+    were generated, `recent` (rows, H) the last H committed tokens (H = the longest banned word's length − 1);
+    `grammars` the rows' grammar matchers, None when no row has one."""
 
     presence: torch.Tensor
     frequency: torch.Tensor
@@ -69,6 +75,7 @@ class RowProcessors:
     prompt_seen: torch.Tensor | None
     generated: torch.Tensor
     recent: torch.Tensor
+    grammars: RowGrammars | None = None
 
     @classmethod
     def build(
@@ -79,9 +86,11 @@ class RowProcessors:
         end_ids: Sequence[frozenset[int]],
         vocab_size: int,
         device: torch.device,
+        grammars: Sequence[GrammarRow | None] = (),
     ) -> RowProcessors:
         """The rows' processors after their committed tokens (`prompts[i]` then `outputs[i]`). `end_ids[i]` are the
-        ids that end row i, masked while it has generated fewer than its `min_tokens`."""
+        ids that end row i, masked while it has generated fewer than its `min_tokens`. `grammars[i]` is row i's
+        grammar matcher (None without one; the engine keeps it across steps), moved here to its committed output."""
         rows = len(options)
         penalised = any(o.presence_penalty or o.frequency_penalty or o.repetition_penalty != 1 for o in options)
         output_counts = prompt_seen = None
@@ -132,6 +141,12 @@ class RowProcessors:
             ([NO_TOKEN] * window + [*prompt, *output])[len(prompt) + len(output) :] if window else []
             for prompt, output in zip(prompts, outputs, strict=True)
         ]
+        row_grammars = None
+        if any(grammar is not None for grammar in grammars):
+            for grammar, output in zip(grammars, outputs, strict=True):
+                if grammar is not None:
+                    grammar.commit(output)
+            row_grammars = RowGrammars(tuple(grammars))
         return cls(
             presence=torch.tensor([o.presence_penalty for o in options], dtype=torch.float32, device=device),
             frequency=torch.tensor([o.frequency_penalty for o in options], dtype=torch.float32, device=device),
@@ -145,6 +160,7 @@ class RowProcessors:
             prompt_seen=prompt_seen,
             generated=torch.tensor([len(output) for output in outputs], dtype=torch.long, device=device),
             recent=torch.tensor(recent, dtype=torch.long, device=device).view(rows, window),
+            grammars=row_grammars,
         )
 
     def select(self, rows: torch.Tensor) -> RowProcessors:
@@ -167,6 +183,7 @@ class RowProcessors:
             prompt_seen=pick(self.prompt_seen),
             generated=self.generated[rows],
             recent=self.recent[rows],
+            grammars=self.grammars.select(rows) if self.grammars is not None else None,
         )
 
     def apply(self, logits: torch.Tensor, drafted: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -196,6 +213,8 @@ class RowProcessors:
             logits.masked_fill_(too_early[:, :, None] & self.end_ids[:, None, :], float("-inf"))
         if self.banned_continuations:
             self._ban_continuations(logits, drafted, prefix_lengths)
+        if self.grammars is not None:
+            self.grammars.mask(logits, drafted, offset)
         return logits
 
     def _ban_continuations(self, logits: torch.Tensor, drafted: torch.Tensor, prefix_lengths: torch.Tensor) -> None:

@@ -15,11 +15,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from speculor.errors import SpeculorError
 from speculor.processors import RowProcessors
+
+if TYPE_CHECKING:
+    from speculor.grammar import CompiledStructure
 
 # Which decision a uniform number is for: one stream each, so no two decisions about a position share randomness.
 DRAFT_STREAM, ACCEPT_STREAM, TARGET_STREAM = 1, 2, 3
@@ -65,9 +69,10 @@ class SamplingParams:
     `repetition_penalty` (> 0, 1 is off; over prompt and output), `logit_bias` ((token id, bias) pairs or a mapping,
     each bias in [-100, 100]), `min_tokens` (the end ids and `stop_token_ids` are banned until that many tokens are
     generated), `bad_words` (token-id sequences never generated: the last token of each is banned wherever the
-    tokens before it end the context). `stop_token_ids` also end the generation (reason "stop"), `ignore_eos` or
-    not. `min_p` (in [0, 1]) drops tokens less likely than min_p times the most likely one, after top-p, as Hugging
-    Face orders its warpers.
+    tokens before it end the context), `structured` (a grammar the output follows, `speculor.grammar`: compile it
+    with `SpeculativeDecoder.request(structured=...)` or a `StructureCompiler`). `stop_token_ids` also end the
+    generation (reason "stop"), `ignore_eos` or not. `min_p` (in [0, 1]) drops tokens less likely than min_p times
+    the most likely one, after top-p, as Hugging Face orders its warpers.
 
     Every value accepted here is safe downstream: construction normalises a temperature below
     `GREEDY_TEMPERATURE_BELOW` to 0 (greedy) and a top-k above `MAX_TOP_K` to None (off), stores the list-valued
@@ -86,6 +91,7 @@ class SamplingParams:
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     bad_words: tuple[tuple[int, ...], ...] = ()
+    structured: CompiledStructure | None = None
 
     def __post_init__(self) -> None:
         self._check_processor_options()
@@ -142,7 +148,8 @@ class SamplingParams:
 
     @property
     def processed(self) -> bool:
-        """Whether any logits processor is on (`speculor.processors`): penalties, bias, min_tokens, bad words."""
+        """Whether any logits processor is on (`speculor.processors`): penalties, bias, min_tokens, bad words, a
+        grammar."""
         return bool(
             self.presence_penalty
             or self.frequency_penalty
@@ -150,6 +157,7 @@ class SamplingParams:
             or self.logit_bias
             or self.min_tokens
             or self.bad_words
+            or self.structured is not None
         )
 
     def token_ids(self) -> set[int]:
