@@ -230,7 +230,7 @@ class SpeculativeDecoder:
             min_tokens=min_tokens,
             stop_token_ids=tuple(stop_token_ids),
             bad_words=self._bad_word_ids(bad_words),
-            structured=self._compile(structured),
+            structured=self.compile_structure(structured),
         )
         outside = sorted(token for token in params.token_ids() if token >= self.vocab_size)
         if outside:
@@ -275,8 +275,9 @@ class SpeculativeDecoder:
             reproducible=reproducible,
         )
 
-    def _compile(self, structured: StructuredOutput | CompiledStructure | None) -> CompiledStructure | None:
-        """The structure compiled for this decoder's tokenizer (cached per tokenizer: `structure_compiler`)."""
+    def compile_structure(self, structured: StructuredOutput | CompiledStructure | None) -> CompiledStructure | None:
+        """The structure compiled for this decoder's tokenizer (cached per tokenizer: `structure_compiler`). Raises
+        `SpeculorError` naming what is wrong with a schema, regex or grammar that cannot be compiled."""
         if structured is None or isinstance(structured, CompiledStructure):
             return structured
         if not isinstance(structured, StructuredOutput):

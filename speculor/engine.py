@@ -961,9 +961,12 @@ class BatchEngine:
 
 
 def _eos_ids(request: DecodeRequest) -> frozenset[int]:
-    """The EOS ids that end a request: none where it ignores them, unless it follows a grammar — there an EOS is
-    allowed only once the grammar is complete, so it ends the row."""
-    return frozenset() if request.ignore_eos and request.params.structured is None else request.eos_ids
+    """The EOS ids that end a request: none where it ignores them. A row that follows a grammar also ends on the
+    grammar's end ids, ignore_eos or not: the grammar allows them only once it is complete."""
+    structure = request.params.structured
+    if structure is not None:
+        return request.eos_ids | structure.end_ids
+    return frozenset() if request.ignore_eos else request.eos_ids
 
 
 def _end_ids(request: DecodeRequest) -> frozenset[int]:

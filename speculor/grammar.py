@@ -12,9 +12,9 @@ output, so a row's cost per step does not grow with its length. The masks depend
 with a grammar reads its drafts on the host once per drafted position and once for the verify; rows without a
 grammar read nothing, and batches where no row has any processor never reach this module.
 
-The end ids (the model's EOS ids) are the grammar's stop tokens: allowed exactly where the grammar accepts the
-output as complete, and once the grammar can take nothing more they are all that is left, so a finished grammar
-ends the row (even a row that ignores EOS).
+The end ids (the model's EOS ids, or the tokenizer's where the model names none) are the grammar's stop tokens:
+allowed exactly where the grammar accepts the output as complete, and once the grammar can take nothing more they
+are all that is left; they end the row (even a row that ignores EOS), so a finished grammar ends it.
 
 The library is xgrammar rather than llguidance, chosen on speed measured on the CPU (2 shared cores, shipped
 8,192-token tokenizer, 5 JSON schemas with nested objects, arrays, enums, patterns and bounds, 705 tokens of valid
@@ -107,12 +107,20 @@ class StructuredOutput:
 class CompiledStructure:
     """A structure compiled for one tokenizer and vocabulary; `new_row()` starts a matcher for one generation.
     Compared by identity: the compiler hands out one object per (structure, tokenizer), so sampling parameters
-    holding it compare equal exactly when they name the same structure."""
+    holding it compare equal exactly when they name the same structure. `end_ids` are the grammar's stop tokens,
+    which end the row."""
 
-    def __init__(self, structure: StructuredOutput, grammar: xgrammar.CompiledGrammar, vocab_size: int) -> None:
+    def __init__(
+        self,
+        structure: StructuredOutput,
+        grammar: xgrammar.CompiledGrammar,
+        vocab_size: int,
+        end_ids: frozenset[int],
+    ) -> None:
         self.structure = structure
         self.grammar = grammar
         self.vocab_size = vocab_size
+        self.end_ids = end_ids
 
     def new_row(self) -> GrammarRow:
         return GrammarRow(self)
@@ -122,12 +130,13 @@ class CompiledStructure:
 
 
 class StructureCompiler:
-    """Compiles structures for one tokenizer, each once (cached). The end ids become the grammar's stop tokens."""
+    """Compiles structures for one tokenizer, each once (cached). The end ids are the grammar's stop tokens."""
 
-    def __init__(self, tokenizer_info: xgrammar.TokenizerInfo, vocab_size: int) -> None:
+    def __init__(self, tokenizer_info: xgrammar.TokenizerInfo, vocab_size: int, end_ids: frozenset[int]) -> None:
         import xgrammar
 
         self.vocab_size = vocab_size
+        self.end_ids = end_ids
         self._compiler = xgrammar.GrammarCompiler(tokenizer_info, max_threads=1)
         self._cache: OrderedDict[StructuredOutput, CompiledStructure] = OrderedDict()
         self._lock = threading.Lock()
@@ -139,7 +148,7 @@ class StructureCompiler:
         import xgrammar
 
         info = xgrammar.TokenizerInfo(list(tokens), vocab_size=len(tokens), stop_token_ids=sorted(end_ids))
-        return cls(info, len(tokens))
+        return cls(info, len(tokens), frozenset(end_ids))
 
     def compile(self, structure: StructuredOutput) -> CompiledStructure:
         """The compiled structure, from the cache when it was compiled before. Raises `SpeculorError` naming what is
@@ -149,7 +158,7 @@ class StructureCompiler:
             if cached is not None:
                 self._cache.move_to_end(structure)
                 return cached
-        compiled = CompiledStructure(structure, self._compile(structure), self.vocab_size)
+        compiled = CompiledStructure(structure, self._compile(structure), self.vocab_size, self.end_ids)
         with self._lock:
             compiled = self._cache.setdefault(structure, compiled)
             while len(self._cache) > CACHED_GRAMMARS:
@@ -196,17 +205,25 @@ def structure_compiler(
     tokenizer: PreTrainedTokenizerBase, vocab_size: int, end_ids: frozenset[int]
 ) -> StructureCompiler:
     """The compiler for a Hugging Face tokenizer, shared by every decoder that uses the same tokenizer object (so a
-    schema is compiled once per tokenizer, not once per decoder)."""
+    schema is compiled once per tokenizer, not once per decoder). The grammar ends on the model's end ids, or on
+    the tokenizer's EOS where the model names none."""
     import xgrammar
 
+    stop = frozenset(end_ids)
+    if not stop and tokenizer.eos_token_id is not None:
+        stop = frozenset({tokenizer.eos_token_id})
+    if not stop:
+        raise SpeculorError(
+            "structured outputs need an end-of-text token, and neither the model nor its tokenizer has one"
+        )
     with _compilers_lock:
         per_tokenizer = _compilers.setdefault(tokenizer, {})
-        key = (vocab_size, frozenset(end_ids))
+        key = (vocab_size, stop)
         if key not in per_tokenizer:
             info = xgrammar.TokenizerInfo.from_huggingface(
-                tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(end_ids)
+                tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop)
             )
-            per_tokenizer[key] = StructureCompiler(info, vocab_size)
+            per_tokenizer[key] = StructureCompiler(info, vocab_size, stop)
         return per_tokenizer[key]
 
 

@@ -361,9 +361,13 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "hi", "bad_words": [""]}, 400, "invalid_value", "bad_words[0]"),
     (
         "chat/completions",
-        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}},
+        },
         400,
-        "unsupported_parameter",
+        "invalid_value",
         "response_format",
     ),
     (
@@ -382,16 +386,21 @@ BAD_REQUESTS = [
     ),
     (
         "chat/completions",
-        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [TOOL], "tool_choice": "required"},
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "missing"}},
+        },
         400,
-        "unsupported_parameter",
+        "invalid_value",
         "tool_choice",
     ),
     (
         "completions",
-        {"model": MODEL, "prompt": "hi", "guided_regex": "[a-z]+"},
+        {"model": MODEL, "prompt": "hi", "guided_regex": "[a-"},
         400,
-        "unsupported_parameter",
+        "invalid_value",
         "guided_regex",
     ),
     (

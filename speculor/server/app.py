@@ -51,6 +51,7 @@ from speculor.server.schemas import (
     SamplingRequest,
     parse_body,
 )
+from speculor.server.structured import as_tool_call, compiled_structure, forces_tool_call
 from speculor.server.worker import FINISH_REASONS, Generations, GenerationWorker
 
 # OpenAI's default for /v1/completions when max_tokens is left out (chat defaults to the rest of the context).
@@ -257,6 +258,7 @@ class ServedModel:
                 param="min_tokens",
                 code="invalid_value",
             )
+        structure = compiled_structure(body.model_extra or {}, bool(body.stream), self.decoder)
         named = [("logit_bias", int(key)) for key in body.logit_bias]
         named += [("stop_token_ids", token) for token in body.stop_token_ids]
         for param, token in named:
@@ -287,6 +289,7 @@ class ServedModel:
                 min_tokens=body.min_tokens,
                 stop_token_ids=body.stop_token_ids,
                 bad_words=body.bad_words,
+                structured=structure,
             )
         except SpeculorError as error:
             raise APIError(400, str(error), code="invalid_value") from error
@@ -525,6 +528,16 @@ class ChatFormat(ResponseFormat):
             for entry in logprobs
         ]
         return {"content": content, "refusal": None}
+
+
+class ToolCallFormat(ChatFormat):
+    """Chat answers to a forced tool call: each whole choice as OpenAI's `tool_calls` (`as_tool_call`)."""
+
+    def choice(
+        self, index: int, text: str, finish_reason: str | None, logprobs: dict | None, whole: bool = False
+    ) -> dict[str, Any]:
+        choice = super().choice(index, text, finish_reason, logprobs, whole)
+        return as_tool_call(choice) if whole else choice
 
 
 def server_sent_event(data: dict[str, Any]) -> str:
@@ -855,7 +868,8 @@ def create_app(
         body = await read_body(request, ChatCompletionRequest)
         worker.check_fits(body.n, "n")
         requests = await run_in_threadpool(served.chat, body)
-        return await answer(request, body, requests, response_format(ChatFormat, body, requests))
+        shape = ToolCallFormat if forces_tool_call(body.model_extra or {}) else ChatFormat
+        return await answer(request, body, requests, response_format(shape, body, requests))
 
     def model_card() -> dict[str, Any]:
         return {

@@ -18,8 +18,8 @@ at most 64 stop token ids and 64 bad words of at most 256 characters, `n` up to 
 
 Every field the server cannot honour is refused by `refused_option`, never silently ignored: a client that asks
 for JSON output must not get an answer that quietly lacks it. Only options that cannot change the generated text
-(`user`, `metadata`, …) and options set to their "off" value (`tools: []`, `response_format: {"type": "text"}`)
-pass.
+(`user`, `metadata`, …), options set to their "off" value (`functions: []`) and the structured-output and tool
+options, which `speculor.server.structured` reads and checks, pass.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError, from_json
 
 from speculor.server.errors import APIError, echo, validation_error
+from speculor.server.structured import STRUCTURED_OPTIONS
 
 # Options that describe the caller or the bookkeeping, not the text to generate: accepted and not acted on.
 HARMLESS_OPTIONS = frozenset(
@@ -42,41 +43,21 @@ NEUTRAL_VALUES: dict[str, Any] = {
     "best_of": 1,
     "echo": False,
     "suffix": "",
-    "tools": [],
-    "tool_choice": "none",
     "functions": [],
     "function_call": "none",
-    "response_format": {"type": "text"},
 }
-
-# vLLM's structured-output extensions: refused with the reason, not as unknown names.
-STRUCTURED_EXTENSIONS = frozenset(
-    {"guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend", "structured_outputs"}
-)
 
 
 def _reasoned_refusal(name: str, value: Any, options: dict[str, Any]) -> APIError | None:
-    """A refusal that says why, for the options a client most often sends expecting them to work: tools (whose
-    `tool_choice` "auto" — OpenAI's default once tools are given — needs a parser for the model's own way of writing
-    tool calls, which this server does not have) and structured outputs. None for other options."""
-    if name in ("tools", "functions") and value:
-        name, value = "tool_choice", options.get("tool_choice", "auto")
-        if value == "none":
-            return None
-    if name in ("tool_choice", "function_call") and value == "auto":
+    """A refusal that says why, for OpenAI's legacy `functions` and `function_call` (`tools` with a forced
+    `tool_choice` are served: `speculor.server.structured`). None for other options."""
+    if name == "functions" and value:
+        name, value = "function_call", options.get("function_call", "auto")
+    if name == "function_call" and value != "none":
         message = (
-            f"{name} 'auto' needs a parser for this model's own way of writing tool calls, and this server has none; "
-            "send no tools (or tool_choice 'none') and describe the call in the prompt"
+            f"function_call {echo(str(value))}: the legacy function calls are not served; send tools with "
+            "tool_choice 'required' or a named function"
         )
-        return APIError(400, message, param=name, code="unsupported_parameter")
-    if name in ("tool_choice", "function_call") and value != "none":
-        message = f"{name} {echo(str(value))}: tool calls are not supported by this server yet"
-        return APIError(400, message, param=name, code="unsupported_parameter")
-    if name == "response_format" and isinstance(value, dict) and value.get("type") in ("json_object", "json_schema"):
-        message = f"response_format {value['type']!r}: structured outputs are not supported by this server yet"
-        return APIError(400, message, param=name, code="unsupported_parameter")
-    if name in STRUCTURED_EXTENSIONS:
-        message = f"{name}: structured outputs are not supported by this server yet"
         return APIError(400, message, param=name, code="unsupported_parameter")
     return None
 
@@ -203,7 +184,7 @@ class SamplingRequest(BaseModel):
         """The error for the first option this server would have to ignore to answer, or None."""
         extra = self.model_extra or {}
         for name, value in extra.items():
-            if name in HARMLESS_OPTIONS:
+            if name in HARMLESS_OPTIONS or name in STRUCTURED_OPTIONS:
                 continue
             reasoned = _reasoned_refusal(name, value, extra)
             if reasoned is not None:
