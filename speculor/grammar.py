@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy
 import torch
 
 from speculor.errors import SpeculorError
@@ -320,12 +321,16 @@ class RowGrammars:
             assert grammar is not None
             for position in range(positions):
                 grammar.fill_mask_after(drafts[: offset + position], bitmask[place, position])
-        shifts = torch.arange(BITS, dtype=torch.int32)
-        unpacked = ((bitmask[..., None] >> shifts) & 1).bool().flatten(-2)
+        # Bit i of a little-endian int32 word is bit i % 8 of its byte i // 8: unpacked in that order, one byte per
+        # token.
+        unpacked = numpy.unpackbits(bitmask.numpy().view(numpy.uint8), axis=-1, bitorder="little")
         # Ids past the grammar's vocabulary (an embedding padded beyond the tokenizer) are never allowed.
         allowed = torch.zeros(len(constrained), positions, vocab, dtype=torch.bool)
         covered = min(vocab, unpacked.shape[-1])
-        allowed[..., :covered] = unpacked[..., :covered]
-        rows = torch.tensor(constrained, dtype=torch.long, device=logits.device)
+        allowed[..., :covered] = torch.from_numpy(unpacked[..., :covered]).view(torch.bool)
         forbidden = ~allowed.to(logits.device)
-        logits[rows] = logits[rows].masked_fill(forbidden, float("-inf"))
+        if len(constrained) == logits.shape[0]:
+            logits.masked_fill_(forbidden, float("-inf"))
+        else:
+            rows = torch.tensor(constrained, dtype=torch.long, device=logits.device)
+            logits[rows] = logits[rows].masked_fill(forbidden, float("-inf"))
