@@ -140,6 +140,18 @@ def test_greedy_real_text_under_a_schema_equals_the_target_alone(shipped_decoder
     assert result.text.startswith('{"function": "')
 
 
+def test_prompt_lookup_drafts_are_verified_under_the_grammar(float32_pair, char_compiler):
+    """A proposer that knows no grammar: its drafts may break it, and the target's masks must reject exactly those."""
+    target, _ = float32_pair
+    lookup = SpeculativeDecoder(target, ngram=1, dtype=torch.float32)
+    lookup.eos_ids = frozenset({EOS})
+    structure = char_compiler.compile(StructuredOutput.regex("[a-e]{4,12}"))
+    prompt = [CHARACTERS.index(character) for character in "abcdeabcdeaxbxcxdx"]
+    result = lookup.generate(prompt, max_new_tokens=20, gamma=3, structured=structure)
+    assert result.token_ids == reference_greedy(target, prompt, structure.grammar, 20)
+    assert 0 < result.stats.accepted < result.stats.drafted
+
+
 # Sixty JSON schemas, generated: nested objects, arrays, enums, patterns, bounded integers, required and optional
 # properties. Every leaf is bounded so that every output ends within the token budget.
 NAMES = ["id", "name", "kind", "size", "tags", "owner", "items", "color", "flag", "code", "meta", "path"]
