@@ -109,7 +109,10 @@ class CompiledStructure:
     """A structure compiled for one tokenizer and vocabulary; `new_row()` starts a matcher for one generation.
     Compared by identity: the compiler hands out one object per (structure, tokenizer), so sampling parameters
     holding it compare equal exactly when they name the same structure. `end_ids` are the grammar's stop tokens,
-    which end the row."""
+    which end the row. `allowed_anywhere` (a bitmask, None: every token) is ANDed into each of the grammar's masks:
+    JSON structures forbid the tokens holding a control character, which compact JSON never contains raw, though
+    xgrammar 0.2.9's strings with a maxLength admit them (its rule for their characters omits the exclusion its
+    other strings have), and a strict JSON reader would refuse the answer."""
 
     def __init__(
         self,
@@ -117,11 +120,13 @@ class CompiledStructure:
         grammar: xgrammar.CompiledGrammar,
         vocab_size: int,
         end_ids: frozenset[int],
+        allowed_anywhere: torch.Tensor | None = None,
     ) -> None:
         self.structure = structure
         self.grammar = grammar
         self.vocab_size = vocab_size
         self.end_ids = end_ids
+        self.allowed_anywhere = allowed_anywhere
 
     def new_row(self) -> GrammarRow:
         return GrammarRow(self)
@@ -138,6 +143,8 @@ class StructureCompiler:
 
         self.vocab_size = vocab_size
         self.end_ids = end_ids
+        self._tokenizer_info = tokenizer_info
+        self._json_tokens: torch.Tensor | None = None
         self._compiler = xgrammar.GrammarCompiler(tokenizer_info, max_threads=1)
         self._cache: OrderedDict[StructuredOutput, CompiledStructure] = OrderedDict()
         self._lock = threading.Lock()
@@ -159,12 +166,23 @@ class StructureCompiler:
             if cached is not None:
                 self._cache.move_to_end(structure)
                 return cached
-        compiled = CompiledStructure(structure, self._compile(structure), self.vocab_size, self.end_ids)
+        allowed = self._json_safe_tokens() if structure.kind in ("json_object", "json_schema") else None
+        compiled = CompiledStructure(structure, self._compile(structure), self.vocab_size, self.end_ids, allowed)
         with self._lock:
             compiled = self._cache.setdefault(structure, compiled)
             while len(self._cache) > CACHED_GRAMMARS:
                 self._cache.popitem(last=False)
         return compiled
+
+    def _json_safe_tokens(self) -> torch.Tensor:
+        """The bitmask of the tokens without a control character (bytes 0–31), computed once per tokenizer."""
+        if self._json_tokens is None:
+            words = (self.vocab_size + BITS - 1) // BITS
+            safe = numpy.ones(words * BITS, dtype=bool)
+            for token, piece in enumerate(self._tokenizer_info.decoded_vocab[: self.vocab_size]):
+                safe[token] = not any(byte < 0x20 for byte in bytes(piece))
+            self._json_tokens = torch.from_numpy(numpy.packbits(safe, bitorder="little").view(numpy.int32).copy())
+        return self._json_tokens
 
     def _compile(self, structure: StructuredOutput) -> xgrammar.CompiledGrammar:
         compiler = self._compiler
@@ -239,6 +257,7 @@ class GrammarRow:
         import xgrammar
 
         self._matcher = xgrammar.GrammarMatcher(compiled.grammar)
+        self._allowed_anywhere = compiled.allowed_anywhere
         self.words = (compiled.vocab_size + BITS - 1) // BITS
         self._committed = 0
         self._ahead: list[int] = []
@@ -276,6 +295,8 @@ class GrammarRow:
             out.fill_(-1)
         else:
             self._matcher.fill_next_token_bitmask(out[None], 0)
+            if self._allowed_anywhere is not None:
+                out &= self._allowed_anywhere
             self._masks[len(self._ahead)] = out.clone()
 
     def _roll_back_to(self, kept: int) -> None:

@@ -27,7 +27,7 @@ from speculor import SpeculativeDecoder, SpeculorError, StructuredOutput
 from speculor.adaptive import FixedGamma
 from speculor.api import run_batch
 from speculor.engine import BatchEngine, DecodeRequest
-from speculor.grammar import RowGrammars, StructureCompiler
+from speculor.grammar import CompiledStructure, RowGrammars, StructureCompiler
 from speculor.models import shipped
 from speculor.proposers import DraftModelProposer
 from speculor.sampling import SamplingParams
@@ -75,9 +75,11 @@ def shipped_decoder():
 
 
 @torch.no_grad()
-def reference_greedy(model, prompt: list[int], grammar: xgrammar.CompiledGrammar, max_new_tokens: int) -> list[int]:
+def reference_greedy(model, prompt: list[int], structure: CompiledStructure, max_new_tokens: int) -> list[int]:
     """The target alone under the grammar: a full forward per token, a fresh matcher stepped token by token, the
-    mask applied by xgrammar's own function, then argmax; an end id ends it."""
+    mask (with the structure's tokens allowed anywhere) applied by xgrammar's own function, then argmax; an end id
+    ends it."""
+    grammar = structure.grammar
     matcher = xgrammar.GrammarMatcher(grammar)
     bitmask = xgrammar.allocate_token_bitmask(1, grammar.tokenizer_info.vocab_size)
     generated: list[int] = []
@@ -85,6 +87,8 @@ def reference_greedy(model, prompt: list[int], grammar: xgrammar.CompiledGrammar
         logits = model(torch.tensor([[*prompt, *generated]])).logits[0, -1:].float()
         logits = logits[:, : grammar.tokenizer_info.vocab_size].clone()
         matcher.fill_next_token_bitmask(bitmask)
+        if structure.allowed_anywhere is not None:
+            bitmask &= structure.allowed_anywhere
         xgrammar.apply_token_bitmask_inplace(logits, bitmask)
         token = int(logits.argmax())
         assert matcher.accept_token(token)
@@ -109,7 +113,7 @@ def test_greedy_rows_under_a_grammar_equal_the_target_alone(char_decoder, char_c
     plain = char_decoder.request(cases[-1], max_new_tokens=12, gamma=gamma)
     results = run_batch(char_decoder.new_engine(), [*requests, plain])
     for request, structure, result in zip(requests, compiled, results, strict=False):
-        expected = reference_greedy(target, request.prompt_ids, structure.grammar, 48)
+        expected = reference_greedy(target, request.prompt_ids, structure, 48)
         assert result.token_ids == expected, structure
     assert results[-1].token_ids == char_decoder.generate(cases[-1], max_new_tokens=12, gamma=gamma).token_ids
     drafted = sum(result.stats.drafted for result in results[:-1])
@@ -134,8 +138,8 @@ def test_greedy_real_text_under_a_schema_equals_the_target_alone(shipped_decoder
     )
     request = shipped_decoder.request("def load(path):\n    ", max_new_tokens=40, gamma=4, structured=structure)
     result = run_batch(shipped_decoder.new_engine(), [request])[0]
-    grammar = request.params.structured.grammar
-    assert result.token_ids == reference_greedy(shipped_decoder.target.model, request.prompt_ids, grammar, 40)
+    compiled = request.params.structured
+    assert result.token_ids == reference_greedy(shipped_decoder.target.model, request.prompt_ids, compiled, 40)
     assert 0 < result.stats.accepted < result.stats.drafted, "drafts partly accepted"
     assert result.text.startswith('{"function": "')
 
@@ -148,7 +152,7 @@ def test_prompt_lookup_drafts_are_verified_under_the_grammar(float32_pair, char_
     structure = char_compiler.compile(StructuredOutput.regex("[a-e]{4,12}"))
     prompt = [CHARACTERS.index(character) for character in "abcdeabcdeaxbxcxdx"]
     result = lookup.generate(prompt, max_new_tokens=20, gamma=3, structured=structure)
-    assert result.token_ids == reference_greedy(target, prompt, structure.grammar, 20)
+    assert result.token_ids == reference_greedy(target, prompt, structure, 20)
     assert 0 < result.stats.accepted < result.stats.drafted
 
 

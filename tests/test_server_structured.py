@@ -66,10 +66,6 @@ def chat_prompt(reference) -> list[int]:
     )
 
 
-# The grammar's JSON strings may hold raw control characters (xgrammar admits them), so answers are read with
-# `strict=False`.
-
-
 def follows(value: dict) -> bool:
     return (
         set(value) == {"city", "zip", "kind", "floors"}
@@ -98,7 +94,7 @@ def test_chat_json_schema_equals_the_offline_decoder_and_validates(client, refer
     )
     content = answer.choices[0].message.content
     assert content == offline.text and answer.choices[0].finish_reason == "stop"
-    assert follows(json.loads(content, strict=False))
+    assert follows(json.loads(content))
     assert answer.speculative["accepted"] > 0
 
 
@@ -112,13 +108,13 @@ def test_sampled_chat_json_object_and_schema_answers_follow_them(client):
             seed=seed,
             response_format={"type": "json_schema", "json_schema": {"name": "address", "schema": SCHEMA}},
         )
-        assert follows(json.loads(answer.choices[0].message.content, strict=False))
+        assert follows(json.loads(answer.choices[0].message.content))
     answer = client.chat.completions.create(
         model=MODEL, messages=MESSAGES, max_tokens=TOKENS, temperature=0, response_format={"type": "json_object"}
     )
     content = answer.choices[0].message.content
     assert content.startswith("{")
-    assert answer.choices[0].finish_reason == "length" or isinstance(json.loads(content, strict=False), dict)
+    assert answer.choices[0].finish_reason == "length" or isinstance(json.loads(content), dict)
 
 
 def test_a_named_tool_choice_returns_a_tool_call_under_its_schema(client, reference):
@@ -149,7 +145,7 @@ def test_a_named_tool_choice_returns_a_tool_call_under_its_schema(client, refere
         gamma=GAMMA,
         structured=StructuredOutput.json_schema(forced, strict=True),
     )
-    assert json.loads(offline.text, strict=False) == {"name": "get_weather", "arguments": arguments}
+    assert json.loads(offline.text) == {"name": "get_weather", "arguments": arguments}
 
 
 def test_tool_choice_required_calls_one_of_the_tools(client):
@@ -172,6 +168,23 @@ def test_tool_choice_required_calls_one_of_the_tools(client):
 
 
 @pytest.mark.parametrize(
+    "tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"], ids=["named", "required"]
+)
+def test_a_streamed_tool_call_arrives_in_pieces_and_equals_the_whole_answer(client, tool_choice):
+    options = dict(
+        model=MODEL, messages=MESSAGES, max_tokens=TOKENS, temperature=0, tools=[WEATHER, ADD], tool_choice=tool_choice
+    )
+    whole = client.chat.completions.create(**options).choices[0].message.tool_calls[0]
+    chunks = list(client.chat.completions.create(stream=True, **options))
+    pieces = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    opening, *rest = pieces
+    assert opening.id.startswith("call_") and opening.function.name == whole.function.name and opening.index == 0
+    assert len(rest) > 1, "the arguments come in several pieces"
+    assert "".join(piece.function.arguments for piece in rest) == whole.function.arguments
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "tool_calls"
+
+
+@pytest.mark.parametrize(
     ("extra", "pattern"),
     [
         ({"guided_regex": "[a-c]{2,4}-[0-9]{1,2}"}, "[a-c]{2,4}-[0-9]{1,2}"),
@@ -190,7 +203,7 @@ def test_completions_follow_vllms_extras_and_equal_the_offline_decoder(client, r
     if pattern is not None:
         assert re.fullmatch(pattern, text), text
     else:
-        assert json.loads(text, strict=False)["n"] in {1, 2}
+        assert json.loads(text)["n"] in {1, 2}
     (name, value), *_ = extra.items()
     if name == "structured_outputs":
         name, value = "guided_regex", value["regex"]
@@ -222,7 +235,6 @@ def test_completions_follow_vllms_extras_and_equal_the_offline_decoder(client, r
             "guided_regex",
             "second structure",
         ),
-        (dict(tools=[WEATHER], tool_choice="required", stream=True), "stream", "whole"),
     ],
 )
 def test_what_cannot_be_served_is_refused_naming_the_parameter(client, options, param, words):

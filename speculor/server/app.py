@@ -51,7 +51,7 @@ from speculor.server.schemas import (
     SamplingRequest,
     parse_body,
 )
-from speculor.server.structured import as_tool_call, compiled_structure, forces_tool_call
+from speculor.server.structured import ToolCallStream, as_tool_call, compiled_structure, forces_tool_call
 from speculor.server.worker import FINISH_REASONS, Generations, GenerationWorker
 
 # OpenAI's default for /v1/completions when max_tokens is left out (chat defaults to the rest of the context).
@@ -258,7 +258,7 @@ class ServedModel:
                 param="min_tokens",
                 code="invalid_value",
             )
-        structure = compiled_structure(body.model_extra or {}, bool(body.stream), self.decoder)
+        structure = compiled_structure(body.model_extra or {}, self.decoder)
         named = [("logit_bias", int(key)) for key in body.logit_bias]
         named += [("stop_token_ids", token) for token in body.stop_token_ids]
         for param, token in named:
@@ -531,13 +531,35 @@ class ChatFormat(ResponseFormat):
 
 
 class ToolCallFormat(ChatFormat):
-    """Chat answers to a forced tool call: each whole choice as OpenAI's `tool_calls` (`as_tool_call`)."""
+    """Chat answers to a forced tool call: each whole choice as OpenAI's `tool_calls` (`as_tool_call`); streamed, the
+    call's id and name, then its arguments in pieces (`ToolCallStream`), then finish reason "tool_calls"."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._calls: dict[int, ToolCallStream] = {}
 
     def choice(
         self, index: int, text: str, finish_reason: str | None, logprobs: dict | None, whole: bool = False
     ) -> dict[str, Any]:
         choice = super().choice(index, text, finish_reason, logprobs, whole)
         return as_tool_call(choice) if whole else choice
+
+    def delta_chunk(self, index: int, delta: Delta) -> dict[str, Any] | None:
+        super().delta_chunk(index, Delta(delta.token_ids, ""))  # counts the tokens; a call streams no content
+        entries = self._calls.setdefault(index, ToolCallStream()).feed(delta.text)
+        return self._call_chunk(index, entries, None) if entries else None
+
+    def final_chunk(self, index: int, result: GenerationResult) -> dict[str, Any]:
+        reason = FINISH_REASONS[result.finish_reason]
+        entries = self._calls.setdefault(index, ToolCallStream()).finish(complete=reason == "stop")
+        summary = speculative_summary([result.stats])
+        return self._call_chunk(index, entries, "tool_calls" if reason == "stop" else reason, speculative=summary)
+
+    def _call_chunk(
+        self, index: int, entries: list[dict[str, Any]], finish_reason: str | None, **extra: Any
+    ) -> dict[str, Any]:
+        choice = {"index": index, "delta": {"tool_calls": entries} if entries else {}, "logprobs": None}
+        return self._chunk([{**choice, "finish_reason": finish_reason}], **extra)
 
 
 def server_sent_event(data: dict[str, Any]) -> str:

@@ -9,15 +9,17 @@ draft's and the target's logits alike, so the answer is the target alone's under
 
 A forced tool call is generated as one JSON object `{"name": ..., "arguments": {...}}` whose name is one of the
 allowed functions' and whose arguments follow that function's `parameters` schema; `as_tool_call` returns it as
-OpenAI's `tool_calls` with finish reason "tool_calls". `tool_choice` "auto" (OpenAI's default once tools are given)
+OpenAI's `tool_calls` with finish reason "tool_calls", and `ToolCallStream` streams it as OpenAI does (the id and
+name, then the arguments in pieces). `tool_choice` "auto" (OpenAI's default once tools are given)
 would need a parser for the model's own way of writing a call among free text, which this server does not have: it
-is refused with a 400 naming it. So are a streamed forced call (its arguments would have to be split out of the
-stream), two structures in one request, and an invalid schema, regex or grammar — each naming the parameter.
+is refused with a 400 naming it. So are two structures in one request and an invalid schema, regex or grammar —
+each naming the parameter.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -163,7 +165,7 @@ def _forced_tool_call(tools: Any, choice: Any) -> StructuredOutput | None:
     return StructuredOutput.json_schema(calls[0] if len(calls) == 1 else {"anyOf": calls}, strict=True)
 
 
-def requested_structure(extra: dict[str, Any], streamed: bool) -> tuple[str, StructuredOutput] | None:
+def requested_structure(extra: dict[str, Any]) -> tuple[str, StructuredOutput] | None:
     """The structure a request's extra fields ask for, with the parameter that asked, or None. Raises a 400
     `APIError` naming the parameter for a malformed value or two structures in one request."""
     backend = extra.get("guided_decoding_backend")
@@ -182,23 +184,16 @@ def requested_structure(extra: dict[str, Any], streamed: bool) -> tuple[str, Str
     if extra.get("tools") or extra.get("tool_choice") not in (None, "none"):
         call = _forced_tool_call(extra.get("tools"), extra.get("tool_choice"))
         if call is not None:
-            if streamed:
-                raise APIError(
-                    400,
-                    "stream: a forced tool call is answered whole; send stream false",
-                    param="stream",
-                    code="unsupported_parameter",
-                )
             found.append(("tool_choice", call))
     if len(found) > 1:
         raise _invalid(found[1][0], f"asks for a second structure beside {found[0][0]}: send one")
     return found[0] if found else None
 
 
-def compiled_structure(extra: dict[str, Any], streamed: bool, decoder: SpeculativeDecoder) -> CompiledStructure | None:
+def compiled_structure(extra: dict[str, Any], decoder: SpeculativeDecoder) -> CompiledStructure | None:
     """`requested_structure` compiled for the decoder's tokenizer (cached), a schema, regex or grammar the library
     cannot compile refused with a 400 naming the parameter and the problem."""
-    requested = requested_structure(extra, streamed)
+    requested = requested_structure(extra)
     if requested is None:
         return None
     param, structure = requested
@@ -214,19 +209,67 @@ def forces_tool_call(extra: dict[str, Any]) -> bool:
     return bool(extra.get("tools")) and extra.get("tool_choice") not in (None, "none", "auto")
 
 
+# The start of a forced call's text, up to its arguments (the schema puts the name first, with these separators).
+CALL_OPENING = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*"), "arguments": ')
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class ToolCallStream:
+    """Turns one choice's streamed text, `{"name": "N", "arguments": {...}}`, into OpenAI's streamed tool-call
+    entries: the call's id and name once the name is complete, then the arguments as they grow. The last character
+    seen is held back until the end, as the closing brace of the wrapper comes last and is not part of them."""
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._sent = 0
+        self._opened = False
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        """The entries for the text so far, given its newest piece; empty until the name is complete."""
+        self._text += text
+        return self._entries(hold_back=1)
+
+    def finish(self, complete: bool) -> list[dict[str, Any]]:
+        """The rest of the arguments: without the wrapper's closing brace where the call is `complete`, all of what
+        came where it was cut short."""
+        return self._entries(hold_back=1 if complete else 0)
+
+    def _entries(self, hold_back: int) -> list[dict[str, Any]]:
+        opening = CALL_OPENING.match(self._text)
+        if opening is None:
+            return []
+        entries: list[dict[str, Any]] = []
+        if not self._opened:
+            self._opened = True
+            name = json.loads(opening.group(1))
+            entries.append(
+                {"index": 0, "id": _call_id(), "type": "function", "function": {"name": name, "arguments": ""}}
+            )
+        arguments = self._text[opening.end() : len(self._text) - hold_back]
+        if len(arguments) > self._sent:
+            entries.append({"index": 0, "function": {"arguments": arguments[self._sent :]}})
+            self._sent = len(arguments)
+        return entries
+
+
 def as_tool_call(choice: dict[str, Any]) -> dict[str, Any]:
     """A whole chat choice answering a forced tool call, as OpenAI returns one: a complete call becomes the
     message's `tool_calls` (content null) with finish reason "tool_calls"; a call cut short (max_tokens) stays as
     text with its own finish reason."""
-    if choice["finish_reason"] != "stop":
+    content = choice["message"]["content"]
+    opening = CALL_OPENING.match(content)
+    if choice["finish_reason"] != "stop" or opening is None:
         return choice
-    # xgrammar's JSON strings admit raw control characters (a tab, say), which a strict JSON reader refuses; the
-    # arguments are written back escaped.
-    call = json.loads(choice["message"]["content"], strict=False)
+    # The arguments as generated (the text between the opening and the wrapper's closing brace), as the stream
+    # sends them.
+    arguments = content[opening.end() : -1]
     tool_call = {
-        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "id": _call_id(),
         "type": "function",
-        "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)},
+        "function": {"name": json.loads(opening.group(1)), "arguments": arguments},
     }
     message = {"role": "assistant", "content": None, "tool_calls": [tool_call]}
     return {**choice, "message": message, "finish_reason": "tool_calls"}
