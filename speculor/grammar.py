@@ -31,6 +31,7 @@ import json
 import re
 import threading
 import weakref
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -120,13 +121,20 @@ class CompiledStructure:
         grammar: xgrammar.CompiledGrammar,
         vocab_size: int,
         end_ids: frozenset[int],
-        allowed_anywhere: torch.Tensor | None = None,
+        allowed_anywhere: torch.Tensor | None,
+        compiler: StructureCompiler,
     ) -> None:
         self.structure = structure
         self.grammar = grammar
         self.vocab_size = vocab_size
         self.end_ids = end_ids
         self.allowed_anywhere = allowed_anywhere
+        self._compiler = compiler
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as the structure and its compiler's tokenizer description, and compiled again where it is
+        unpickled (a tensor-parallel server's rank 0 sends whole requests to the other ranks)."""
+        return (_compiled_from_portable, (self._compiler.portable(), self.structure))
 
     def new_row(self) -> GrammarRow:
         return GrammarRow(self)
@@ -145,6 +153,7 @@ class StructureCompiler:
         self.end_ids = end_ids
         self._tokenizer_info = tokenizer_info
         self._json_tokens: torch.Tensor | None = None
+        self._portable: tuple[bytes, int, frozenset[int]] | None = None
         self._compiler = xgrammar.GrammarCompiler(tokenizer_info, max_threads=1)
         self._cache: OrderedDict[StructuredOutput, CompiledStructure] = OrderedDict()
         self._lock = threading.Lock()
@@ -167,12 +176,20 @@ class StructureCompiler:
                 self._cache.move_to_end(structure)
                 return cached
         allowed = self._json_safe_tokens() if structure.kind in ("json_object", "json_schema") else None
-        compiled = CompiledStructure(structure, self._compile(structure), self.vocab_size, self.end_ids, allowed)
+        compiled = CompiledStructure(structure, self._compile(structure), self.vocab_size, self.end_ids, allowed, self)
         with self._lock:
             compiled = self._cache.setdefault(structure, compiled)
             while len(self._cache) > CACHED_GRAMMARS:
                 self._cache.popitem(last=False)
         return compiled
+
+    def portable(self) -> tuple[bytes, int, frozenset[int]]:
+        """What rebuilds this compiler in another process: its tokenizer description (xgrammar's JSON, compressed,
+        made once), vocabulary size and end ids."""
+        if self._portable is None:
+            description = zlib.compress(self._tokenizer_info.serialize_json().encode())
+            self._portable = (description, self.vocab_size, self.end_ids)
+        return self._portable
 
     def _json_safe_tokens(self) -> torch.Tensor:
         """The bitmask of the tokens without a control character (bytes 0–31), computed once per tokenizer."""
@@ -244,6 +261,25 @@ def structure_compiler(
             )
             per_tokenizer[key] = StructureCompiler(info, vocab_size, stop)
         return per_tokenizer[key]
+
+
+_portable_compilers: dict[tuple[bytes, int, frozenset[int]], StructureCompiler] = {}
+
+
+def _compiled_from_portable(
+    portable: tuple[bytes, int, frozenset[int]], structure: StructuredOutput
+) -> CompiledStructure:
+    """Unpickling a `CompiledStructure`: the compiler rebuilt from its description once per process, then the
+    structure compiled (cached like any other)."""
+    import xgrammar
+
+    with _compilers_lock:
+        compiler = _portable_compilers.get(portable)
+        if compiler is None:
+            description, vocab_size, end_ids = portable
+            info = xgrammar.TokenizerInfo.deserialize_json(zlib.decompress(description).decode())
+            compiler = _portable_compilers[portable] = StructureCompiler(info, vocab_size, end_ids)
+    return compiler.compile(structure)
 
 
 class GrammarRow:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import pickle
 import random
 import re
 
@@ -322,6 +323,19 @@ def test_a_structure_is_compiled_once_per_tokenizer(shipped_decoder):
     assert shipped_decoder.request("c", structured=StructuredOutput.json_schema(SCHEMAS[0], strict=True)).params != (
         shipped_decoder.request("c", structured=structure).params
     )
+
+
+def test_a_request_with_a_structure_travels_pickled(shipped_decoder):
+    """A tensor-parallel server's rank 0 sends whole requests to the other ranks: the structure is compiled again
+    there, once, and decodes the same."""
+    request = shipped_decoder.request(
+        "x = ", max_new_tokens=30, gamma=2, structured=StructuredOutput.choice(["1", "2"])
+    )
+    copy, again = pickle.loads(pickle.dumps(request)), pickle.loads(pickle.dumps(request))
+    assert copy.params.structured is not request.params.structured
+    assert copy.params.structured is again.params.structured
+    results = run_batch(shipped_decoder.new_engine(), [request, copy])
+    assert results[0].token_ids == results[1].token_ids and results[0].text in {"1", "2"}
 
 
 @pytest.mark.parametrize(
