@@ -28,6 +28,7 @@ from speculor.wording import counted
 
 if TYPE_CHECKING:
     from speculor.api import SpeculativeDecoder
+    from speculor.grammar import StructuredOutput
 
 # Modules that add a subcommand through `register(subparsers)`.
 COMMAND_MODULES = (
@@ -176,6 +177,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         "--stop-token-id", type=int, action="append", default=None, help="end at this token id (repeatable)"
     )
     parser.add_argument("--bad-word", action="append", default=None, help="a word never generated (repeatable)")
+    structure = parser.add_mutually_exclusive_group()
+    structure.add_argument("--json-object", action="store_true", help="generate one JSON object")
+    structure.add_argument("--json-schema", metavar="SCHEMA", help="generate JSON under this schema (JSON, or a file)")
+    structure.add_argument("--regex", help="generate text that matches this regular expression")
+    structure.add_argument("--choice", action="append", default=None, help="generate one of these (repeatable)")
+    structure.add_argument("--grammar", metavar="FILE", help="generate under this EBNF grammar (rule root)")
 
 
 def parse_token_ids(text: str) -> list[int]:
@@ -236,7 +243,30 @@ def generation_options(args: argparse.Namespace) -> dict:
         "min_tokens": args.min_tokens,
         "stop_token_ids": args.stop_token_id or [],
         "bad_words": args.bad_word or [],
+        "structured": structure_option(args),
     }
+
+
+def structure_option(args: argparse.Namespace) -> StructuredOutput | None:
+    """The structure the output must follow (`speculor.grammar`), from --json-object, --json-schema (JSON text or a
+    file holding it), --regex, --choice or --grammar; None without one."""
+    from speculor.grammar import StructuredOutput  # imports torch, which the CLI loads only once it generates
+
+    if args.json_object:
+        return StructuredOutput.json_object()
+    if args.json_schema is not None:
+        path = Path(args.json_schema)
+        return StructuredOutput.json_schema(path.read_text() if path.is_file() else args.json_schema)
+    if args.regex is not None:
+        return StructuredOutput.regex(args.regex)
+    if args.choice:
+        return StructuredOutput.choice(args.choice)
+    if args.grammar is not None:
+        try:
+            return StructuredOutput.grammar(Path(args.grammar).read_text())
+        except OSError as error:
+            raise SpeculorError(f"--grammar: cannot read {args.grammar}: {error.strerror}") from None
+    return None
 
 
 def parse_logit_bias(entries: list[str]) -> dict[int, float]:

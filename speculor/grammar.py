@@ -61,22 +61,24 @@ LIBRARY_LOCATION = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*")
 class StructuredOutput:
     """What a row's output must be, as the request gave it (hashable, so it keys the compile cache).
 
-    `kind` "json_object": any JSON object; "json_schema": `source` is the schema as JSON text, and `strict` (OpenAI's
-    flag) forbids properties the schema does not name (otherwise allowed where the schema leaves them open);
+    `kind` "json_object": any JSON object; "json_schema": `source` is the schema as JSON text, and `strict` (the
+    default, as vLLM compiles schemas) forbids properties the schema does not name unless it allows them explicitly;
+    `strict=False` allows them wherever the schema leaves `additionalProperties` open, JSON Schema's own default,
+    which lets a model add properties without end;
     "regex": `source` is the pattern the whole output matches; "choice": `source` is a JSON list of the strings the
     output may be; "grammar": `source` is an EBNF grammar (GBNF, as llama.cpp and vLLM's xgrammar backend take it)
     whose start rule is `root`. Build one with the class methods."""
 
     kind: StructureKind
     source: str = ""
-    strict: bool = False
+    strict: bool = True
 
     @classmethod
     def json_object(cls) -> StructuredOutput:
         return cls("json_object")
 
     @classmethod
-    def json_schema(cls, schema: Mapping[str, Any] | str, strict: bool = False) -> StructuredOutput:
+    def json_schema(cls, schema: Mapping[str, Any] | str, strict: bool = True) -> StructuredOutput:
         """A JSON schema (a mapping or its JSON text). Its properties are generated in the order it names them."""
         if isinstance(schema, str):
             try:

@@ -27,6 +27,7 @@ from test_processors import SAMPLES, chi_square_excess
 from speculor import SpeculativeDecoder, SpeculorError, StructuredOutput
 from speculor.adaptive import FixedGamma
 from speculor.api import run_batch
+from speculor.cli import main
 from speculor.engine import BatchEngine, DecodeRequest
 from speculor.grammar import CompiledStructure, RowGrammars, StructureCompiler
 from speculor.models import shipped
@@ -320,7 +321,7 @@ def test_a_structure_is_compiled_once_per_tokenizer(shipped_decoder):
     first = shipped_decoder.request("a", structured=structure).params.structured
     again = shipped_decoder.request("b", structured=StructuredOutput.json_schema(SCHEMAS[0])).params.structured
     assert first is again
-    assert shipped_decoder.request("c", structured=StructuredOutput.json_schema(SCHEMAS[0], strict=True)).params != (
+    assert shipped_decoder.request("c", structured=StructuredOutput.json_schema(SCHEMAS[0], strict=False)).params != (
         shipped_decoder.request("c", structured=structure).params
     )
 
@@ -336,6 +337,25 @@ def test_a_request_with_a_structure_travels_pickled(shipped_decoder):
     assert copy.params.structured is again.params.structured
     results = run_batch(shipped_decoder.new_engine(), [request, copy])
     assert results[0].token_ids == results[1].token_ids and results[0].text in {"1", "2"}
+
+
+def test_generate_command_takes_a_structure(capsys, tmp_path):
+    family = shipped()
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMAS[5]))
+    pair = ["generate", "--target", str(family.target), "--draft", str(family.best_draft), "--prompt", "x = "]
+    threads = torch.get_num_threads()
+    try:
+        for structure, check in (
+            (["--regex", "[a-f]{2}-[0-9]{2}"], lambda text: re.fullmatch("[a-f]{2}-[0-9]{2}", text)),
+            (["--json-schema", str(schema_file)], lambda text: validates(json.loads(text), SCHEMAS[5])),
+            (["--choice", "on", "--choice", "off"], lambda text: text in {"on", "off"}),
+        ):
+            assert main([*pair, *structure, "--max-new-tokens", "120", "--json"]) == 0
+            report = json.loads(capsys.readouterr().out)
+            assert report["finish_reason"] == "eos" and check(report["text"]), report["text"]
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

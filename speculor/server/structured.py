@@ -1,9 +1,10 @@
 """Structured outputs and forced tool calls on the OpenAI-compatible endpoints.
 
-Reads, from a request's extra fields, OpenAI's `response_format` (`json_object`; `json_schema` with its `schema`
-and `strict`), vLLM's extensions (`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`, and
-`structured_outputs` holding one of `json`, `regex`, `choice`, `grammar`, `json_object`) and OpenAI's `tools` with
-a `tool_choice` that forces a call ("required", or a named function), and turns them into one
+Reads, from a request's extra fields, OpenAI's `response_format` (`json_object`; `json_schema` with its `schema`;
+its `strict` is accepted, and the answer always follows the schema exactly), vLLM's extensions (`guided_json`,
+`guided_regex`, `guided_choice`, `guided_grammar`, and `structured_outputs` holding one of `json`, `regex`,
+`choice`, `grammar`, `json_object`) and OpenAI's `tools` with a `tool_choice` that forces a call ("required", or a
+named function), and turns them into one
 `speculor.grammar.StructuredOutput` compiled for the served tokenizer (`speculor.grammar`: the grammar masks the
 draft's and the target's logits alike, so the answer is the target alone's under the grammar).
 
@@ -78,10 +79,12 @@ def _response_format(value: Any) -> StructuredOutput | None:
     spec = value.get("json_schema")
     if not isinstance(spec, dict) or "schema" not in spec:
         raise _invalid("response_format.json_schema", "must be an object holding the 'schema' (and a 'name')")
-    strict = spec.get("strict") or False
-    if not isinstance(strict, bool):
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
         raise _invalid("response_format.json_schema.strict", f"must be true or false, got {echo(json.dumps(strict))}")
-    return StructuredOutput.json_schema(_schema("response_format.json_schema.schema", spec["schema"]), strict=strict)
+    # Strict or not, the answer follows the schema exactly (OpenAI's strict mode), with no property the schema does
+    # not name unless it allows them explicitly (as vLLM compiles schemas).
+    return StructuredOutput.json_schema(_schema("response_format.json_schema.schema", spec["schema"]))
 
 
 def _guided(param: str, value: Any) -> StructuredOutput:
