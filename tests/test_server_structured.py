@@ -242,3 +242,11 @@ def test_what_cannot_be_served_is_refused_naming_the_parameter(client, options, 
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, **options)
     error = refused.value.body
     assert error["param"] == param and words in error["message"], error
+
+
+def test_completions_refuse_tools(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(
+            model=MODEL, prompt="x", max_tokens=4, extra_body={"tools": [WEATHER], "tool_choice": "required"}
+        )
+    assert refused.value.body["param"] == "tools" and "chat/completions" in refused.value.body["message"]

@@ -258,7 +258,8 @@ class ServedModel:
                 param="min_tokens",
                 code="invalid_value",
             )
-        structure = compiled_structure(body.model_extra or {}, self.decoder)
+        chat = isinstance(body, ChatCompletionRequest)
+        structure = compiled_structure(body.model_extra or {}, self.decoder, chat)
         named = [("logit_bias", int(key)) for key in body.logit_bias]
         named += [("stop_token_ids", token) for token in body.stop_token_ids]
         for param, token in named:

@@ -168,9 +168,10 @@ def _forced_tool_call(tools: Any, choice: Any) -> StructuredOutput | None:
     return StructuredOutput.json_schema(calls[0] if len(calls) == 1 else {"anyOf": calls}, strict=True)
 
 
-def requested_structure(extra: dict[str, Any]) -> tuple[str, StructuredOutput] | None:
+def requested_structure(extra: dict[str, Any], chat: bool) -> tuple[str, StructuredOutput] | None:
     """The structure a request's extra fields ask for, with the parameter that asked, or None. Raises a 400
-    `APIError` naming the parameter for a malformed value or two structures in one request."""
+    `APIError` naming the parameter for a malformed value, two structures in one request, or tools outside `chat`
+    (completions have no tool calls to answer with)."""
     backend = extra.get("guided_decoding_backend")
     if backend is not None and backend not in BACKENDS:
         raise _invalid("guided_decoding_backend", f"this server uses xgrammar; got {echo(str(backend))}")
@@ -185,6 +186,9 @@ def requested_structure(extra: dict[str, Any]) -> tuple[str, StructuredOutput] |
     if extra.get("structured_outputs") is not None:
         found.append(("structured_outputs", _structured_outputs(extra["structured_outputs"])))
     if extra.get("tools") or extra.get("tool_choice") not in (None, "none"):
+        if not chat:
+            param = "tools" if extra.get("tools") else "tool_choice"
+            raise _invalid(param, "tool calls are answered by /v1/chat/completions, not by completions")
         call = _forced_tool_call(extra.get("tools"), extra.get("tool_choice"))
         if call is not None:
             found.append(("tool_choice", call))
@@ -193,10 +197,10 @@ def requested_structure(extra: dict[str, Any]) -> tuple[str, StructuredOutput] |
     return found[0] if found else None
 
 
-def compiled_structure(extra: dict[str, Any], decoder: SpeculativeDecoder) -> CompiledStructure | None:
+def compiled_structure(extra: dict[str, Any], decoder: SpeculativeDecoder, chat: bool) -> CompiledStructure | None:
     """`requested_structure` compiled for the decoder's tokenizer (cached), a schema, regex or grammar the library
     cannot compile refused with a 400 naming the parameter and the problem."""
-    requested = requested_structure(extra)
+    requested = requested_structure(extra, chat)
     if requested is None:
         return None
     param, structure = requested
