@@ -16,13 +16,14 @@ The end ids (the model's EOS ids, or the tokenizer's where the model names none)
 allowed exactly where the grammar accepts the output as complete, and once the grammar can take nothing more they
 are all that is left; they end the row (even a row that ignores EOS), so a finished grammar ends it.
 
-The library is xgrammar rather than llguidance, chosen on speed measured on the CPU (2 shared cores, shipped
-8,192-token tokenizer, 5 JSON schemas with nested objects, arrays, enums, patterns and bounds, 705 tokens of valid
-output, 5 repeats): advancing the matcher one token and computing the next mask took 3.3 µs on average with
-xgrammar 0.2.9 (median 2.1) against 18 µs with llguidance 1.9.1 (median 11.5); compiling a schema took 1.8–3.8 ms
-against 0.7 ms. The per-token cost recurs at every drafted and verified position of every step, the compile happens
-once per schema (cached here), so xgrammar's is the cost that matters. xgrammar is imported only when a grammar is
-compiled: its import (about 0.6 s after torch) would otherwise slow every start of the CLI.
+The library is xgrammar rather than llguidance, chosen on speed measured on the CPU
+(`benchmarks/grammar_libraries.py`: 2 shared cores, the shipped 8,192-token tokenizer, 5 JSON schemas with nested
+objects, arrays, enums, patterns and bounds, 685 tokens of valid output, 5 repeats): advancing the matcher one token
+and computing the next mask took 3.0 µs on average with xgrammar 0.2.9 (median 1.8) against 19 µs with llguidance
+1.9.1 (median 12); compiling a schema took 1.6 ms (median) against 0.6 ms. The per-token cost recurs at every drafted
+and verified position of every step, the compile happens once per schema (cached here), so xgrammar's is the cost
+that matters. xgrammar is imported only when a grammar is compiled: its import (about 0.6 s after torch) would
+otherwise slow every use of speculor that needs no grammar.
 """
 
 from __future__ import annotations
