@@ -232,6 +232,9 @@ class SpeculativeDecoder:
             bad_words=self._bad_word_ids(bad_words),
             structured=self.compile_structure(structured),
         )
+        if params.structured is not None and params.min_tokens:
+            # A structure complete before min_tokens could go nowhere: the end is all it allows, and min_tokens bans it.
+            raise SpeculorError("min_tokens cannot be combined with structured outputs: a complete structure must end")
         outside = sorted(token for token in params.token_ids() if token >= self.vocab_size)
         if outside:
             raise SpeculorError(f"token ids must be below the vocabulary size {self.vocab_size}; got {outside[:5]}")

@@ -373,6 +373,11 @@ def test_an_invalid_structure_is_refused_naming_the_problem(shipped_decoder, str
         shipped_decoder.request("a", structured=structure())
 
 
+def test_min_tokens_beside_a_structure_is_refused(shipped_decoder):
+    with pytest.raises(SpeculorError, match="min_tokens"):
+        shipped_decoder.request("a", structured=StructuredOutput.choice(["x"]), min_tokens=3)
+
+
 # The sampled law: a 4-token vocabulary whose tokens stand for "a".."d", under a grammar whose mask at a position
 # depends on the token before it (after a pair's first letter only its two successors may follow).
 VOCAB = 4
