@@ -4,17 +4,17 @@ Reads, from a request's extra fields, OpenAI's `response_format` (`json_object`;
 its `strict` is accepted, and the answer always follows the schema exactly), vLLM's extensions (`guided_json`,
 `guided_regex`, `guided_choice`, `guided_grammar`, and `structured_outputs` holding one of `json`, `regex`,
 `choice`, `grammar`, `json_object`) and OpenAI's `tools` with a `tool_choice` that forces a call ("required", or a
-named function), and turns them into one
-`speculor.grammar.StructuredOutput` compiled for the served tokenizer (`speculor.grammar`: the grammar masks the
-draft's and the target's logits alike, so the answer is the target alone's under the grammar).
+named function), and turns them into one `speculor.grammar.StructuredOutput` compiled for the served tokenizer
+(`speculor.grammar`: the grammar masks the draft's and the target's logits alike, so the answer is the target
+alone's under the grammar).
 
 A forced tool call is generated as one JSON object `{"name": ..., "arguments": {...}}` whose name is one of the
 allowed functions' and whose arguments follow that function's `parameters` schema; `as_tool_call` returns it as
 OpenAI's `tool_calls` with finish reason "tool_calls", and `ToolCallStream` streams it as OpenAI does (the id and
-name, then the arguments in pieces). `tool_choice` "auto" (OpenAI's default once tools are given)
-would need a parser for the model's own way of writing a call among free text, which this server does not have: it
-is refused with a 400 naming it. So are two structures in one request and an invalid schema, regex or grammar —
-each naming the parameter.
+name, then the arguments in pieces). `tool_choice` "auto" (OpenAI's default once tools are given) would need a
+parser for the model's own way of writing a call among free text, which this server does not have: it is refused
+with a 400 naming it. So are two structures in one request, tools sent to completions, and an invalid schema, regex
+or grammar — each naming the parameter.
 """
 
 from __future__ import annotations
@@ -45,8 +45,6 @@ STRUCTURED_OPTIONS = frozenset(
         "tool_choice",
     }
 )
-# vLLM's `structured_outputs` keys, as the guided_* field each stands for.
-STRUCTURED_OUTPUTS_KEYS = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice"}
 BACKENDS = frozenset({"auto", "xgrammar"})
 
 
