@@ -3,6 +3,8 @@
     python benchmarks/serve.py --quick                              # CPU smoke run: shipped pair, small load
     python benchmarks/serve.py                                      # shipped pair, concurrency 1 4 16 64
     python benchmarks/serve.py --target T --draft D --device cuda --max-batch-size 64 --json serve.json
+    python benchmarks/serve.py ... --extra '{"guided_json": SCHEMA}'      # every request under a JSON schema
+    python benchmarks/serve.py ... --extra '{"presence_penalty": 0.5, "repetition_penalty": 1.1}'   # penalties
 
 Each mode starts `python -m speculor serve` as its own process on a free 127.0.0.1 port (the server a user would
 run, batching up to `--max-batch-size` requests; speculative with its load-aware γ unless `--gamma` is given); the
@@ -132,9 +134,11 @@ class ServerProcess:
             self.process.wait()
 
 
-async def ask(client: httpx.AsyncClient, prompt: str, max_tokens: int, ignore_eos: bool) -> Answer:
-    """One streamed greedy completion, with the arrival time and token count of every chunk."""
+async def ask(client: httpx.AsyncClient, prompt: str, max_tokens: int, ignore_eos: bool, extra: dict) -> Answer:
+    """One streamed greedy completion, with the arrival time and token count of every chunk; `extra` fields (sampling
+    options, a structure) go into every request's body."""
     body = {
+        **extra,
         "model": MODEL_NAME,
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -181,7 +185,7 @@ async def ask(client: httpx.AsyncClient, prompt: str, max_tokens: int, ignore_eo
 
 
 async def closed_loop(
-    url: str, prompts: list[str], concurrency: int, max_tokens: int, ignore_eos: bool
+    url: str, prompts: list[str], concurrency: int, max_tokens: int, ignore_eos: bool, extra: dict
 ) -> tuple[list[Answer], float]:
     """Answers in prompt order, and the wall time to get them all with `concurrency` clients."""
     answers: list[Answer | None] = [None] * len(prompts)
@@ -191,11 +195,11 @@ async def closed_loop(
         nonlocal next_index
         while next_index < len(prompts):
             index, next_index = next_index, next_index + 1
-            answers[index] = await ask(client, prompts[index], max_tokens, ignore_eos)
+            answers[index] = await ask(client, prompts[index], max_tokens, ignore_eos, extra)
 
     limits = httpx.Limits(max_connections=concurrency + 1)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
-        await ask(client, prompts[0], max_tokens, ignore_eos)  # warm-up, not timed
+        await ask(client, prompts[0], max_tokens, ignore_eos, extra)  # warm-up, not timed
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         seconds = time.perf_counter() - started
@@ -265,6 +269,13 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens per request")
     parser.add_argument(
+        "--extra",
+        type=json.loads,
+        default={},
+        help="JSON object of fields added to every request, the same in both modes: sampling options or a structure, "
+        'e.g. \'{"presence_penalty": 0.5, "repetition_penalty": 1.1}\' or \'{"guided_json": {"type": "object"}}\'',
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -313,7 +324,7 @@ def main() -> int:
         for concurrency in args.concurrency:
             for mode, server in servers.items():
                 answers, seconds = asyncio.run(
-                    closed_loop(server.url, prompts, concurrency, args.max_tokens, args.ignore_eos)
+                    closed_loop(server.url, prompts, concurrency, args.max_tokens, args.ignore_eos, args.extra)
                 )
                 rows.append(summarize(mode, concurrency, answers, seconds))
                 texts.setdefault(mode, [answer.text for answer in answers])
