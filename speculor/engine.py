@@ -433,34 +433,60 @@ class BatchEngine:
     def _prefill_some(self) -> list[RowEvent]:
         """Feed waiting prompts (everything but their last token) to the target's cache, oldest first, at most
         `prefill_chunk` tokens per step, every row's chunk in one call (one forward where the runner can). The
-        proposer reads a prompt when it first drafts for the row. If the joint prefill raises, each row's chunk is
-        retried alone and only the rows that still fail finish with reason "error"."""
+        proposer reads a prompt when it first drafts for the row. A prompt another row holds already is copied, not
+        prefilled again (`_share_prompts`). If the joint prefill raises, each row's chunk is retried alone and only the
+        rows that still fail finish with reason "error"."""
+        waiting = [row for row in self._rows.values() if len(row.request.prompt_ids) - 1 > row.prefilled]
+        if not waiting:
+            return []
+        sharing = getattr(self.target, "copies_prefixes", False)
         budget = self.prefill_chunk
         chunks: list[tuple[_Row, int]] = []
-        for row in self._rows.values():
+        for row in self._share_prompts(waiting) if sharing else waiting:
             if budget == 0:
                 break
-            todo = len(row.request.prompt_ids) - 1 - row.prefilled
-            if todo > 0:
-                chunks.append((row, min(todo, budget)))
-                budget -= chunks[-1][1]
+            chunks.append((row, min(len(row.request.prompt_ids) - 1 - row.prefilled, budget)))
+            budget -= chunks[-1][1]
         if not chunks:
             return []
+        events = []
         try:
             self._prefill(chunks)
-            return []
         except Exception:
             if len(chunks) > 1:
                 self._restore([row for row, _ in chunks])
             else:
                 self._pending = None
-        events = []
-        for row, count in chunks:
-            try:
-                self._prefill([(row, count)])
-            except Exception as error:
-                events.append(self._fail(row, error))
+            for row, count in chunks:
+                try:
+                    self._prefill([(row, count)])
+                except Exception as error:
+                    events.append(self._fail(row, error))
+        if sharing:
+            self._share_prompts([row for row in waiting if row.request_id in self._rows])
         return events
+
+    def _share_prompts(self, waiting: list[_Row]) -> list[_Row]:
+        """Rows waiting for a prompt that another row has prefilled whole (n samples of one prompt, or the same prompt
+        sent again) copy that row's cache instead (`copy_prefix`: one device copy, not a forward); of several rows
+        waiting for the same prompt, only the first is prefilled, the others wait for it. Returns the rows that
+        still need their own prefill."""
+        held = {}
+        for row in self._rows.values():
+            length = len(row.request.prompt_ids) - 1
+            if length > 0 and row.prefilled == length:
+                held.setdefault(tuple(row.request.prompt_ids), row)
+        own, first = [], set()
+        for row in waiting:
+            prompt = tuple(row.request.prompt_ids)
+            donor = held.get(prompt) if row.prefilled == 0 else None
+            if donor is not None:
+                self.target.copy_prefix(donor.slot, row.slot, len(prompt) - 1)
+                row.prefilled = len(prompt) - 1
+            elif row.prefilled > 0 or prompt not in first:
+                first.add(prompt)
+                own.append(row)
+        return own
 
     def _prefill(self, chunks: list[tuple[_Row, int]]) -> None:
         began = time.perf_counter()

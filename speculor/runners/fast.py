@@ -240,6 +240,24 @@ class FastRunner:
             self._stale.add(slot)
 
     @property
+    def copies_prefixes(self) -> bool:
+        """Whether `copy_prefix` may stand in for a prefill: not while a feature sink is attached, which would never
+        be handed the copied positions' features."""
+        return self._feature_sink is None
+
+    @torch.inference_mode()
+    def copy_prefix(self, source: int, destination: int, length: int) -> None:
+        """Make `destination`'s cache hold the first `length` tokens of `source`'s: a prompt that several sequences
+        share (n samples of one prompt) is prefilled once and copied, one device copy instead of a forward."""
+        self._check_slot(source)
+        self._check_slot(destination)
+        if length > self._lengths[source]:
+            raise SpeculorError(f"slot {source} holds {self._lengths[source]} tokens, fewer than the {length} to copy")
+        self.cache.kv[:, :, destination, :, :length] = self.cache.kv[:, :, source, :, :length]
+        self._lengths[destination] = length
+        self._stale.add(destination)
+
+    @property
     def drops_on_device(self) -> bool:
         """Whether `drop_on_device` runs without a host read: always on the CPU, and on CUDA with captured steps
         (an eager CUDA step needs exact host lengths, which a device-side drop would only give after a sync); never
