@@ -22,7 +22,7 @@ import torch
 import xgrammar
 from exact_reference import warped_probabilities
 from fakes import TableRunner
-from test_processors import SAMPLES, chi_square_excess
+from test_sampling_exactness import SAMPLES, chi_square_excess
 
 from speculor import SpeculativeDecoder, SpeculorError, StructuredOutput
 from speculor.adaptive import FixedGamma

@@ -13,17 +13,15 @@ time, over the whole context; filtering by transformers' warpers):
 
 from __future__ import annotations
 
-import copy
 import itertools
 import random
 
 import pytest
 import torch
-from conftest import build, tiny_llama_config
 from exact_reference import processed_logits, warped_probabilities
 from fakes import TableRunner
 from test_parallel_draft import as_parallel_draft
-from transformers import LlamaForCausalLM
+from test_sampling_exactness import SAMPLES, chi_square_excess
 
 from speculor import SpeculativeDecoder, SpeculorError
 from speculor.adaptive import FixedGamma
@@ -48,20 +46,8 @@ GREEDY_OPTIONS = [
 
 
 @pytest.fixture(scope="module")
-def noisy_pair():
-    """A float32 target and a draft that is a noisy copy of it, so drafts are partly accepted."""
-    target = build(LlamaForCausalLM, tiny_llama_config(layers=2), seed=0, dtype=torch.float32)
-    draft = copy.deepcopy(target)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for parameter in draft.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return target, draft
-
-
-@pytest.fixture(scope="module")
-def decoder(noisy_pair):
-    target, draft = noisy_pair
+def decoder(float32_pair):
+    target, draft = float32_pair
     decoder = SpeculativeDecoder(target, draft, dtype=torch.float32, max_batch_size=8)
     decoder.eos_ids = frozenset({EOS})
     return decoder
@@ -87,8 +73,8 @@ def reference_greedy(model, prompt: list[int], params: SamplingParams, max_new_t
     return generated
 
 
-def test_greedy_rows_with_mixed_options_equal_the_target_alone(decoder, noisy_pair):
-    target, _ = noisy_pair
+def test_greedy_rows_with_mixed_options_equal_the_target_alone(decoder, float32_pair):
+    target, _ = float32_pair
     cases = prompts(len(GREEDY_OPTIONS), seed=1)
     requests = [
         decoder.request(prompt, max_new_tokens=NEW_TOKENS, gamma=1 + index % 4, **options)
@@ -107,8 +93,8 @@ def test_greedy_rows_with_mixed_options_equal_the_target_alone(decoder, noisy_pa
 
 
 @pytest.mark.parametrize("gamma", [1, 3, 6])
-def test_each_option_alone_is_exact_at_every_gamma(decoder, noisy_pair, gamma):
-    target, _ = noisy_pair
+def test_each_option_alone_is_exact_at_every_gamma(decoder, float32_pair, gamma):
+    target, _ = float32_pair
     prompt = prompts(1, seed=2)[0]
     for options in GREEDY_OPTIONS[:-1]:
         result = decoder.generate(prompt, max_new_tokens=NEW_TOKENS, gamma=gamma, **options)
@@ -126,8 +112,8 @@ def test_min_tokens_holds_back_the_end_and_stop_token_ids_end(decoder):
     assert stopped.token_ids == [4] and stopped.finish_reason == "stop"
 
 
-def test_prompt_lookup_drafts_are_verified_with_the_processors(noisy_pair):
-    target, _ = noisy_pair
+def test_prompt_lookup_drafts_are_verified_with_the_processors(float32_pair):
+    target, _ = float32_pair
     lookup = SpeculativeDecoder(target, ngram=2, dtype=torch.float32)
     lookup.eos_ids = frozenset({EOS})
     prompt = [4, 5, 6, 4, 5, 6, 4, 5]
@@ -140,10 +126,10 @@ def test_prompt_lookup_drafts_are_verified_with_the_processors(noisy_pair):
     assert result.stats.accepted > 0 and result.stats.drafted > result.stats.accepted
 
 
-def test_a_parallel_draft_draws_its_tokens_in_turn_under_the_processors(noisy_pair):
+def test_a_parallel_draft_draws_its_tokens_in_turn_under_the_processors(float32_pair):
     """A parallel draft reads all γ distributions in one forward, but its q for token i depends on the tokens drawn
     before it once processors are on; greedy and seeded rows stay the target alone's."""
-    target, draft = noisy_pair
+    target, draft = float32_pair
     decoder = SpeculativeDecoder(target, as_parallel_draft(draft), dtype=torch.float32, max_batch_size=4)
     decoder.eos_ids = frozenset({EOS})
     cases = prompts(3, seed=7)
@@ -208,7 +194,6 @@ def test_out_of_range_options_are_refused(decoder):
 VOCAB = 4
 PROMPT = [1, 2]
 SAMPLED_TOKENS = 4
-SAMPLES = 1500
 BATCH = 8
 SAMPLED_SETTINGS = [
     (SamplingParams(temperature=1.0, presence_penalty=1.5, frequency_penalty=1.0, repetition_penalty=1.5), 3),
@@ -242,23 +227,6 @@ def empirical_distribution(params: SamplingParams, gamma: int) -> dict[tuple[int
         outcome = tuple(result.token_ids)
         counts[outcome] = counts.get(outcome, 0) + 1
     return {outcome: count / SAMPLES for outcome, count in counts.items()}
-
-
-def chi_square_excess(exact: dict, empirical: dict) -> float:
-    """Pearson's statistic (cells expected below 5 pooled) minus df + 5·sqrt(2·df), far in the tail: positive means
-    the samples do not follow the exact law. Seeds are fixed, so the outcome is deterministic."""
-    statistic, pooled_expected, pooled_observed, cells = 0.0, 0.0, 0.0, 0
-    for outcome, probability in exact.items():
-        expected, observed = probability * SAMPLES, empirical.get(outcome, 0.0) * SAMPLES
-        if expected < 5:
-            pooled_expected += expected
-            pooled_observed += observed
-        else:
-            statistic += (observed - expected) ** 2 / expected
-            cells += 1
-    statistic += (pooled_observed - pooled_expected) ** 2 / max(pooled_expected, 1e-9)
-    degrees_of_freedom = cells
-    return statistic - (degrees_of_freedom + 5 * (2 * degrees_of_freedom) ** 0.5)
 
 
 @pytest.mark.parametrize(("params", "gamma"), SAMPLED_SETTINGS)
