@@ -5,7 +5,8 @@
 
 Part a: a pair trained in the run (`speculor train`: target 32x576 for --target-seconds, draft 4x256 distilled from
 it for --draft-seconds), and an EAGLE-3 head for the same target trained by `speculor train-eagle` for the same
-budget as the draft. On HumanEval prompts with --new-tokens forced tokens, greedy, for every batch size: the target
+budget as the draft. On HumanEval prompts with --new-tokens forced tokens, greedy, for every batch size B (at most B
+rows decoding at once, the next prompt joining as a row ends, as in a server at concurrency B): the target
 alone, the draft and the head at a fixed γ (--gamma) and at the default (load-aware) γ: tokens/s, speedup over the
 target alone, TAR by draft position and tokens per target forward, side by side.
 
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from gpu import llama_shapes, random_model
 
-from speculor.api import SpeculativeDecoder, run_batch
+from speculor.api import SpeculativeDecoder
 from speculor.eagle import Eagle3Proposer, default_feature_layers, head_for_target
 from speculor.prompts import load_prompt_set, render_prompt
 from speculor.provenance import measurement_header
@@ -42,6 +43,22 @@ def synchronize(device: torch.device) -> None:
 def write(out: Path, name: str, data: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / name).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def run_rows_at_most(engine, requests: list, rows: int) -> list:
+    """Run `requests` to completion with at most `rows` of them in the batch at once, a new one joining as soon as one
+    ends (a server's continuous batching at concurrency `rows`); results in order."""
+    results: dict[int, object] = {}
+    order: dict[int, int] = {}
+    waiting = list(enumerate(requests))[::-1]
+    while waiting or engine.running:
+        while waiting and engine.running < rows:
+            index, request = waiting.pop()
+            order[engine.add(request)] = index
+        for event in engine.step():
+            if event.result is not None:
+                results[order.pop(event.request_id)] = event.result
+    return [results[index] for index in range(len(requests))]
 
 
 def train_models(args: argparse.Namespace) -> tuple[str, str, str]:
@@ -117,7 +134,7 @@ def part_a(args: argparse.Namespace, out: Path) -> dict:
                 engine.prefill_chunk = 1 << 16
                 synchronize(decoder.device)
                 began = time.perf_counter()
-                generated = run_batch(engine, requests) if batch > 1 else [run_batch(engine, [r])[0] for r in requests]
+                generated = run_rows_at_most(engine, requests, batch)
                 synchronize(decoder.device)
                 seconds = time.perf_counter() - began
                 tokens = sum(result.stats.new_tokens for result in generated)
