@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from speculor.adaptive import FixedGamma, GammaPolicy, LoadAwareGamma
 from speculor.errors import SpeculorError
 from speculor.grammar import GrammarRow
-from speculor.processors import RowProcessors
+from speculor.processors import ProcessorState, RowProcessors
 from speculor.proposers import Proposer
 from speculor.runners.base import Runner
 from speculor.runners.fast import host_to_device
@@ -332,6 +332,8 @@ class BatchEngine:
         # next step runs the same rows, it feeds them without another host-to-device copy.
         self._pending: tuple[tuple[int, ...], torch.Tensor] | None = None
         self._sampling_cache: tuple[tuple[int, ...], RowSampling] | None = None
+        # The rows' logits processors, advanced step to step by what each row commits (keyed by request id).
+        self._processor_state = ProcessorState()
 
     @property
     def capacity(self) -> int:
@@ -410,6 +412,7 @@ class BatchEngine:
         left on the device."""
         self._pending = None
         self._sampling_cache = None
+        self._processor_state.clear()
         self._ahead = None
         for row in rows:
             self._roll_back(row)
@@ -821,10 +824,11 @@ class BatchEngine:
         return self._sampling_cache[1]
 
     def _processors(self, rows: list[_Row]) -> RowProcessors:
-        """The rows' logits processors with their state after what each committed. Built afresh each step from the
-        host's contexts (the state changes with every token); rows whose options need none of it pay nothing, and a
-        batch where no row has options never gets here."""
-        return RowProcessors.build(
+        """The rows' logits processors with their state after what each committed: made once per set of rows and
+        advanced each step by the tokens each row committed since (`ProcessorState`); rows whose options need none
+        of it pay nothing, and a batch where no row has options never gets here."""
+        return self._processor_state.update(
+            tuple(row.request_id for row in rows),
             [row.request.params for row in rows],
             [row.request.prompt_ids for row in rows],
             [row.generated for row in rows],

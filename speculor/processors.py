@@ -21,7 +21,7 @@ come after, in `speculor.sampling`. Work is in float32 (float64 for float64 logi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -125,18 +125,8 @@ class RowProcessors:
                     if len(word) == 1:
                         always_banned[row, word[0]] = True
             always_banned = always_banned.to(device)
-        lengths = sorted({len(word) for o in options for word in o.bad_words if len(word) > 1})
-        continuations = []
-        for length in lengths:
-            entries = [(row, word) for row, o in enumerate(options) for word in o.bad_words if len(word) == length]
-            continuations.append(
-                BannedContinuations(
-                    torch.tensor([row for row, _ in entries], dtype=torch.long, device=device),
-                    torch.tensor([word[:-1] for _, word in entries], dtype=torch.long, device=device),
-                    torch.tensor([word[-1] for _, word in entries], dtype=torch.long, device=device),
-                )
-            )
-        window = max(lengths, default=1) - 1
+        continuations = _banned_continuations(options, device)
+        window = _window(continuations)
         recent = [
             ([NO_TOKEN] * window + [*prompt, *output])[len(prompt) + len(output) :] if window else []
             for prompt, output in zip(prompts, outputs, strict=True)
@@ -258,3 +248,286 @@ def _counts_after_prefixes(
             included[None].expand(rows, positions, width).to(counts.dtype),
         )
     return counts
+
+
+class ProcessorState:
+    """The processors of a changing batch of rows, kept from one step to the next so that a step pays for what
+    changed rather than for the rows' whole contexts and vocabularies.
+
+    `RowProcessors.build` makes every (rows, V) tensor on the host and copies it to the device, and recounts each
+    row's whole prompt and output: per step, with 64 rows of a 128k vocabulary, tens of MB zeroed and copied and
+    O(context) work per row. Here the parts that never change while the rows stay the same (options, bias, the
+    end-id and banned-word masks, banned continuations, the prompt's tokens) are made once per row set, on the
+    device, from only their non-zero entries; the output counts are advanced by the tokens each row committed since
+    the last update; `generated` and `recent` (a few numbers per row) are remade, all of a step's numbers in one
+    copy to the device. When the row set changes, the rows that stay keep their prompt and output state (gathered
+    on the device) and only the rows that join are counted from their contexts.
+
+    `keys` name the rows (the engine: request ids). A key stands for one row for good: its options, prompt, end ids
+    and grammar never change, and its output only grows. The result is the same, tensor for tensor, as
+    `RowProcessors.build` over the same arguments. It shares its output counts with this state, which advances them
+    in place: it is good until the next `update` (the engine uses it within one step)."""
+
+    def __init__(self) -> None:
+        self._keys: tuple[Hashable, ...] = ()
+        self._processors: RowProcessors | None = None
+        # How many of each row's output tokens `_processors.output_counts` holds.
+        self._counted: list[int] = []
+        self._window = 0
+        self._vocab_size = 0
+        self._device: torch.device | None = None
+
+    def clear(self) -> None:
+        """Forget every row: the next update builds from the contexts (after a step that raised, say)."""
+        self._keys, self._processors, self._counted, self._window = (), None, [], 0
+
+    def update(
+        self,
+        keys: Sequence[Hashable],
+        options: Sequence[SamplingParams],
+        prompts: Sequence[Sequence[int]],
+        outputs: Sequence[Sequence[int]],
+        end_ids: Sequence[frozenset[int]],
+        vocab_size: int,
+        device: torch.device,
+        grammars: Sequence[GrammarRow | None] = (),
+    ) -> RowProcessors:
+        """The rows' processors after their committed tokens, as `RowProcessors.build` gives them (same arguments,
+        plus each row's key). Each grammar is moved to its row's committed output, as there."""
+        keys = tuple(keys)
+        try:
+            if (
+                self._processors is None
+                or keys != self._keys
+                or vocab_size != self._vocab_size
+                or device != self._device
+            ):
+                self._start(keys, options, prompts, outputs, end_ids, vocab_size, device)
+            processors = self._advance(prompts, outputs, device)
+            row_grammars = None
+            if any(grammar is not None for grammar in grammars):
+                for grammar, output in zip(grammars, outputs, strict=True):
+                    if grammar is not None:
+                        grammar.commit(output)
+                row_grammars = RowGrammars(tuple(grammars))
+        except BaseException:
+            # Half an update would leave counts that disagree with `_counted`: start again next time.
+            self.clear()
+            raise
+        return replace(processors, grammars=row_grammars)
+
+    def _start(
+        self,
+        keys: tuple[Hashable, ...],
+        options: Sequence[SamplingParams],
+        prompts: Sequence[Sequence[int]],
+        outputs: Sequence[Sequence[int]],
+        end_ids: Sequence[frozenset[int]],
+        vocab_size: int,
+        device: torch.device,
+    ) -> None:
+        """Make the parts that last as long as this row set; carry over the prompt and output state of the rows
+        that were already there (their counts then advance from where they were), and mark the others as having
+        nothing counted."""
+        rows = len(options)
+        previous = self._processors
+        same_space = previous is not None and vocab_size == self._vocab_size and device == self._device
+        bias_entries = [
+            (row, token, value) for row, o in enumerate(options) for token, value in dict(o.logit_bias).items()
+        ]
+        held_entries = [
+            (row, token)
+            for row, (option, ids) in enumerate(zip(options, end_ids, strict=True))
+            if option.min_tokens
+            for token in sorted(ids)
+            if token < vocab_size
+        ]
+        banned_entries = [
+            (row, token)
+            for row, option in enumerate(options)
+            for token in sorted({word[0] for word in option.bad_words if len(word) == 1})
+        ]
+        _check_in_vocabulary([token for _, token, _ in bias_entries], vocab_size, "logit_bias")
+        _check_in_vocabulary([token for _, token in banned_entries], vocab_size, "bad_words")
+        penalised = any(o.presence_penalty or o.frequency_penalty or o.repetition_penalty != 1 for o in options)
+        # Rows whose prompt and output state the previous set holds, as (new place, old place) in ascending new
+        # place; the others start from their contexts.
+        kept: list[tuple[int, int]] = []
+        counted = [0] * rows
+        if penalised and same_space and previous is not None and previous.output_counts is not None:
+            places = {key: place for place, key in enumerate(self._keys)}
+            for row, (key, output) in enumerate(zip(keys, outputs, strict=True)):
+                place = places.get(key)
+                if place is not None and self._counted[place] <= len(output):
+                    kept.append((row, place))
+                    counted[row] = self._counted[place]
+        carried = {row for row, _ in kept}
+        fresh_prompts = [(row, token) for row in range(rows) if row not in carried for token in prompts[row]]
+        floats = _upload(
+            device,
+            torch.float32,
+            [o.presence_penalty for o in options],
+            [o.frequency_penalty for o in options],
+            [o.repetition_penalty for o in options],
+            [value for _, _, value in bias_entries],
+        )
+        longs = _upload(
+            device,
+            torch.long,
+            [o.min_tokens for o in options],
+            *_columns(bias_entries, 2),
+            *_columns(held_entries, 2),
+            *_columns(banned_entries, 2),
+            *_columns(fresh_prompts, 2),
+            *_columns(kept, 2),
+        )
+        presence, frequency, repetition, bias_values = floats
+        min_tokens, bias_rows, bias_tokens, held_rows, held_tokens = longs[:5]
+        banned_rows, banned_tokens, prompt_rows, prompt_tokens, kept_rows, kept_places = longs[5:]
+        bias = held_back = always_banned = output_counts = prompt_seen = None
+        if any(o.logit_bias for o in options):
+            bias = torch.zeros(rows, vocab_size, dtype=torch.float32, device=device)
+            bias[bias_rows, bias_tokens] = bias_values
+        if any(o.min_tokens for o in options):
+            held_back = _mask(rows, vocab_size, device, held_rows, held_tokens)
+        if any(len(word) == 1 for o in options for word in o.bad_words):
+            always_banned = _mask(rows, vocab_size, device, banned_rows, banned_tokens)
+        if penalised:
+            old_counts = previous.output_counts if previous is not None else None
+            old_seen = previous.prompt_seen if previous is not None else None
+            output_counts = _carry(old_counts, kept, kept_rows, kept_places, rows, vocab_size, torch.float32, device)
+            prompt_seen = _carry(old_seen, kept, kept_rows, kept_places, rows, vocab_size, torch.bool, device)
+            prompt_seen[prompt_rows, prompt_tokens] = True
+        continuations = _banned_continuations(options, device)
+        nothing = torch.zeros(0, dtype=torch.long, device=device)  # `generated` and `recent`: set by `_advance`
+        self._processors = RowProcessors(
+            presence=presence,
+            frequency=frequency,
+            repetition=repetition,
+            bias=bias,
+            min_tokens=min_tokens,
+            end_ids=held_back,
+            always_banned=always_banned,
+            banned_continuations=continuations,
+            output_counts=output_counts,
+            prompt_seen=prompt_seen,
+            generated=nothing,
+            recent=nothing,
+        )
+        self._keys, self._counted, self._window = keys, counted, _window(continuations)
+        self._vocab_size, self._device = vocab_size, device
+
+    def _advance(
+        self, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], device: torch.device
+    ) -> RowProcessors:
+        """Count the tokens each row committed since the last update (in place) and remake `generated` and
+        `recent`: one copy to the device of a few numbers per row."""
+        processors = self._processors
+        assert processors is not None
+        rows, window = len(outputs), self._window
+        lengths = [len(output) for output in outputs]
+        recent = [
+            token for prompt, output in zip(prompts, outputs, strict=True) for token in _last(prompt, output, window)
+        ]
+        new_rows: list[int] = []
+        new_tokens: list[int] = []
+        if processors.output_counts is not None:
+            for row, (output, counted) in enumerate(zip(outputs, self._counted, strict=True)):
+                tokens = _tokens_since(output, counted)
+                new_rows += [row] * len(tokens)
+                new_tokens += tokens
+        generated, recent_ids, count_rows, count_tokens = _upload(
+            device, torch.long, lengths, recent, new_rows, new_tokens
+        )
+        if new_tokens and processors.output_counts is not None:
+            ones = torch.ones(len(new_tokens), dtype=torch.float32, device=device)
+            processors.output_counts.index_put_((count_rows, count_tokens), ones, accumulate=True)
+        self._counted = lengths
+        self._processors = replace(processors, generated=generated, recent=recent_ids.view(rows, window))
+        return self._processors
+
+
+def _tokens_since(output: Sequence[int], counted: int) -> list[int]:
+    """The output tokens after the first `counted`: those a row committed since its counts were last advanced."""
+    return list(output[counted:])
+
+
+def _last(prompt: Sequence[int], output: Sequence[int], window: int) -> list[int]:
+    """The last `window` tokens of prompt then output, padded on the left with `NO_TOKEN`; O(window), not
+    O(context)."""
+    if not window:
+        return []
+    tail = [*prompt[-window:], *output[-window:]][-window:]
+    return [NO_TOKEN] * (window - len(tail)) + tail
+
+
+def _upload(device: torch.device, dtype: torch.dtype, *parts: Sequence[int] | Sequence[float]) -> list[torch.Tensor]:
+    """The lists on the device in one copy (a copy costs far more than its bytes), as views of one tensor."""
+    flat = torch.tensor([value for part in parts for value in part], dtype=dtype).to(device)
+    return list(flat.split([len(part) for part in parts]))
+
+
+def _columns(entries: Sequence[tuple], width: int) -> list[list[int]]:
+    """The first `width` columns of the entries (as many lists even with no entry)."""
+    return [[entry[column] for entry in entries] for column in range(width)]
+
+
+def _mask(
+    rows: int, vocab_size: int, device: torch.device, at_rows: torch.Tensor, at_tokens: torch.Tensor
+) -> torch.Tensor:
+    mask = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
+    mask[at_rows, at_tokens] = True
+    return mask
+
+
+def _carry(
+    previous: torch.Tensor | None,
+    kept: Sequence[tuple[int, int]],
+    rows_to: torch.Tensor,
+    rows_from: torch.Tensor,
+    rows: int,
+    vocab_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """(rows, V): the `kept` rows (new place, old place; `rows_to` and `rows_from` their columns on the device)
+    copied from the previous batch, the other rows zero. Where the kept rows come first — rows join at the end, as
+    in the engine, whose rows are in the order they were added — one gather into place and zeros for the rest."""
+    if previous is None or not kept:
+        return torch.zeros(rows, vocab_size, dtype=dtype, device=device)
+    if all(new == place for place, (new, _) in enumerate(kept)):
+        values = torch.empty(rows, vocab_size, dtype=dtype, device=device)
+        torch.index_select(previous, 0, rows_from, out=values[: len(kept)])
+        values[len(kept) :].zero_()
+        return values
+    values = torch.zeros(rows, vocab_size, dtype=dtype, device=device)
+    values[rows_to] = previous[rows_from]
+    return values
+
+
+def _check_in_vocabulary(tokens: Sequence[int], vocab_size: int, what: str) -> None:
+    """Refuse on the host an id a device index would fault on (`SpeculativeDecoder.request` checks them first)."""
+    outside = [token for token in tokens if not 0 <= token < vocab_size]
+    if outside:
+        raise IndexError(f"{what} names token {outside[0]}, outside the vocabulary of {vocab_size}")
+
+
+def _banned_continuations(options: Sequence[SamplingParams], device: torch.device) -> tuple[BannedContinuations, ...]:
+    """The rows' banned words of two tokens or more, one entry per length (shortest first)."""
+    lengths = sorted({len(word) for o in options for word in o.bad_words if len(word) > 1})
+    continuations = []
+    for length in lengths:
+        entries = [(row, word) for row, o in enumerate(options) for word in o.bad_words if len(word) == length]
+        continuations.append(
+            BannedContinuations(
+                torch.tensor([row for row, _ in entries], dtype=torch.long, device=device),
+                torch.tensor([word[:-1] for _, word in entries], dtype=torch.long, device=device),
+                torch.tensor([word[-1] for _, word in entries], dtype=torch.long, device=device),
+            )
+        )
+    return tuple(continuations)
+
+
+def _window(continuations: Sequence[BannedContinuations]) -> int:
+    """How many committed tokens the banned words look back over: the longest word's length − 1."""
+    return max((group.prefixes.shape[1] for group in continuations), default=0)

@@ -9,10 +9,14 @@ time, over the whole context; filtering by transformers' warpers):
 - sampled, in distribution, against the exact enumeration over a 4-token vocabulary, with a deliberately wrong
   engine (the penalty state not advanced by the drafted prefix) shown to fail the same test;
 - seeded rows, identical to the target alone's sample for the seed.
+The state the engine keeps from step to step (`ProcessorState`: counts advanced by each step's tokens, parts kept
+while the rows stay) equals `RowProcessors.build` from the whole contexts after every step, as rows join and leave;
+a state that skips or recounts tokens is shown to fail that check.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
@@ -24,10 +28,11 @@ from test_parallel_draft import as_parallel_draft
 from test_sampling_exactness import SAMPLES, chi_square_excess
 
 from speculor import SpeculativeDecoder, SpeculorError
+from speculor import processors as processors_module
 from speculor.adaptive import FixedGamma
 from speculor.api import run_batch
-from speculor.engine import BatchEngine, DecodeRequest
-from speculor.processors import RowProcessors
+from speculor.engine import BatchEngine, DecodeRequest, _end_ids
+from speculor.processors import ProcessorState, RowProcessors
 from speculor.proposers import DraftModelProposer, PromptLookupProposer
 from speculor.sampling import SamplingParams
 
@@ -290,3 +295,145 @@ def test_looking_ahead_is_skipped_for_batches_with_processors_and_changes_no_tok
     assert not queued_ahead
     run_ahead([requests[1]])
     assert queued_ahead, "the same engine looks ahead for a row without processors"
+
+
+# Rows that join and leave a running batch: penalties, bias, min_tokens and banned words of several lengths, beside
+# rows without options.
+CHURN_OPTIONS = [
+    dict(repetition_penalty=1.6, logit_bias={5: 2.0, 40: -3.0}),
+    dict(presence_penalty=1.0, frequency_penalty=0.5, min_tokens=6),
+    {},
+    dict(bad_words=[[17], [60, 61], [2, 8, 30]], frequency_penalty=1.2),
+    dict(logit_bias={EOS: 4.0}, min_tokens=4),
+    dict(repetition_penalty=0.8, bad_words=[[11, 12]], logit_bias={11: 2.0}),
+]
+
+
+def state_differences(actual: RowProcessors, expected: RowProcessors) -> list[str]:
+    """The fields in which two processors differ: tensors exactly (dtype and shape too), the banned continuations
+    entry by entry, grammars by identity."""
+
+    def same(a, b) -> bool:
+        if a is None or b is None:
+            return a is None and b is None
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+
+    differences = []
+    for field in dataclasses.fields(RowProcessors):
+        a, b = getattr(actual, field.name), getattr(expected, field.name)
+        if field.name == "banned_continuations":
+            equal = len(a) == len(b) and all(
+                same(x.rows, y.rows) and same(x.prefixes, y.prefixes) and same(x.banned, y.banned)
+                for x, y in zip(a, b, strict=True)
+            )
+        elif field.name == "grammars":
+            equal = (a is None and b is None) or (a is not None and b is not None and a.rows == b.rows)
+        else:
+            equal = same(a, b)
+        if not equal:
+            differences.append(field.name)
+    return differences
+
+
+def run_checking_the_state(monkeypatch, engine: BatchEngine, requests: list[DecodeRequest]):
+    """Run the requests, admitted as slots free up (rows join and leave mid-run); at every step with processors,
+    compare the processors the engine keeps with `RowProcessors.build` from the rows' whole contexts. Returns the
+    results and, per such step, the rows' request ids and the fields that differed."""
+    original = BatchEngine._processors
+    steps: list[tuple[tuple[int, ...], list[str]]] = []
+
+    def checked(self, rows):
+        kept = original(self, rows)
+        rebuilt = RowProcessors.build(
+            [row.request.params for row in rows],
+            [row.request.prompt_ids for row in rows],
+            [row.generated for row in rows],
+            [_end_ids(row.request) for row in rows],
+            self.vocab_size,
+            self.device,
+        )
+        steps.append((tuple(row.request_id for row in rows), state_differences(kept, rebuilt)))
+        return kept
+
+    monkeypatch.setattr(BatchEngine, "_processors", checked)
+    return run_batch(engine, requests), steps
+
+
+def churning_requests(decoder) -> list:
+    cases = prompts(12, seed=9)
+    return [
+        decoder.request(
+            prompt,
+            max_new_tokens=6 + (5 * index) % 17,
+            gamma=1 + index % 4,
+            **CHURN_OPTIONS[index % len(CHURN_OPTIONS)],
+        )
+        for index, prompt in enumerate(cases)
+    ]
+
+
+def test_the_kept_state_equals_a_rebuild_after_every_step_as_rows_join_and_leave(float32_pair, monkeypatch):
+    target, draft = float32_pair
+    decoder = SpeculativeDecoder(target, draft, dtype=torch.float32, max_batch_size=4)
+    decoder.eos_ids = frozenset({EOS})
+    requests = churning_requests(decoder)
+    results, steps = run_checking_the_state(monkeypatch, decoder.new_engine(), requests)
+    assert [differences for _, differences in steps if differences] == []
+    for request, result in zip(requests, results, strict=True):
+        assert result.token_ids == reference_greedy(target, request.prompt_ids, request.params, request.max_new_tokens)
+    # Both ways the state moves on were taken many times: the same rows again (counts advanced in place), and new
+    # rows beside rows that stayed (their state carried over).
+    pairs = list(itertools.pairwise(keys for keys, _ in steps))
+    assert sum(before == after for before, after in pairs) >= 10
+    assert sum(before != after and bool(set(before) & set(after)) for before, after in pairs) >= 5
+    assert sum(bool(set(after) - set(before)) and bool(set(before) & set(after)) for before, after in pairs) >= 3
+    assert any(result.finish_reason == "eos" for result in results)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pytest.param(lambda output, counted: [], id="new-tokens-not-counted"),
+        pytest.param(lambda output, counted: list(output), id="whole-output-counted-again"),
+    ],
+)
+def test_a_state_that_miscounts_the_committed_tokens_is_caught(float32_pair, monkeypatch, broken):
+    """Wrong on purpose: the tokens a row committed since the last step are skipped, or its whole output is added
+    again each step; the comparison with a rebuild must see it in the output counts."""
+    target, draft = float32_pair
+    decoder = SpeculativeDecoder(target, draft, dtype=torch.float32, max_batch_size=4)
+    decoder.eos_ids = frozenset({EOS})
+    monkeypatch.setattr(processors_module, "_tokens_since", broken)
+    _, steps = run_checking_the_state(monkeypatch, decoder.new_engine(), churning_requests(decoder))
+    assert any("output_counts" in differences for _, differences in steps)
+
+
+def test_the_kept_state_follows_reordered_shrinking_and_growing_row_sets():
+    """`ProcessorState` alone against `RowProcessors.build`, over random row sets: rows join, leave and change
+    places, outputs grow by 0 to 4 tokens, batches with and without penalties alternate."""
+    vocab = 30
+    rng = random.Random(0)
+    choices = [
+        dict(repetition_penalty=1.3),
+        dict(presence_penalty=0.5, logit_bias={3: 1.0, 4: -2.0, 29: 0.5}),
+        dict(min_tokens=4),
+        dict(bad_words=[[5], [6, 7], [1, 2, 3]]),
+        {},
+        dict(frequency_penalty=1.0, bad_words=[[9, 9]]),
+    ]
+    state = ProcessorState()
+    rows: dict[int, tuple[SamplingParams, list[int], list[int], frozenset[int]]] = {}
+    for key in range(300):
+        if rows and rng.random() < 0.3:
+            del rows[rng.choice(list(rows))]
+        if len(rows) < rng.randint(1, 6):
+            prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 9))]
+            rows[key] = (SamplingParams(**rng.choice(choices)), prompt, [], frozenset({0, rng.randrange(vocab)}))
+        for _, _, output, _ in rows.values():
+            output.extend(rng.randrange(vocab) for _ in range(rng.randint(0, 4)))
+        keys = list(rows)
+        if rng.random() < 0.3:
+            rng.shuffle(keys)
+        arguments = [[rows[key][part] for key in keys] for part in range(4)]
+        kept = state.update(keys, *arguments, vocab, torch.device("cpu"))
+        assert state_differences(kept, RowProcessors.build(*arguments, vocab, torch.device("cpu"))) == []
