@@ -321,6 +321,7 @@ def train_eagle_head(
     sequence_length: int = 128,
     ttt_steps: int = DEFAULT_TTT_STEPS,
     draft_vocab_size: int = DEFAULT_DRAFT_VOCAB,
+    feature_layers: Sequence[int] | None = None,
     learning_rate: float = 1e-3,
     gamma: int = 4,
     held_out_prompt_count: int = 16,
@@ -332,7 +333,8 @@ def train_eagle_head(
 ) -> EagleTrainResult:
     """Train an EAGLE-3 head for the target saved in `target` and save it in `output_dir` (hub layout plus a model
     card). Trains for `steps`, or for `seconds` when no step count is given (stopping before a step that would end
-    past the budget)."""
+    past the budget). `feature_layers` are the three target layers whose incoming hidden states feed the head (the
+    peers' default when None)."""
     if steps is None and not seconds:
         raise SpeculorError("give a positive number of steps or seconds to train for")
     if ttt_steps < 1:
@@ -344,6 +346,10 @@ def train_eagle_head(
     except (OSError, ValueError) as error:
         raise SpeculorError(f"cannot load the target {os.fspath(target)!r} and its tokenizer: {error}") from error
     model.requires_grad_(False)
+    layer_count = model.config.get_text_config().num_hidden_layers
+    layers = tuple(feature_layers) if feature_layers is not None else default_feature_layers(layer_count)
+    if len(layers) != 3 or not all(0 <= layer < layer_count for layer in layers):
+        raise SpeculorError(f"feature layers must be three layers of the target's 0..{layer_count - 1}, got {layers}")
     roots = None if corpus is None else [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
     documents = collect_corpus(roots, max_corpus_bytes)
     train_stream = encode_documents(tokenizer, documents.train).to(resolved)
@@ -352,7 +358,6 @@ def train_eagle_head(
         raise SpeculorError(f"the training corpus has {train_stream.numel()} tokens, fewer than one window")
     vocab = int(model.get_input_embeddings().weight.shape[0])
     draft_ids, coverage = draft_vocabulary(train_stream, vocab, draft_vocab_size)
-    layers = default_feature_layers(model.config.get_text_config().num_hidden_layers)
     torch.manual_seed(seed)
     head = head_for_target(model, draft_ids, layers)
     start_from_target(head, model, draft_ids)

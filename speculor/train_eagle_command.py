@@ -36,12 +36,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--draft-vocab", type=int, default=DEFAULT_DRAFT_VOCAB, help="tokens the head drafts from (default 2048)"
     )
+    parser.add_argument(
+        "--layers",
+        type=_layer_list,
+        help="the three target layers whose incoming hidden states feed the head, comma-separated (default: vLLM's "
+        "and SGLang's 2,L/2,L-3 for a target of L layers); a shallow target may do better with later ones",
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_train_eagle)
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    """`--layers 2,4,7` as a tuple of three layer indices."""
+    try:
+        layers = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated layer numbers, got {text!r}") from None
+    if len(layers) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated layer numbers, got {text!r}")
+    return layers
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -57,6 +74,7 @@ def _command_line(args: argparse.Namespace) -> str:
         "--sequence-length": args.sequence_length,
         "--ttt-steps": args.ttt_steps,
         "--draft-vocab": args.draft_vocab,
+        "--layers": ",".join(map(str, args.layers)) if args.layers else None,
         "--learning-rate": args.learning_rate,
         "--device": args.device,
         "--threads": args.threads,
@@ -80,6 +98,7 @@ def run_train_eagle(args: argparse.Namespace) -> int:
         sequence_length=args.sequence_length,
         ttt_steps=args.ttt_steps,
         draft_vocab_size=args.draft_vocab,
+        feature_layers=args.layers,
         learning_rate=args.learning_rate,
         device=args.device,
         seed=args.seed,

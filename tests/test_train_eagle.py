@@ -53,6 +53,8 @@ def test_train_eagle_writes_a_loadable_head_that_beats_its_start(tmp_path, targe
             "200",
             "--learning-rate",
             "0.003",
+            "--layers",
+            "1,2,3",
             "--threads",
             "1",
             "--quiet",
@@ -61,10 +63,12 @@ def test_train_eagle_writes_a_loadable_head_that_beats_its_start(tmp_path, targe
     assert code == 0
     config = json.loads((output / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == 200
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
     card = (output / "README.md").read_text()
     assert "speculor train-eagle --target" in card and "acceptance" in card
     target = LlamaForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     trained, layers = load_eagle3(output, target)
+    assert layers == (1, 2, 3)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     held_out = encode_documents(tokenizer, collect_corpus([CORPUS], 300_000).held_out)
     prompts = held_out_prompts(held_out, 6, 24, None)
@@ -76,3 +80,17 @@ def test_train_eagle_writes_a_loadable_head_that_beats_its_start(tmp_path, targe
     untrained_acceptance, untrained_length = held_out_acceptance(target, untrained.eval(), layers, prompts, 3, 24)
     assert trained_length > untrained_length
     assert trained_acceptance[0] > untrained_acceptance[0]
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"), [("1,2", "expected three comma-separated layer numbers"), ("0,1,4", "0..3, got (0, 1, 4)")]
+)
+def test_feature_layers_that_cannot_feed_a_head_are_refused(tmp_path, target_dir, capsys, layers, message):
+    arguments = ["train-eagle", "--target", str(target_dir), "--output", str(tmp_path / "head"), "--steps", "1"]
+    try:
+        code = main([*arguments, "--layers", layers, "--quiet"])
+    except SystemExit as stop:
+        code = stop.code
+    assert code != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "head").exists()
