@@ -39,7 +39,14 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from speculor.adaptive import FixedGamma
-from speculor.eagle import Eagle3Head, Eagle3Proposer, default_feature_layers, head_for_target, save_eagle3
+from speculor.eagle import (
+    Eagle3Head,
+    Eagle3Proposer,
+    default_feature_layers,
+    head_for_target,
+    load_eagle3,
+    save_eagle3,
+)
 from speculor.engine import BatchEngine, DecodeRequest
 from speculor.errors import SpeculorError
 from speculor.loading import resolve_device
@@ -77,6 +84,7 @@ class EagleTrainResult:
     held_out_prompts: int
     held_out_new_tokens: int
     device: str
+    initialised_from: str | None
     command: str
     date: str
 
@@ -87,6 +95,12 @@ def draft_vocabulary(stream: torch.Tensor, vocab_size: int, size: int) -> tuple[
     size = min(size, vocab_size)
     top = counts.topk(size).indices
     return sorted(top.tolist()), float(counts[top].sum()) / max(1, int(counts.sum()))
+
+
+def vocabulary_coverage(stream: torch.Tensor, vocab_size: int, token_ids: Sequence[int]) -> float:
+    """The share of `stream`'s tokens that are among `token_ids`."""
+    counts = torch.bincount(stream.long().cpu(), minlength=vocab_size)[:vocab_size]
+    return float(counts[list(token_ids)].sum()) / max(1, int(counts.sum()))
 
 
 def start_from_target(head: Eagle3Head, target: PreTrainedModel, draft_token_ids: Sequence[int]) -> None:
@@ -261,6 +275,9 @@ def model_card(result: EagleTrainResult, head: Eagle3Head) -> str:
     agreement = " | ".join(f"{value:.3f}" for value in result.agreement_by_step)
     positions = " | ".join(str(position + 1) for position in range(result.gamma))
     acceptance = " | ".join(f"{value:.3f}" for value in result.acceptance_by_position)
+    origin = "the target's output layer and final norm; the rest at random"
+    if result.initialised_from:
+        origin = f"the head in `{result.initialised_from}` (its draft vocabulary and layers kept)"
     return f"""---
 tags: [speculor, eagle3, speculative-decoding]
 ---
@@ -282,6 +299,7 @@ in the training corpus: {100 * result.corpus_coverage:.1f}% of its tokens) |
 | training | {result.steps:,} steps, {result.windows_seen:,} windows of {result.sequence_length} tokens, \
 training-time test over {result.ttt_steps} steps, {result.seconds:.0f} s, final loss {result.final_train_loss:.4f} |
 | teacher | the target's next-token distribution (cross-entropy over the draft vocabulary) |
+| started from | {origin} |
 | hardware | {result.device} |
 | date | {result.date} |
 
@@ -322,6 +340,7 @@ def train_eagle_head(
     ttt_steps: int = DEFAULT_TTT_STEPS,
     draft_vocab_size: int = DEFAULT_DRAFT_VOCAB,
     feature_layers: Sequence[int] | None = None,
+    init_from: str | os.PathLike | None = None,
     learning_rate: float = 1e-3,
     gamma: int = 4,
     held_out_prompt_count: int = 16,
@@ -334,7 +353,8 @@ def train_eagle_head(
     """Train an EAGLE-3 head for the target saved in `target` and save it in `output_dir` (hub layout plus a model
     card). Trains for `steps`, or for `seconds` when no step count is given (stopping before a step that would end
     past the budget). `feature_layers` are the three target layers whose incoming hidden states feed the head (the
-    peers' default when None)."""
+    peers' default when None). `init_from` is a saved head to go on training (its draft vocabulary and layers are
+    kept), e.g. a hub head to fine-tune on your own corpus."""
     if steps is None and not seconds:
         raise SpeculorError("give a positive number of steps or seconds to train for")
     if ttt_steps < 1:
@@ -347,6 +367,14 @@ def train_eagle_head(
         raise SpeculorError(f"cannot load the target {os.fspath(target)!r} and its tokenizer: {error}") from error
     model.requires_grad_(False)
     layer_count = model.config.get_text_config().num_hidden_layers
+    start: Eagle3Head | None = None
+    if init_from is not None:
+        start, kept_layers = load_eagle3(init_from, model)
+        if feature_layers is not None and tuple(feature_layers) != tuple(kept_layers):
+            raise SpeculorError(
+                f"the head in {os.fspath(init_from)!r} reads layers {tuple(kept_layers)}, not {tuple(feature_layers)}"
+            )
+        feature_layers = kept_layers
     layers = tuple(feature_layers) if feature_layers is not None else default_feature_layers(layer_count)
     if len(layers) != 3 or not all(0 <= layer < layer_count for layer in layers):
         raise SpeculorError(f"feature layers must be three layers of the target's 0..{layer_count - 1}, got {layers}")
@@ -357,10 +385,14 @@ def train_eagle_head(
     if train_stream.numel() <= sequence_length + 1:
         raise SpeculorError(f"the training corpus has {train_stream.numel()} tokens, fewer than one window")
     vocab = int(model.get_input_embeddings().weight.shape[0])
-    draft_ids, coverage = draft_vocabulary(train_stream, vocab, draft_vocab_size)
     torch.manual_seed(seed)
-    head = head_for_target(model, draft_ids, layers)
-    start_from_target(head, model, draft_ids)
+    if start is None:
+        draft_ids, coverage = draft_vocabulary(train_stream, vocab, draft_vocab_size)
+        head = head_for_target(model, draft_ids, layers)
+        start_from_target(head, model, draft_ids)
+    else:
+        head, draft_ids = start.float(), start.draft_to_target.tolist()
+        coverage = vocabulary_coverage(train_stream, vocab, draft_ids)
     head.train()
     draft_index = torch.tensor(draft_ids, device=resolved)
     sampler = torch.Generator().manual_seed(seed)
@@ -418,6 +450,7 @@ def train_eagle_head(
         held_out_prompts=len(prompts),
         held_out_new_tokens=held_out_new_tokens,
         device=hardware_name(resolved),
+        initialised_from=os.fspath(init_from) if init_from is not None else None,
         command=command or f"train_eagle_head({os.fspath(output_dir)!r}, {os.fspath(target)!r}, ...)",
         date=datetime.date.today().isoformat(),
     )

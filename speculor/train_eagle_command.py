@@ -42,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the three target layers whose incoming hidden states feed the head, comma-separated (default: vLLM's "
         "and SGLang's 2,L/2,L-3 for a target of L layers); a shallow target may do better with later ones",
     )
+    parser.add_argument(
+        "--init-from",
+        metavar="HEAD_DIR",
+        help="go on training this saved head (its draft vocabulary and layers are kept): a hub head on your corpus",
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     add_threads_argument(parser)
@@ -75,6 +80,7 @@ def _command_line(args: argparse.Namespace) -> str:
         "--ttt-steps": args.ttt_steps,
         "--draft-vocab": args.draft_vocab,
         "--layers": ",".join(map(str, args.layers)) if args.layers else None,
+        "--init-from": args.init_from,
         "--learning-rate": args.learning_rate,
         "--device": args.device,
         "--threads": args.threads,
@@ -99,6 +105,7 @@ def run_train_eagle(args: argparse.Namespace) -> int:
         ttt_steps=args.ttt_steps,
         draft_vocab_size=args.draft_vocab,
         feature_layers=args.layers,
+        init_from=args.init_from,
         learning_rate=args.learning_rate,
         device=args.device,
         seed=args.seed,

@@ -94,3 +94,22 @@ def test_feature_layers_that_cannot_feed_a_head_are_refused(tmp_path, target_dir
     assert code != 0
     assert message in capsys.readouterr().err
     assert not (tmp_path / "head").exists()
+
+
+def test_training_goes_on_from_a_saved_head_keeping_its_vocabulary_and_layers(tmp_path, target_dir, capsys):
+    def train(output: Path, *extra: str) -> int:
+        arguments = ["train-eagle", "--target", str(target_dir), "--output", str(output), "--corpus", str(CORPUS)]
+        sizes = ["--max-corpus-bytes", "100000", "--steps", "2", "--batch-size", "2", "--sequence-length", "32"]
+        return main([*arguments, *sizes, "--threads", "1", "--quiet", *extra])
+
+    assert train(tmp_path / "first", "--draft-vocab", "150", "--layers", "0,2,3") == 0
+    assert train(tmp_path / "second", "--init-from", str(tmp_path / "first"), "--draft-vocab", "90") == 0
+    target = LlamaForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    first, first_layers = load_eagle3(tmp_path / "first", target)
+    second, second_layers = load_eagle3(tmp_path / "second", target)
+    assert first_layers == second_layers == (0, 2, 3)
+    assert torch.equal(first.draft_to_target, second.draft_to_target)
+    assert not torch.equal(first.fc.weight, second.fc.weight)
+    assert f"the head in `{tmp_path / 'first'}`" in (tmp_path / "second" / "README.md").read_text()
+    assert train(tmp_path / "third", "--init-from", str(tmp_path / "first"), "--layers", "1,2,3") != 0
+    assert "reads layers (0, 2, 3), not (1, 2, 3)" in capsys.readouterr().err
