@@ -51,7 +51,15 @@ from speculor.server.schemas import (
     SamplingRequest,
     parse_body,
 )
-from speculor.server.structured import ToolCallStream, as_tool_call, compiled_structure, forces_tool_call
+from speculor.server.structured import (
+    ToolCallStream,
+    as_tool_call,
+    compiled_structure,
+    forces_tool_call,
+    parses_tool_calls,
+    tool_names,
+)
+from speculor.server.tool_parsers import PARSERS, HermesStream, parse_hermes, stream_entries
 from speculor.server.worker import FINISH_REASONS, Generations, GenerationWorker
 
 # OpenAI's default for /v1/completions when max_tokens is left out (chat defaults to the rest of the context).
@@ -89,15 +97,22 @@ def display_name(name: str) -> str:
 class ServedModel:
     """The decoder behind the endpoints: checks a request against the model and turns it into `DecodeRequest`s.
     `gamma` None lets the engine choose γ each step from the load; an int fixes it for every request. `chat_template`
-    (Jinja text) replaces the tokenizer's own for chat; None keeps the tokenizer's, if it has one."""
+    (Jinja text) replaces the tokenizer's own for chat; None keeps the tokenizer's, if it has one.
+    `tool_call_parser` ("hermes", or None) lets chat requests with tools leave tool_choice "auto"."""
 
     def __init__(
-        self, decoder: SpeculativeDecoder, name: str, gamma: int | None, chat_template: str | None = None
+        self,
+        decoder: SpeculativeDecoder,
+        name: str,
+        gamma: int | None,
+        chat_template: str | None = None,
+        tool_call_parser: str | None = None,
     ) -> None:
         self.decoder = decoder
         self.name = name
         self.gamma = gamma
         self.chat_template = chat_template
+        self.tool_call_parser = tool_call_parser
         if chat_template is not None:
             self._check_chat_template(chat_template)
         runners = [decoder.target_runner, decoder.draft_runner]
@@ -186,9 +201,20 @@ class ServedModel:
                 code="no_chat_template",
             )
         messages = [{"role": message.role, "content": message.text()} for message in body.messages]
+        extra = body.model_extra or {}
+        # Under "auto" the template decides how the tools reach the model; forced calls follow a grammar instead.
+        tools = None
+        if parses_tool_calls(extra, self.tool_call_parser):
+            tool_names(extra)  # a malformed tool is refused naming it, before the template sees it
+            tools = extra["tools"]
         try:
             prompt_ids = tokenizer.apply_chat_template(
-                messages, chat_template=template, add_generation_prompt=True, tokenize=True, return_dict=False
+                messages,
+                tools=tools,
+                chat_template=template,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
             )
         except (TemplateError, ValueError) as error:
             raise APIError(
@@ -259,7 +285,7 @@ class ServedModel:
                 code="invalid_value",
             )
         chat = isinstance(body, ChatCompletionRequest)
-        structure = compiled_structure(body.model_extra or {}, self.decoder, chat)
+        structure = compiled_structure(body.model_extra or {}, self.decoder, chat, self.tool_call_parser)
         named = [("logit_bias", int(key)) for key in body.logit_bias]
         named += [("stop_token_ids", token) for token in body.stop_token_ids]
         for param, token in named:
@@ -412,6 +438,10 @@ class ResponseFormat:
             return None
         return self._chunk([self.choice(index, delta.text, None, self._logprobs(index, delta.logprobs))])
 
+    def final_chunks(self, index: int, result: GenerationResult) -> list[dict[str, Any]]:
+        """The chunks ending choice `index`: by default only `final_chunk`."""
+        return [self.final_chunk(index, result)]
+
     def final_chunk(self, index: int, result: GenerationResult) -> dict[str, Any]:
         """The chunk ending choice `index`: its finish reason and its speculation counters."""
         choice = self.choice(index, "", FINISH_REASONS[result.finish_reason], None)
@@ -563,6 +593,45 @@ class ToolCallFormat(ChatFormat):
         return self._chunk([{**choice, "finish_reason": finish_reason}], **extra)
 
 
+class ParsedToolCallFormat(ChatFormat):
+    """Chat answers under tool_choice "auto" with `--tool-call-parser hermes`: the model writes freely; a whole
+    choice whose text holds valid calls (`parse_hermes`) answers with `tool_calls`, the text before them as content,
+    and finish reason "tool_calls". Streamed, text is sent as it comes except what could be a call's start
+    (`HermesStream` holds it back); at the end come the calls, one entry each with the whole arguments, then finish
+    reason "tool_calls" — or, when no call materialised, the held text as content."""
+
+    def __init__(self, *args: Any, tool_names: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tool_names = list(tool_names)
+        self._streams: dict[int, HermesStream] = {}
+
+    def _stream(self, index: int) -> HermesStream:
+        return self._streams.setdefault(index, HermesStream(self.tool_names))
+
+    def choice(
+        self, index: int, text: str, finish_reason: str | None, logprobs: dict | None, whole: bool = False
+    ) -> dict[str, Any]:
+        choice = super().choice(index, text, finish_reason, logprobs, whole)
+        if not whole or (parsed := parse_hermes(text, self.tool_names)) is None:
+            return choice
+        content, calls = parsed
+        message = {"role": "assistant", "content": content, "tool_calls": calls}
+        return {**choice, "message": message, "finish_reason": "tool_calls"}
+
+    def delta_chunk(self, index: int, delta: Delta) -> dict[str, Any] | None:
+        return super().delta_chunk(index, Delta(delta.token_ids, self._stream(index).feed(delta.text), delta.logprobs))
+
+    def final_chunks(self, index: int, result: GenerationResult) -> list[dict[str, Any]]:
+        rest, calls = self._stream(index).finish()
+        summary = speculative_summary([result.stats])
+        if not calls:
+            chunks = [self._chunk([self.choice(index, rest, None, None)])] if rest else []
+            return [*chunks, self.final_chunk(index, result)]
+        entries = {"index": index, "delta": {"tool_calls": stream_entries(calls)}, "logprobs": None}
+        finish = {"index": index, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+        return [self._chunk([{**entries, "finish_reason": None}]), self._chunk([finish], speculative=summary)]
+
+
 def server_sent_event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
@@ -578,7 +647,8 @@ async def event_stream(generations: Generations, form: ResponseFormat) -> AsyncI
             async for index, event in generations.events():
                 if isinstance(event, GenerationResult):
                     results[index] = event
-                    yield server_sent_event(form.final_chunk(index, event))
+                    for chunk in form.final_chunks(index, event):
+                        yield server_sent_event(chunk)
                 elif (chunk := form.delta_chunk(index, event)) is not None:
                     yield server_sent_event(chunk)
             if form.include_usage:
@@ -786,6 +856,7 @@ def create_app(
     docs: bool = False,
     allowed_hosts: Sequence[str] | None = None,
     chat_template: str | None = None,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
     """An app serving `decoder` under `model_name` (default: the target's name or path). Requests run as a
     continuous batch of up to the decoder's `max_batch_size` rows, drafting `gamma` tokens per step (None: the
@@ -799,11 +870,15 @@ def create_app(
     to protect). `allowed_hosts` lists the host names a request's Host header may give (any port; `*.example.com` for
     subdomains, "*" for any); others get 400. None (the default here; `speculor serve` defaults to the loopback names
     on a loopback address) checks nothing. `chat_template` (Jinja text, as vLLM's --chat-template takes it)
-    replaces the tokenizer's own for chat completions; one that cannot render a conversation is refused here."""
+    replaces the tokenizer's own for chat completions; one that cannot render a conversation is refused here.
+    `tool_call_parser` ("hermes", as vLLM's --tool-call-parser with --enable-auto-tool-choice) answers chat requests
+    whose tools leave tool_choice "auto" by reading the calls from the model's text; None refuses "auto"."""
+    if tool_call_parser is not None and tool_call_parser not in PARSERS:
+        raise SpeculorError(f"unknown tool call parser {tool_call_parser!r}: use one of {', '.join(PARSERS)}")
     if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
         # An empty key must not mean "no key", nor a padded one a key no client can send (clients' keys are stripped).
         raise SpeculorError("api_key must be a non-empty string without whitespace around it (None: no key)")
-    served = ServedModel(decoder, model_name or decoder.target.name, gamma, chat_template)
+    served = ServedModel(decoder, model_name or decoder.target.name, gamma, chat_template, tool_call_parser)
     metrics = ServerMetrics()
     worker = GenerationWorker(decoder.new_engine(), metrics, max_queue)
     started = int(time.time())
@@ -859,6 +934,7 @@ def create_app(
         body: SamplingRequest,
         requests: list[tuple[DecodeRequest, int]],
         echoed: Sequence[str] = (),
+        **options: Any,
     ) -> ResponseFormat:
         return shape(
             served.name,
@@ -870,6 +946,7 @@ def create_app(
             with_logprobs=body.logprob_alternatives is not None,
             choices=len(requests),
             echoed=echoed,
+            **options,
         )
 
     async def read_body(request: Request, schema: type[Body]) -> Body:
@@ -891,8 +968,12 @@ def create_app(
         body = await read_body(request, ChatCompletionRequest)
         worker.check_fits(body.n, "n")
         requests = await run_in_threadpool(served.chat, body)
-        shape = ToolCallFormat if forces_tool_call(body.model_extra or {}) else ChatFormat
-        return await answer(request, body, requests, response_format(shape, body, requests))
+        extra = body.model_extra or {}
+        if parses_tool_calls(extra, tool_call_parser):
+            form = response_format(ParsedToolCallFormat, body, requests, tool_names=tool_names(extra))
+        else:
+            form = response_format(ToolCallFormat if forces_tool_call(extra) else ChatFormat, body, requests)
+        return await answer(request, body, requests, form)
 
     def model_card() -> dict[str, Any]:
         return {

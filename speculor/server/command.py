@@ -137,6 +137,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a Jinja chat template for /v1/chat/completions, in place of the tokenizer's own (as vLLM's flag; the "
         "shipped family has one)",
     )
+    parser.add_argument(
+        "--tool-call-parser",
+        choices=["hermes"],
+        help="answer chat requests whose tools leave tool_choice 'auto' (the default) by generating freely, the tools "
+        "given to the chat template, and reading the model's <tool_call> blocks as tool_calls (as vLLM's "
+        "--enable-auto-tool-choice --tool-call-parser hermes; Hermes 2 Pro, Qwen 2.5, Qwen 3); without it 'auto' is "
+        "refused",
+    )
     parser.add_argument("--docs", action="store_true", help="serve the /docs, /redoc and /openapi.json pages")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(handler=run_serve)
@@ -371,6 +379,7 @@ def load_and_serve(args: argparse.Namespace, sock: socket.socket | None) -> int:
         docs=args.docs,
         allowed_hosts=allowed_hosts(args, sock.getsockname()[0]),
         chat_template=args.chat_template_text,
+        tool_call_parser=args.tool_call_parser,
     )
     enough_file_descriptors(args.max_connections)
     gamma = "chosen each step" if args.gamma is None else args.gamma

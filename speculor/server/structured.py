@@ -11,10 +11,11 @@ alone's under the grammar).
 A forced tool call is generated as one JSON object `{"name": ..., "arguments": {...}}` whose name is one of the
 allowed functions' and whose arguments follow that function's `parameters` schema; `as_tool_call` returns it as
 OpenAI's `tool_calls` with finish reason "tool_calls", and `ToolCallStream` streams it as OpenAI does (the id and
-name, then the arguments in pieces). `tool_choice` "auto" (OpenAI's default once tools are given) would need a
-parser for the model's own way of writing a call among free text, which this server does not have: it is refused
-with a 400 naming it. So are two structures in one request, tools sent to completions, and an invalid schema, regex
-or grammar — each naming the parameter.
+name, then the arguments in pieces). `tool_choice` "auto" (OpenAI's default once tools are given) needs a parser
+for the model's own way of writing a call among free text: with `speculor serve --tool-call-parser hermes` such a
+request is generated freely, the tools passed to the chat template, and the calls read from the text
+(`speculor.server.tool_parsers`); without it, "auto" is refused with a 400 naming it. So are two structures in one
+request, tools sent to completions, and an invalid schema, regex or grammar — each naming the parameter.
 """
 
 from __future__ import annotations
@@ -132,15 +133,20 @@ def _tools(tools: Any) -> dict[str, dict[str, Any]]:
     return functions
 
 
-def _forced_tool_call(tools: Any, choice: Any) -> StructuredOutput | None:
-    """The structure of a forced call, None for `tool_choice` "none"; "auto" is refused."""
+def _forced_tool_call(tools: Any, choice: Any, tool_call_parser: str | None = None) -> StructuredOutput | None:
+    """The structure of a forced call, None for `tool_choice` "none" and for "auto" under a `tool_call_parser`
+    (generated freely, the calls parsed from the text); "auto" without one is refused."""
     if choice == "none":
         return None
     if choice == "auto" or choice is None:
+        if tool_call_parser is not None:
+            _tools(tools)
+            return None
         raise APIError(
             400,
             "tool_choice 'auto' (the default once tools are given) needs a parser for this model's own way of "
-            "writing tool calls, and this server has none: send tool_choice 'required' or a named function",
+            "writing tool calls, and this server has none: send tool_choice 'required' or a named function, or "
+            "start the server with --tool-call-parser hermes",
             param="tool_choice",
             code="unsupported_parameter",
         )
@@ -166,10 +172,13 @@ def _forced_tool_call(tools: Any, choice: Any) -> StructuredOutput | None:
     return StructuredOutput.json_schema(calls[0] if len(calls) == 1 else {"anyOf": calls}, strict=True)
 
 
-def requested_structure(extra: dict[str, Any], chat: bool) -> tuple[str, StructuredOutput] | None:
+def requested_structure(
+    extra: dict[str, Any], chat: bool, tool_call_parser: str | None = None
+) -> tuple[str, StructuredOutput] | None:
     """The structure a request's extra fields ask for, with the parameter that asked, or None. Raises a 400
     `APIError` naming the parameter for a malformed value, two structures in one request, or tools outside `chat`
-    (completions have no tool calls to answer with)."""
+    (completions have no tool calls to answer with). Under a `tool_call_parser`, tool_choice "auto" asks for
+    none."""
     backend = extra.get("guided_decoding_backend")
     if backend is not None and backend not in BACKENDS:
         raise _invalid("guided_decoding_backend", f"this server uses xgrammar; got {echo(str(backend))}")
@@ -187,7 +196,7 @@ def requested_structure(extra: dict[str, Any], chat: bool) -> tuple[str, Structu
         if not chat:
             param = "tools" if extra.get("tools") else "tool_choice"
             raise _invalid(param, "tool calls are answered by /v1/chat/completions, not by completions")
-        call = _forced_tool_call(extra.get("tools"), extra.get("tool_choice"))
+        call = _forced_tool_call(extra.get("tools"), extra.get("tool_choice"), tool_call_parser)
         if call is not None:
             found.append(("tool_choice", call))
     if len(found) > 1:
@@ -195,10 +204,12 @@ def requested_structure(extra: dict[str, Any], chat: bool) -> tuple[str, Structu
     return found[0] if found else None
 
 
-def compiled_structure(extra: dict[str, Any], decoder: SpeculativeDecoder, chat: bool) -> CompiledStructure | None:
+def compiled_structure(
+    extra: dict[str, Any], decoder: SpeculativeDecoder, chat: bool, tool_call_parser: str | None = None
+) -> CompiledStructure | None:
     """`requested_structure` compiled for the decoder's tokenizer (cached), a schema, regex or grammar the library
     cannot compile refused with a 400 naming the parameter and the problem."""
-    requested = requested_structure(extra, chat)
+    requested = requested_structure(extra, chat, tool_call_parser)
     if requested is None:
         return None
     param, structure = requested
@@ -212,6 +223,17 @@ def compiled_structure(extra: dict[str, Any], decoder: SpeculativeDecoder, chat:
 
 def forces_tool_call(extra: dict[str, Any]) -> bool:
     return bool(extra.get("tools")) and extra.get("tool_choice") not in (None, "none", "auto")
+
+
+def parses_tool_calls(extra: dict[str, Any], tool_call_parser: str | None) -> bool:
+    """Whether a chat request's tool calls are to be read from freely generated text: tools given, tool_choice
+    absent or "auto", and the server started with a parser."""
+    return tool_call_parser is not None and bool(extra.get("tools")) and extra.get("tool_choice") in (None, "auto")
+
+
+def tool_names(extra: dict[str, Any]) -> list[str]:
+    """The names of a request's (already checked) tools."""
+    return list(_tools(extra.get("tools") or []))
 
 
 # The start of a forced call's text, up to its arguments (the schema puts the name first, with these separators).
