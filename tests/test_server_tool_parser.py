@@ -28,7 +28,9 @@ WEATHER = {
 MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
 TOOLS_TEMPLATE = (
     "{% if tools %}<|tools|>{{ tools | tojson }}\n{% endif %}"
-    "{% for message in messages %}<|{{ message.role }}|>{{ message.content }}\n{% endfor %}"
+    "{% for message in messages %}<|{{ message.role }}|>{{ message.content }}"
+    "{% for called in message.tool_calls or [] %}<call>{{ called.function.name }}({{ called.function.arguments.city }})"
+    "</call>{% endfor %}{% if message.tool_call_id %}[{{ message.tool_call_id }}]{% endif %}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
@@ -237,3 +239,32 @@ def test_forced_calls_still_work_under_the_parser(servers):
         assert answer["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
     else:  # cut short by max_tokens: the text so far
         assert answer["finish_reason"] == "length"
+
+
+def agent_history(arguments: str) -> list[dict]:
+    """A conversation as an agent loop sends it back: the user, the assistant's call, the tool's answer."""
+    called = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    return [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [called]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "18 C"},
+    ]
+
+
+def test_earlier_calls_and_tool_answers_reach_the_chat_template(servers):
+    _, parsing = servers
+    history = agent_history('{"city": "Paris"}')
+    stripped = [{"role": message["role"], "content": message["content"]} for message in history]
+    with_calls = chat(parsing, messages=history)
+    assert with_calls.status_code == 200, with_calls.text
+    # The template writes "<call>get_weather(Paris)</call>" and "[call_1]" only from the calls and the call id.
+    without = chat(parsing, messages=stripped).json()["usage"]["prompt_tokens"]
+    assert with_calls.json()["usage"]["prompt_tokens"] > without
+
+
+@pytest.mark.parametrize("arguments", ["not json", "[1, 2]"])
+def test_earlier_call_arguments_that_are_no_json_object_are_refused(servers, arguments):
+    _, parsing = servers
+    refused = chat(parsing, messages=agent_history(arguments))
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["param"] == "messages[1].tool_calls[0].function.arguments"

@@ -200,7 +200,7 @@ class ServedModel:
                 param="messages",
                 code="no_chat_template",
             )
-        messages = [{"role": message.role, "content": message.text()} for message in body.messages]
+        messages = [message.for_template(index) for index, message in enumerate(body.messages)]
         extra = body.model_extra or {}
         # Under "auto" the template decides how the tools reach the model; forced calls follow a grammar instead.
         tools = None

@@ -24,6 +24,7 @@ options, which `speculor.server.structured` reads and checks, pass.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -255,11 +256,31 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    name: str
+    arguments: str
+
+
+class EarlierToolCall(BaseModel):
+    """A call an earlier assistant turn made, as OpenAI clients send it back in the conversation."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[EarlierToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def text(self) -> str:
         """The content as one string: text parts are joined, a missing content is empty."""
@@ -268,6 +289,31 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def for_template(self, index: int) -> dict[str, Any]:
+        """The message as chat templates read it: role and text, and an agent loop's history — an assistant turn's
+        `tool_calls` (arguments as a mapping, as Hugging Face templates expect them) and a tool result's
+        `tool_call_id` and `name` — so that the model sees the calls it made and their answers. Arguments that are
+        not a JSON object are a 400 naming them."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            calls = []
+            for number, called in enumerate(self.tool_calls):
+                try:
+                    arguments = json.loads(called.function.arguments)
+                except ValueError:
+                    arguments = None
+                if not isinstance(arguments, dict):
+                    where = f"messages[{index}].tool_calls[{number}].function.arguments"
+                    raise APIError(400, f"{where} must be a JSON object in a string", param=where)
+                call = {"type": "function", "function": {"name": called.function.name, "arguments": arguments}}
+                calls.append({"id": called.id, **call} if called.id is not None else call)
+            message["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class ChatCompletionRequest(SamplingRequest):
